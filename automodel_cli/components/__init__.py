@@ -1,0 +1,1 @@
+"""Building blocks that recipes compose (data, models, peft, loss, checkpoint, ...)."""

@@ -1,0 +1,141 @@
+"""Turn a command line (recipe, TARGET, -c files, flags, key=value) into config layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from automodel_cli.config.resolve import (
+    COMMAND_LINE,
+    ConfigError,
+    Problem,
+    Layer,
+    ResolvedConfig,
+    defaults_layer,
+    layer_from_file,
+    layer_from_overrides,
+    resolve,
+)
+from automodel_cli.config.schema import set_dotted
+from automodel_cli.config.yaml_io import Source
+from automodel_cli.errors import UserError, did_you_mean
+from automodel_cli.registry import Entry, Registries
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def split_arguments(arguments: list[str]) -> tuple[str | None, list[str]]:
+    """Split positional arguments into an optional TARGET (first one without '=') and overrides."""
+    target: str | None = None
+    overrides: list[str] = []
+    for argument in arguments:
+        if "=" in argument:
+            overrides.append(argument)
+        elif target is None:
+            target = argument
+        else:
+            raise UserError(
+                f"Unexpected argument `{argument}` after TARGET `{target}`.",
+                "Pass one model preset or YAML file as TARGET; settings are written key=value "
+                "and extra files with -c FILE.",
+            )
+    return target, overrides
+
+
+def recipe_layer(recipe: Entry) -> Layer | None:
+    defaults = recipe.metadata.get("defaults")
+    if not defaults:
+        return None
+    if isinstance(defaults, str):
+        layer = layer_from_file(defaults)
+        layer.label = f"recipe {recipe.name}"
+        return layer
+    return Layer(label=f"recipe {recipe.name}", data=defaults)
+
+
+def preset_layer(name: str, registries: Registries) -> Layer:
+    preset = registries.models.get(name)
+    data: dict[str, Any] = {}
+    for section, values in preset.metadata.get("defaults", {}).items():
+        data[section] = dict(values) if isinstance(values, dict) else values
+    data.setdefault("model", {})["path"] = preset.metadata["path"]
+    return Layer(label=f"preset {name} ({preset.provider})", data=data)
+
+
+def is_yaml_target(target: str) -> bool:
+    return target.endswith(YAML_SUFFIXES) or Path(target).is_file()
+
+
+def flags_layer(flags: dict[str, tuple[str, Any]]) -> Layer:
+    """Layer for named options such as --peft: dotted key -> (flag text, value)."""
+    data: dict[str, Any] = {}
+    texts: dict[str, str] = {}
+    for dotted, (text, value) in flags.items():
+        if value is None:
+            continue
+        set_dotted(data, dotted, value)
+        texts[dotted] = text
+    return Layer(label=COMMAND_LINE, data=data, overrides=texts)
+
+
+def build_layers(
+    registries: Registries,
+    *,
+    recipe: Entry | None,
+    target: str | None,
+    config_files: list[str],
+    flags: dict[str, tuple[str, Any]] | None = None,
+    overrides: list[str] | None = None,
+) -> list[Layer]:
+    layers = [defaults_layer()]
+    if recipe is not None and (layer := recipe_layer(recipe)) is not None:
+        layers.append(layer)
+    files = list(config_files)
+    if target is not None:
+        if is_yaml_target(target):
+            files.insert(0, target)
+        else:
+            layers.append(preset_layer(target, registries))
+    layers.extend(layer_from_file(str(path)) for path in files)
+    if flags:
+        layers.append(flags_layer(flags))
+    if overrides:
+        layers.append(layer_from_overrides(overrides))
+    return layers
+
+
+#: Config keys whose values name registry entries (validated against what plugins provide).
+REGISTRY_KEYS = {
+    "data.name": "datasets",
+    "loss.name": "losses",
+    "logging.loggers": "loggers",
+}
+#: Values that mean "choose for me" rather than naming an entry.
+AUTO_VALUES = {"data.name": {"auto"}}
+
+
+def check_registry_names(resolved: ResolvedConfig, registries: Registries) -> None:
+    """Every registry name in the config must exist: report all unknown ones at once."""
+    problems: list[Problem] = []
+    for dotted, listing in REGISTRY_KEYS.items():
+        registry = registries.by_listing[listing]
+        value = resolved.get(dotted)
+        for name in value if isinstance(value, list) else [value]:
+            if name is None or name in AUTO_VALUES.get(dotted, set()) or name in registry:
+                continue
+            suggestion = did_you_mean(str(name), registry.names())
+            available = ", ".join(registry.names()) or "none"
+            problems.append(Problem(
+                resolved.source_of(dotted) or Source("config"), dotted,
+                f"`{dotted}` names unknown {registry.kind} `{name}`.{suggestion} "
+                f"Available: {available} (`automodel list {listing}`; plugins can add more).",
+            ))
+    if problems:
+        raise ConfigError(problems)
+
+
+def resolve_command(registries: Registries, **kwargs: Any) -> ResolvedConfig:
+    """Build the layers of a command, merge and validate them, including registry names."""
+    resolved = resolve(build_layers(registries, **kwargs))
+    check_registry_names(resolved, registries)
+    return resolved

@@ -1,0 +1,177 @@
+"""The configuration schema: every key a user may set, its type, default and meaning.
+
+The schema is plain data so that validation, ``config show``, docs/config.md and error
+suggestions all come from one place. Keys marked ``open`` hold free-form mappings passed through
+to a library or plugin (for example ``model.config`` overrides of the HF config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+NoneType = type(None)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key."""
+
+    types: tuple[type, ...]
+    default: Any
+    doc: str
+    choices: tuple[Any, ...] | None = None
+    open: bool = False  # a mapping whose sub-keys are not checked
+
+    def type_name(self) -> str:
+        names = {
+            int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            list: "a list", dict: "a mapping", NoneType: "null",
+        }
+        if self.choices:
+            return " | ".join(repr(c) if not isinstance(c, str) else c for c in self.choices)
+        return " or ".join(names.get(t, t.__name__) for t in self.types)
+
+
+def _k(types: type | tuple[type, ...], default: Any, doc: str, **kw: Any) -> Key:
+    return Key(types if isinstance(types, tuple) else (types,), default, doc, **kw)
+
+
+OPT_STR = (str, NoneType)
+OPT_INT = (int, NoneType)
+
+#: section -> key -> Key. ``output_dir`` is the one top-level scalar.
+SCHEMA: dict[str, dict[str, Key] | Key] = {
+    "model": {
+        "path": _k(OPT_STR, None, "Hugging Face hub id or local model directory."),
+        "tokenizer": _k(OPT_STR, None, "Tokenizer hub id or directory; defaults to model.path."),
+        "revision": _k(OPT_STR, None, "Hub revision (branch, tag or commit) of model.path."),
+        "config": _k(dict, {}, "Overrides applied to the model's HF config (e.g. num_hidden_layers).", open=True),
+        "trust_remote_code": _k(bool, False, "Run modelling code shipped with the checkpoint. Off unless you trust it."),
+        "dtype": _k(str, "auto", "Parameter dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
+                    choices=("auto", "float32", "bfloat16", "float16")),
+        "attn_implementation": _k(OPT_STR, None, "Attention backend passed to from_pretrained (sdpa, eager, flash_attention_2)."),
+        "chat_template": _k(OPT_STR, None, "Jinja chat template overriding the tokenizer's own."),
+    },
+    "data": {
+        "name": _k(str, "auto", "Dataset from the dataset registry; auto picks the instruction loader for data.path."),
+        "path": _k(OPT_STR, None, "Training data: a local jsonl/json/parquet/csv file or directory, or a hub dataset id."),
+        "split": _k(str, "train", "Split of data.path to train on."),
+        "eval_path": _k(OPT_STR, None, "Validation data (same formats as data.path)."),
+        "eval_split": _k(OPT_STR, None, "Split used for validation when data.eval_path is a hub dataset or data.path has one."),
+        "eval_size": _k((int, float), 0, "Hold out this many samples (int) or this fraction (float) of the training data for validation."),
+        "prompt_column": _k(str, "prompt", "Column holding the prompt."),
+        "completion_column": _k(str, "completion", "Column holding the completion (the trained tokens)."),
+        "messages_column": _k(str, "messages", "Column holding chat messages, rendered with the chat template."),
+        "max_length": _k(int, 2048, "Maximum tokens per sample (longer samples are truncated, with a warning)."),
+        "packing": _k(bool, False, "Pack samples into max_length sequences without cross-document attention."),
+        "shuffle": _k(bool, True, "Shuffle the training data each epoch (seeded)."),
+        "options": _k(dict, {}, "Extra keyword arguments for the dataset plugin.", open=True),
+    },
+    "peft": {
+        "method": _k(str, "none", "Parameter-efficient method: none (full fine-tuning), lora or dora.",
+                     choices=("none", "lora", "dora")),
+        "rank": _k(int, 8, "LoRA rank r."),
+        "alpha": _k((int, float), 16, "LoRA alpha (scaling = alpha / rank)."),
+        "dropout": _k((int, float), 0.0, "Dropout on the LoRA input."),
+        "target_modules": _k((str, list), "all-linear", "Modules to adapt: all-linear (every decoder linear layer) or a list of names."),
+        "merge": _k(bool, False, "Also write the base model with the adapter merged into final/merged."),
+    },
+    "train": {
+        "max_steps": _k(OPT_INT, None, "Optimizer steps to run; overrides train.epochs when set."),
+        "epochs": _k(int, 1, "Passes over the training data (used when train.max_steps is null)."),
+        "global_batch_size": _k(int, 8, "Samples per optimizer step across all devices: the unit of a run."),
+        "micro_batch_size": _k(int, 2, "Samples per forward pass on one device; accumulation is derived."),
+        "seed": _k(int, 42, "Seed for model init, data order and dropout."),
+        "max_grad_norm": _k((int, float, NoneType), 1.0, "Clip gradients to this global norm (null: no clipping)."),
+        "eval_every_steps": _k(OPT_INT, None, "Validate every N optimizer steps (and at the start and end)."),
+        "eval_batches": _k(OPT_INT, None, "Cap on validation batches per evaluation (null: the whole split)."),
+        "activation_checkpointing": _k(bool, False, "Recompute decoder-layer activations in backward to save memory."),
+        "log_every_steps": _k(int, 1, "Update the progress bar and loggers every N steps (metrics.jsonl gets every step)."),
+    },
+    "optim": {
+        "lr": _k((int, float), 2e-5, "Peak learning rate."),
+        "weight_decay": _k((int, float), 0.0, "AdamW weight decay."),
+        "betas": _k(list, [0.9, 0.999], "AdamW betas."),
+        "eps": _k((int, float), 1e-8, "AdamW epsilon."),
+        "scheduler": _k(str, "cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant")),
+        "warmup_steps": _k((int, float), 0, "Warmup steps (int) or fraction of all steps (float < 1)."),
+        "min_lr_ratio": _k((int, float), 0.0, "Final learning rate as a fraction of optim.lr."),
+    },
+    "loss": {
+        "name": _k(str, "masked_ce", "Loss from the loss registry."),
+    },
+    "distributed": {
+        "dp_replicate": _k(int, 1, "Data-parallel replicas (HSDP when > 1)."),
+        "dp_shard": _k(int, -1, "FSDP shard group size (-1: whatever remains of the world size)."),
+        "tp": _k(int, 1, "Tensor-parallel degree."),
+    },
+    "checkpoint": {
+        "every_steps": _k(OPT_INT, None, "Save a resumable checkpoint every N optimizer steps."),
+        "keep": _k(int, 2, "How many recent checkpoints to keep."),
+        "resume": _k((str, bool, NoneType), "off", "auto (latest in output_dir), a checkpoint path, or off."),
+    },
+    "logging": {
+        "loggers": _k(list, [], "Extra metric loggers (metrics.jsonl is always written): wandb, tensorboard, ..."),
+        "progress": _k(bool, True, "Show a progress bar."),
+        "wandb": _k(dict, {}, "Arguments for wandb.init (project, entity, mode, ...).", open=True),
+        "tensorboard": _k(dict, {}, "Options for the TensorBoard logger (log_dir).", open=True),
+    },
+    "launch": {
+        "launcher": _k(str, "local", "Launcher from the launcher registry."),
+        "nodes": _k(int, 1, "Number of nodes."),
+        "nproc_per_node": _k(OPT_INT, None, "Processes (devices) per node; >1 runs torchrun."),
+    },
+    "output_dir": _k(OPT_STR, None, "Where the run writes final/, metrics.jsonl, checkpoints and its config."),
+}
+
+
+def iter_keys() -> list[tuple[str, Key]]:
+    """Every (dotted key, Key) pair in schema order."""
+    keys: list[tuple[str, Key]] = []
+    for section, body in SCHEMA.items():
+        if isinstance(body, Key):
+            keys.append((section, body))
+        else:
+            keys.extend((f"{section}.{name}", key) for name, key in body.items())
+    return keys
+
+
+KEYS: dict[str, Key] = dict(iter_keys())
+
+
+def lookup(dotted: str) -> Key | None:
+    return KEYS.get(dotted)
+
+
+def defaults() -> dict[str, Any]:
+    """The schema defaults as a nested mapping (the lowest config layer)."""
+    tree: dict[str, Any] = {}
+    for dotted, key in iter_keys():
+        set_dotted(tree, dotted, _copy(key.default))
+    return tree
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def get_dotted(tree: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node

@@ -1,0 +1,70 @@
+"""Every hook a plugin can implement.
+
+Each ``register_*`` hook receives a typed registry and adds entries to it; hooks return nothing.
+Entries are factories or ``"module:attr"`` dotted paths resolved when first used, so listing
+plugins never imports torch. docs/plugins.md documents each hook (a meta-test keeps the two in
+step).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from automodel_cli import PROJECT_NAME
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from automodel_cli.registry import (
+        DatasetRegistry,
+        LauncherRegistry,
+        LoggerRegistry,
+        LossRegistry,
+        ModelRegistry,
+        ParallelPlanRegistry,
+        RecipeRegistry,
+    )
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_recipes(registry: RecipeRegistry) -> None:
+    """Add recipes; each becomes a top-level command (``automodel NAME ...``).
+
+    ``registry.add(name, target, description=..., defaults=...)`` where ``target`` is
+    ``"module:function"`` taking the resolved config and returning an exit code.
+    """
+
+
+@hookspec
+def register_models(registry: ModelRegistry) -> None:
+    """Add model presets: a short name for a HF hub id or local path plus default settings.
+
+    ``registry.add(name, path=..., family=..., defaults={...}, description=...)``.
+    """
+
+
+@hookspec
+def register_datasets(registry: DatasetRegistry) -> None:
+    """Add datasets usable as ``data.name``: ``registry.add(name, target, description=...)``."""
+
+
+@hookspec
+def register_losses(registry: LossRegistry) -> None:
+    """Add loss functions usable as ``loss.name``: ``registry.add(name, target, ...)``."""
+
+
+@hookspec
+def register_parallel_plans(registry: ParallelPlanRegistry) -> None:
+    """Add tensor-parallel plans keyed by Hugging Face ``model_type``."""
+
+
+@hookspec
+def register_launchers(registry: LauncherRegistry) -> None:
+    """Add launchers usable as ``--launcher NAME`` (local, slurm, k8s, ...)."""
+
+
+@hookspec
+def register_loggers(registry: LoggerRegistry) -> None:
+    """Add metric loggers usable in ``logging.loggers`` (jsonl, wandb, tensorboard, ...)."""

@@ -1,0 +1,1 @@
+"""Built-in recipes: one readable, linear training script per command."""

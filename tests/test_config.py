@@ -1,0 +1,139 @@
+"""Config layering, typed overrides, provenance and validation errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from automodel_cli.config import ConfigError, layer_from_file, layer_from_overrides, resolve
+from automodel_cli.config.assemble import build_layers, resolve_command
+from automodel_cli.config.resolve import Layer, defaults_layer
+from automodel_cli.errors import UserError
+from automodel_cli.plugin_host import get_registries
+from conftest import run_cli
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_layers_later_wins_and_sources_are_recorded(tmp_path):
+    first = write(tmp_path / "a.yaml", "train:\n  max_steps: 10\n  seed: 1\noptim:\n  lr: 0.001\n")
+    second = write(tmp_path / "b.yaml", "train:\n  max_steps: 20\n")
+    registries = get_registries()
+    recipe_defaults = Layer(label="recipe test", data={"train": {"seed": 0, "epochs": 3}})
+    layers = [defaults_layer(), recipe_defaults]
+    layers += build_layers(registries, recipe=None, target="qwen3", config_files=[first, second],
+                           overrides=["train.max_steps=30", "optim.lr=5e-4"])[1:]
+    cfg = resolve(layers)
+    assert cfg.train.max_steps == 30
+    assert cfg.optim.lr == 5e-4
+    assert cfg.train.seed == 1  # file beats recipe defaults
+    assert cfg.train.epochs == 3  # recipe beats schema defaults
+    assert cfg.model.path == "Qwen/Qwen3-0.6B"  # preset
+    assert cfg.train.micro_batch_size == 2  # schema default
+    assert str(cfg.source_of("train.seed")) == f"{first}:3"
+    assert "command line `train.max_steps=30`" in str(cfg.source_of("train.max_steps"))
+    assert str(cfg.source_of("train.epochs")) == "recipe test"
+    assert str(cfg.source_of("model.path")).startswith("preset qwen3 (automodel-cli")
+
+
+def test_override_values_are_typed():
+    layer = layer_from_overrides([
+        "train.max_steps=7", "optim.lr=1e-4", "data.packing=true", "optim.betas=[0.8, 0.9]",
+        "train.eval_every_steps=null", "model.config.num_hidden_layers=2", "output_dir=2024",
+    ])
+    cfg = resolve([defaults_layer(), layer])
+    assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
+    assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.data.packing is True
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.train.eval_every_steps is None
+    assert cfg.model.config.num_hidden_layers == 2
+    assert cfg.output_dir == "2024"  # a string key keeps the text as written
+
+
+def test_all_problems_reported_with_file_line_and_suggestion(tmp_path):
+    path = write(tmp_path / "bad.yaml",
+                 "train:\n  max_step: 3\n  micro_batch_size: two\noptim:\n  scheduler: cosin\nmodle:\n  path: x\n")
+    with pytest.raises(ConfigError) as info:
+        resolve([defaults_layer(), layer_from_file(path)])
+    problems = info.value.problems
+    assert len(problems) == 4
+    text = info.value.render()
+    assert f"{path}:2: unknown key `train.max_step`. Did you mean `train.max_steps`?" in text
+    assert f"{path}:3: `train.micro_batch_size` must be an integer, got 'two'" in text
+    assert f"{path}:5: `optim.scheduler` must be one of cosine, linear, constant" in text
+    assert "Did you mean `cosine`?" in text
+    assert f"{path}:6: unknown key `modle`. Did you mean `model`?" in text
+
+
+def test_bool_is_not_an_integer():
+    with pytest.raises(ConfigError, match="must be an integer or null, got True"):
+        resolve([defaults_layer(), layer_from_overrides(["train.max_steps=true"])])
+
+
+def test_bad_yaml_names_line(tmp_path):
+    path = write(tmp_path / "broken.yaml", "train:\n  max_steps: 3\n   seed: 4\n")
+    with pytest.raises(UserError, match=r"broken.yaml line 3, column \d+: this is not valid YAML"):
+        layer_from_file(path)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        layer_from_file(str(tmp_path / "nope.yaml"))
+    path = write(tmp_path / "list.yaml", "- a\n- b\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        layer_from_file(path)
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(UserError, match="written key=value"):
+        layer_from_overrides(["=3"])
+
+
+def test_registry_names_are_checked():
+    with pytest.raises(ConfigError) as info:
+        resolve_command(get_registries(), recipe=None, target=None, config_files=[],
+                        overrides=["loss.name=maskd_ce"])
+    assert "Did you mean `masked_ce`?" in info.value.render()
+
+
+def test_secrets_are_redacted_in_yaml():
+    layer = layer_from_overrides(["logging.wandb.api_key=abc123", "logging.wandb.project=p"])
+    cfg = resolve([defaults_layer(), layer])
+    text = cfg.to_yaml()
+    assert "abc123" not in text and "<redacted>" in text and "project: p" in text
+    assert cfg.logging.wandb.api_key == "abc123"  # still usable in the run itself
+
+
+def test_config_show_cli_prints_sources(tmp_path):
+    path = write(tmp_path / "run.yaml", "train:\n  max_steps: 12\n")
+    result = run_cli("config", "show", "llama3", "-c", path, "optim.lr=3e-4")
+    assert result.exit_code == 0, result.stderr
+    assert f"max_steps: 12  # from {path}:2" in result.stdout
+    assert "path: meta-llama/Llama-3.2-1B-Instruct  # from preset llama3" in result.stdout
+    assert "lr: 0.0003  # from command line `optim.lr=3e-4`" in result.stdout
+
+
+def test_config_validate_cli(tmp_path):
+    good = write(tmp_path / "good.yaml", "train:\n  max_steps: 12\n")
+    result = run_cli("config", "validate", good)
+    assert result.exit_code == 0 and "OK" in result.stdout
+    bad = write(tmp_path / "bad.yaml", "train:\n  max_stepz: 12\n  seed: x\n")
+    result = run_cli("config", "validate", bad)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.stderr
+    assert "2 problems" in result.stderr and "train.max_steps" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["config", "show", "lama3"], "Unknown model preset `lama3`"),
+    (["config", "show", "missing.yaml"], "does not exist"),
+    (["config", "show", "llama3", "extra"], "Unexpected argument `extra`"),
+])
+def test_cli_errors_exit_2_without_traceback(args, message, tmp_path):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
