@@ -46,6 +46,7 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
         "path": _k(OPT_STR, None, "Hugging Face hub id or local model directory."),
         "tokenizer": _k(OPT_STR, None, "Tokenizer hub id or directory; defaults to model.path."),
         "revision": _k(OPT_STR, None, "Hub revision (branch, tag or commit) of model.path."),
+        "from_scratch": _k(bool, False, "Initialise weights randomly from the model config instead of loading them."),
         "config": _k(dict, {}, "Overrides applied to the model's HF config (e.g. num_hidden_layers).", open=True),
         "trust_remote_code": _k(bool, False, "Run modelling code shipped with the checkpoint. Off unless you trust it."),
         "dtype": _k(str, "auto", "Parameter dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
@@ -90,7 +91,7 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
         "log_every_steps": _k(int, 1, "Update the progress bar and loggers every N steps (metrics.jsonl gets every step)."),
     },
     "optim": {
-        "lr": _k((int, float), 2e-5, "Peak learning rate."),
+        "lr": _k((int, float, NoneType), None, "Peak learning rate; null: 1e-4 with LoRA/DoRA, 2e-5 for full fine-tuning."),
         "weight_decay": _k((int, float), 0.0, "AdamW weight decay."),
         "betas": _k(list, [0.9, 0.999], "AdamW betas."),
         "eps": _k((int, float), 1e-8, "AdamW epsilon."),

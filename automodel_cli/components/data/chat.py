@@ -1,0 +1,162 @@
+"""Render chat ``messages`` with a chat template and find the assistant tokens to train on.
+
+Only assistant turns are trained, so we need, for the exact token sequence the template
+produces, which tokens came from assistant messages. Two routes:
+
+1. The template marks assistant text with ``{% generation %}`` (the HF convention): ask
+   ``apply_chat_template(..., return_assistant_tokens_mask=True)``; the template author decided
+   what is trained (typically the content and the end-of-turn token).
+2. Any other template: render prefixes. For assistant message ``i`` the text of
+   ``messages[:i]`` with the generation prompt ends where the answer starts, and the text of
+   ``messages[:i+1]`` ends where the turn (including its end-of-turn marker) ends; both must be
+   prefixes of the full rendering. The characters in between are the assistant span, mapped to
+   tokens of the *full* rendering via offsets (fast tokenizers), so the trained ids are exactly
+   the ids the model sees. Templates that rewrite earlier turns (e.g. dropping reasoning from
+   past answers) are not prefix-stable; they get a clear error asking for a template with
+   generation markers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from automodel_cli.errors import UserError
+
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def resolve_template(tokenizer, chat_template: str | None) -> str:
+    """The template to use: ``chat_template`` (model.chat_template) or the tokenizer's own."""
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: use the default one
+        template = template.get("default") or next(iter(template.values()), None)
+    if not template:
+        raise UserError(
+            "The data has a messages column but the tokenizer has no chat template.",
+            "Set model.chat_template to a Jinja template (or a tokenizer that ships one), or "
+            "provide prompt/completion columns instead (data.prompt_column, "
+            "data.completion_column).",
+        )
+    return template
+
+
+class ChatEncoder:
+    """Turns one conversation into ``(input_ids, labels)`` with only assistant tokens labelled."""
+
+    def __init__(self, tokenizer, template: str, ignore_index: int = -100):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.ignore_index = ignore_index
+        self.is_fast = bool(getattr(tokenizer, "is_fast", False))
+        self.use_generation_mask = self.is_fast and bool(GENERATION_TAG.search(template))
+
+    # -- public ----------------------------------------------------------------------------
+    def encode(self, messages: Any, row: int) -> tuple[list[int], list[int]]:
+        messages = normalize_messages(messages, row)
+        if self.use_generation_mask:
+            return self._encode_with_generation_mask(messages, row)
+        return self._encode_with_prefixes(messages, row)
+
+    # -- route 1 ---------------------------------------------------------------------------
+    def _encode_with_generation_mask(self, messages, row):
+        out = self._call(
+            row, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = list(out["input_ids"])
+        mask = list(out["assistant_masks"])
+        labels = [tok if m else self.ignore_index for tok, m in zip(ids, mask)]
+        return ids, labels
+
+    # -- route 2 ---------------------------------------------------------------------------
+    def _encode_with_prefixes(self, messages, row):
+        full = self._render(messages, row)
+        spans: list[tuple[int, int]] = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            try:
+                before = self._render(messages[:i], row, add_generation_prompt=True) if i else ""
+            except UserError:
+                before = ""  # some templates cannot render an empty/partial prefix
+            upto = self._render(messages[: i + 1], row)
+            if not (full.startswith(upto) and upto.startswith(before)):
+                raise UserError(
+                    f"Chat data row {row}: the chat template does not render conversations "
+                    "prefix-stably (rendering the first turns differs from the start of the full "
+                    "conversation), so the assistant tokens cannot be located.",
+                    "Set model.chat_template to a template that wraps assistant text in "
+                    "{% generation %}...{% endgeneration %}, or convert the data to "
+                    "prompt/completion columns.",
+                )
+            spans.append((len(before), len(upto)))
+        return self._tokenize_with_spans(full, spans)
+
+    def _tokenize_with_spans(self, text: str, spans: list[tuple[int, int]]):
+        tok = self.tokenizer
+        if self.is_fast:
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = list(enc["input_ids"])
+            labels = [self.ignore_index] * len(ids)
+            for j, (start, end) in enumerate(enc["offset_mapping"]):
+                if end > start and any(s <= start < e for s, e in spans):
+                    labels[j] = ids[j]
+            return ids, labels
+        # Slow tokenizers have no offsets: tokenize the pieces between span borders separately.
+        ids, labels = [], []
+        cursor = 0
+        for start, end in spans:
+            for piece, trained in ((text[cursor:start], False), (text[start:end], True)):
+                if piece:
+                    piece_ids = tok(piece, add_special_tokens=False)["input_ids"]
+                    ids += piece_ids
+                    labels += piece_ids if trained else [self.ignore_index] * len(piece_ids)
+            cursor = end
+        if cursor < len(text):
+            tail = tok(text[cursor:], add_special_tokens=False)["input_ids"]
+            ids += tail
+            labels += [self.ignore_index] * len(tail)
+        return ids, labels
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _render(self, messages, row, add_generation_prompt: bool = False) -> str:
+        return self._call(row, messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _call(self, row, messages, **kwargs):
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, **kwargs)
+        except TemplateError as exc:
+            raise UserError(
+                f"Chat data row {row}: the chat template rejected the conversation ({exc}).",
+                "Fix the roles/order of the messages in that row, or set model.chat_template.",
+            ) from exc
+
+
+def normalize_messages(messages: Any, row: int) -> list[dict[str, Any]]:
+    """Validate ``[{role, content}, ...]`` and drop keys Arrow filled with None for other rows."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(
+            f"Chat data row {row}: messages must be a non-empty list of "
+            f"{{\"role\": ..., \"content\": ...}} objects, got {type(messages).__name__}.",
+            "Fix that row, or set data.messages_column to the column holding the conversation.",
+        )
+    cleaned = []
+    for j, message in enumerate(messages):
+        if isinstance(message, dict):
+            message = {k: v for k, v in message.items() if v is not None}
+        # content may only be absent on an assistant message that calls tools
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or ("content" not in message and not message.get("tool_calls"))
+        ):
+            raise UserError(
+                f"Chat data row {row}, message {j}: expected an object with `role` and `content`, "
+                f"got {message!r:.80}.",
+                "Every message needs a string role (system/user/assistant) and a content.",
+            )
+        message.setdefault("content", None)
+        cleaned.append(message)
+    return cleaned

@@ -1,0 +1,76 @@
+"""The metric-logger protocol and helpers every logger shares.
+
+A recipe talks to loggers through two calls only, ``log(metrics, step)`` once per optimizer
+step and ``close()`` at the end, so a plugin can add a backend without knowing the recipe.
+No torch, wandb or tensorboard imports here: loggers pull those in when they are built.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+#: Config keys never sent to a tracking service (the caller redacts too; this is the backstop).
+SECRET_KEY = re.compile(r"token|api[_-]?key|password|passwd|secret", re.IGNORECASE)
+
+
+@runtime_checkable
+class MetricLogger(Protocol):
+    """What every logger implements; ``step`` is the optimizer step the metrics belong to."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def plain_number(value: Any) -> Any:
+    """Turn 0-d tensors and numpy scalars into Python numbers (``.item()``), leave the rest."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", 0) == 0:
+        try:
+            return item()
+        except (TypeError, ValueError, RuntimeError):
+            return value
+    return value
+
+
+def plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(key): plain_number(value) for key, value in metrics.items()}
+
+
+def scalar_items(metrics: Mapping[str, Any]) -> Iterable[tuple[str, float]]:
+    """The real-number entries of ``metrics`` (booleans and strings skipped)."""
+    for key, value in plain_metrics(metrics).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, float(value)
+
+
+def redact(config: Any) -> Any:
+    """A copy of a nested config with every secret-looking key removed."""
+    if isinstance(config, Mapping):
+        return {k: redact(v) for k, v in config.items() if not SECRET_KEY.search(str(k))}
+    if isinstance(config, (list, tuple)):
+        return [redact(v) for v in config]
+    return config
+
+
+class FanOutLogger:
+    """Several loggers behind one; ``close`` closes all even if one fails."""
+
+    def __init__(self, loggers: Iterable[MetricLogger]) -> None:
+        self.loggers = list(loggers)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def close(self) -> None:
+        errors = []
+        for logger in self.loggers:
+            try:
+                logger.close()
+            except Exception as exc:  # close the others before reporting
+                errors.append(exc)
+        if errors:
+            raise errors[0]

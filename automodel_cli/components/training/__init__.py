@@ -1,0 +1,1 @@
+"""Training-loop helpers: the data order, micro-batching, evaluation and progress display."""
