@@ -14,6 +14,8 @@ from typing import Any, Optional
 import typer
 
 from automodel_cli import __version__
+from automodel_cli.commands.checkpoint import checkpoint_app
+from automodel_cli.components.launch.torchrun import inside_torchrun, report_to_launcher
 from automodel_cli.config.assemble import resolve_command, split_arguments
 from automodel_cli.errors import UserError
 from automodel_cli.plugin_host import PluginHost, get_host
@@ -105,7 +107,7 @@ LISTING_HELP = {
     "datasets": "Datasets usable as data.name.",
     "losses": "Losses usable as loss.name.",
     "parallel-plans": "Tensor-parallel plans by HF model_type.",
-    "launchers": "Launchers usable as --launcher.",
+    "launchers": "Launchers that start jobs (local, Slurm, Kubernetes).",
     "loggers": "Metric loggers usable in logging.loggers.",
 }
 
@@ -180,19 +182,16 @@ def _recipe_command(entry: Entry, registries: Registries):
         arguments: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP, show_default=False),
         config: list[str] = typer.Option([], "-c", "--config", help=CONFIG_HELP),
         peft: Optional[str] = typer.Option(None, "--peft", help="none, lora or dora (peft.method)."),
-        nodes: Optional[int] = typer.Option(None, "--nodes", help="Number of nodes (launch.nodes)."),
         nproc_per_node: Optional[int] = typer.Option(
-            None, "--nproc-per-node", "--gpus-per-node", help="Processes per node (launch.nproc_per_node)."),
-        launcher: Optional[str] = typer.Option(None, "--launcher", help="Launcher name (launch.launcher)."),
+            None, "--nproc-per-node", "--gpus-per-node",
+            help="Processes on this machine; > 1 starts torchrun (launch.nproc_per_node)."),
         output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Output directory (output_dir)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and stop."),
     ) -> None:
         target, overrides = split_arguments(arguments or [])
         flags = {
             "peft.method": ("--peft", peft),
-            "launch.nodes": ("--nodes", nodes),
             "launch.nproc_per_node": ("--nproc-per-node", nproc_per_node),
-            "launch.launcher": ("--launcher", launcher),
             "output_dir": ("--output-dir", output_dir),
         }
         resolved = resolve_command(registries, recipe=entry, target=target, config_files=config,
@@ -200,6 +199,17 @@ def _recipe_command(entry: Entry, registries: Registries):
         if dry_run:
             typer.echo(resolved.to_yaml(with_sources=True), nl=False)
             return
+        nproc = resolved.get("launch.nproc_per_node")
+        if nproc and nproc > 1 and not inside_torchrun():
+            from automodel_cli.components.launch.torchrun import run_torchrun
+            from automodel_cli.components.training.run_dir import prepare_output_dir
+
+            from automodel_cli.components.distributed.mesh import MeshShape
+
+            dist = resolved.distributed
+            MeshShape.resolve(dist.dp_replicate, dist.dp_shard, dist.tp, world_size=nproc)
+            output_dir = prepare_output_dir(resolved, entry.name)
+            raise typer.Exit(run_torchrun(entry.name, resolved, output_dir, nproc))
         run = entry.load()
         code = run(resolved)
         if code:
@@ -224,6 +234,7 @@ def build_app(host: PluginHost) -> typer.Typer:
 
     for entry in registries.recipes:
         app.command(entry.name, help=entry.description)(_recipe_command(entry, registries))
+    app.add_typer(checkpoint_app, name="checkpoint")
     app.add_typer(_plugins_app(host), name="plugins")
     app.add_typer(_list_app(registries), name="list")
     app.add_typer(_config_app(registries), name="config")
@@ -247,6 +258,7 @@ def _run(argv: list[str] | None) -> int:
         app(args=argv, prog_name="automodel", standalone_mode=True)
     except UserError as error:
         typer.echo(f"error: {error.render()}", err=True)
+        report_to_launcher(error)
         return error.exit_code
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)

@@ -6,7 +6,7 @@ import inspect
 import re
 
 from automodel_cli import hookspecs
-from automodel_cli.config.schema import KEYS
+from automodel_cli.config.schema import KEYS, markdown_reference
 from conftest import REPO
 
 HOOKS = [name for name, fn in vars(hookspecs).items()
@@ -45,3 +45,4 @@ def test_every_config_key_is_documented():
     docs = (REPO / "docs" / "config.md").read_text()
     missing = [key for key in KEYS if f"`{key}`" not in docs]
     assert not missing, f"docs/config.md does not document {missing}"
+    assert markdown_reference() in docs, "regenerate with: python -m automodel_cli.config.schema"

@@ -39,14 +39,14 @@ def test_recipe_receives_layered_config(automodel_plugin, cli, tmp_path):
     CALLS.clear()
     config = tmp_path / "extra.yaml"
     config.write_text("optim:\n  lr: 0.01\n")
-    result = cli("toyrecipe", "llama3", "-c", str(config), "--peft", "lora", "--nodes", "2",
+    result = cli("toyrecipe", "llama3", "-c", str(config), "--peft", "lora",
                  "train.seed=7", "-o", str(tmp_path / "out"))
     assert result.exit_code == 0, result.stderr
     (cfg,) = CALLS
     assert cfg.train.max_steps == 5  # recipe defaults
     assert cfg.model.path == "meta-llama/Llama-3.2-1B-Instruct"
     assert cfg.optim.lr == 0.01 and cfg.train.seed == 7
-    assert cfg.peft.method == "lora" and cfg.launch.nodes == 2
+    assert cfg.peft.method == "lora"
     assert cfg.output_dir == str(tmp_path / "out")
     assert str(cfg.source_of("peft.method")) == "command line `--peft`"
 

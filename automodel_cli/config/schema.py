@@ -103,9 +103,10 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
         "name": _k(str, "masked_ce", "Loss from the loss registry."),
     },
     "distributed": {
-        "dp_replicate": _k(int, 1, "Data-parallel replicas (HSDP when > 1)."),
-        "dp_shard": _k(int, -1, "FSDP shard group size (-1: whatever remains of the world size)."),
-        "tp": _k(int, 1, "Tensor-parallel degree."),
+        "dp_replicate": _k(int, 1, "Data-parallel replica groups (HSDP when > 1: shard inside a group, replicate across)."),
+        "dp_shard": _k(int, -1, "FSDP2 shard group size (-1: whatever remains of the world size)."),
+        "tp": _k(int, 1, "Tensor-parallel degree (plans from the parallel-plan registry, by model_type)."),
+        "sequence_parallel": _k(bool, False, "Shard norms and dropout along the sequence inside the tensor-parallel group."),
     },
     "checkpoint": {
         "every_steps": _k(OPT_INT, None, "Save a resumable checkpoint every N optimizer steps."),
@@ -119,9 +120,7 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
         "tensorboard": _k(dict, {}, "Options for the TensorBoard logger (log_dir).", open=True),
     },
     "launch": {
-        "launcher": _k(str, "local", "Launcher from the launcher registry."),
-        "nodes": _k(int, 1, "Number of nodes."),
-        "nproc_per_node": _k(OPT_INT, None, "Processes (devices) per node; >1 runs torchrun."),
+        "nproc_per_node": _k(OPT_INT, None, "Processes on this machine; > 1 starts them with torchrun (also --nproc-per-node)."),
     },
     "output_dir": _k(OPT_STR, None, "Where the run writes final/, metrics.jsonl, checkpoints and its config."),
 }
@@ -176,3 +175,20 @@ def get_dotted(tree: dict[str, Any], dotted: str, default: Any = None) -> Any:
             return default
         node = node[part]
     return node
+
+
+def markdown_reference() -> str:
+    """The key tables of docs/config.md (a test keeps the document equal to this)."""
+    import json
+
+    lines: list[str] = []
+    for section, body in SCHEMA.items():
+        items = [(section, body)] if isinstance(body, Key) else [(f"{section}.{k}", v) for k, v in body.items()]
+        lines += ["", f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines += [f"| `{dotted}` | {key.type_name()} | `{json.dumps(key.default)}` | {key.doc} |"
+                  for dotted, key in items]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m automodel_cli.config.schema > keys.md
+    print(markdown_reference(), end="")

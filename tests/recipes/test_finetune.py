@@ -9,7 +9,7 @@ import pytest
 import torch
 
 TINY = ["train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_every_steps=null",
-        "data.eval_split=null", "logging.progress=false"]
+        "data.eval_split=null", "logging.progress=false", "model.dtype=float32"]
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -1,12 +1,18 @@
-"""Resumable training checkpoints (single process; sharded DCP state slots into ``state.py``).
+"""Resumable, sharded training checkpoints (torch.distributed.checkpoint) and their export.
 
 Public API::
 
     save_checkpoint(run_dir, step, *, model, optimizer, scheduler, train_state, keep,
-                    generators=None) -> Path
+                    generators=None, tokenizer=None, extra_files=None) -> Path
     find_checkpoint(spec, run_dir) -> Path | None
-    load_checkpoint(path, *, model, optimizer, scheduler, generators=None) -> dict
+    load_checkpoint(path, *, model, optimizer, scheduler, generators=None, verify=True) -> dict
+    consolidate(source, out, *, dtype=None, merge_lora=False, base_model=None, ...) -> Result
+    describe(source, *, verify=False) -> dict
     GracefulStop()                      # SIGTERM/SIGINT -> stop.requested
+
+``save_checkpoint`` and ``load_checkpoint`` are collective under a process group (every rank
+calls them) and work unchanged in a single process without one; a checkpoint saved on N
+ranks loads on any number of ranks. Layout: see ``layout.py``.
 
 Names are resolved lazily so ``import automodel_cli.components.checkpoint`` (and
 ``GracefulStop``) does not import torch.
@@ -23,6 +29,8 @@ _EXPORTS = {
     "find_checkpoint": "automodel_cli.components.checkpoint.load",
     "load_checkpoint": "automodel_cli.components.checkpoint.load",
     "read_meta": "automodel_cli.components.checkpoint.load",
+    "consolidate": "automodel_cli.components.checkpoint.consolidate",
+    "describe": "automodel_cli.components.checkpoint.describe",
     "GracefulStop": "automodel_cli.components.checkpoint.signals",
 }
 

@@ -3,7 +3,15 @@
 ::
 
     RUN_DIR/checkpoints/
-        step_00000100/          a finished checkpoint (published by one atomic rename)
+        step_00000100/          a finished checkpoint (published by one atomic rename):
+            meta.json           written last; lists every file with its size and sha256
+            train_state.json    step, epoch, ... (JSON)
+            scheduler.pt        LR scheduler state (weights_only)
+            model/              DCP directory: trainable parameters, sharded per rank
+            optim/              DCP directory: optimizer state keyed by parameter name
+            rng/rank_R.pt       RNG states of rank R (weights_only)
+            hf/                 config.json, generation_config.json, tokenizer files,
+                                adapter_config.json: what `checkpoint consolidate` needs
         step_00000200/
         latest                  text file naming the newest finished checkpoint ("step_00000200")
         .tmp-step_00000300-PID  being written by process PID (or left by a crash)
@@ -27,14 +35,19 @@ log = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
+MODEL_DIR = "model"            # DCP: .metadata + __RANK_I.distcp shards (trainable parameters)
+OPTIMIZER_DIR = "optim"        # DCP: optimizer state keyed by parameter name
+RNG_DIR = "rng"                # rng/rank_R.pt, one per rank
+HF_DIR = "hf"                  # config.json, tokenizer files, adapter_config.json (for consolidate)
 SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng.pt"
 TRAIN_STATE_FILE = "train_state.json"
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _SCRATCH = re.compile(r"^\.(?:tmp-.+-|trash-.+-|latest\.tmp-)(\d+)$")
+
+
+def rng_file(rank: int) -> str:
+    return f"{RNG_DIR}/rank_{rank}.pt"
 
 
 def checkpoints_root(run_dir: Path) -> Path:

@@ -1,30 +1,36 @@
 """Find the checkpoint a run should resume from, and restore it.
 
-Loading reads and checks every file before it changes anything, so a damaged checkpoint is
-reported (naming the file) without leaving a half-restored model behind.
+Loading reads and checks everything it can before it changes anything (meta.json, the size
+and sha256 of every file, the DCP indexes against the model and optimizer, scheduler, RNG and
+train state), so a damaged or foreign checkpoint is reported, naming the file or tensor,
+without leaving a half-restored model behind. Only then are the shards read into the model
+and optimizer, resharded by DCP to however many ranks this run has.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from automodel_cli.components.checkpoint import layout
+from automodel_cli.components.checkpoint import collective, dcp_io, layout
 from automodel_cli.components.checkpoint.rng import restore_rng_state
-from automodel_cli.components.checkpoint.save import FORMAT_NAME, FORMAT_VERSION
+from automodel_cli.components.checkpoint.save import FORMAT_NAME, FORMAT_VERSION, file_owner
 from automodel_cli.components.checkpoint.state import (
-    apply_model_state,
-    apply_optimizer_state,
     check_model_matches,
-    read_model_state,
-    read_optimizer_state,
+    check_optimizer_matches,
+    load_model_state,
+    load_optimizer_state,
+    optimizer_state,
     read_scheduler_state,
     safe_torch_load,
 )
 from automodel_cli.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _OFF = {"off", "none", "no", "false", ""}
 _AUTO = {"auto", "latest", "true", "yes"}
@@ -88,7 +94,36 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
             f"understands ({FORMAT_VERSION}).",
             "Upgrade automodel-cli to resume from it.",
         )
+    if version < FORMAT_VERSION:
+        raise UserError(
+            f"Checkpoint {checkpoint} uses format version {version} (single-file, written before "
+            f"sharded checkpoints), which this automodel-cli no longer reads.",
+            "Start fresh with checkpoint.resume=off, or use the run's final/ directory as model.path.",
+        )
+    if not isinstance(meta.get("files"), dict) or not isinstance(meta.get("world_size"), int):
+        raise UserError(f"Checkpoint file {path} is incomplete (no file list or world size).", _RESUME_HINT)
     return meta
+
+
+def verify_files(checkpoint: Path, meta: dict[str, Any], *, digests: bool = True) -> None:
+    """Collective: every file in meta.json exists with its recorded size and (``digests``)
+    sha256. Each rank hashes a share of the files; any failure is raised on every rank."""
+    files: dict[str, dict[str, Any]] = meta["files"]
+    rank, world = collective.rank(), collective.world_size()
+
+    def check() -> None:
+        for name in sorted(files):  # sizes first: cheap, and names the truncated file
+            path = checkpoint / name
+            if not path.is_file():
+                raise UserError(f"Checkpoint file {path} is missing; the checkpoint is incomplete.", _RESUME_HINT)
+            if path.stat().st_size != files[name].get("size"):
+                raise dcp_io.damaged(path, f"{path.stat().st_size} bytes, expected {files[name].get('size')}",
+                                     _RESUME_HINT)
+        if digests:
+            mine = [n for n in sorted(files) if file_owner(n) % world == rank]
+            dcp_io.verify_digests(checkpoint, files, mine)
+
+    collective.run_agreed(check)
 
 
 def read_train_state(checkpoint: Path) -> dict[str, Any]:
@@ -111,40 +146,87 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
     generators: dict[str, torch.Generator] | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG states in place; return the train state.
 
-    ``model``/``optimizer``/``scheduler`` must be built exactly as in the saved run (same
-    base weights, same PEFT config); ``generators`` are the recipe's own RNGs saved under the
-    same names. Pass None for an optimizer or scheduler that should not be restored.
+    Collective: with a process group every rank calls it. ``model``/``optimizer``/``scheduler``
+    must be built as in the saved run (same base weights, same PEFT config) but may be sharded
+    over a different number of ranks; DCP reshards. ``generators`` are the recipe's own RNGs
+    saved under the same names. Pass None for an optimizer or scheduler that should not be
+    restored. ``verify`` checks every file's sha256 (each rank hashes a share) before anything
+    is read; sizes are always checked.
+
+    RNG states are exact when the world size matches the saved one; otherwise see
+    ``automodel_cli.components.checkpoint.rng`` for what is restored.
     """
     path = Path(path)
-    meta = read_meta(path)
-    files = set(meta.get("files", []))
+    rank, world = collective.rank(), collective.world_size()
+    meta = collective.run_agreed(lambda: read_meta(path))
+    saved_world = int(meta["world_size"])
+    verify_files(path, meta, digests=verify)
 
     # Read and check everything first ...
-    tensors = read_model_state(path)
-    check_model_matches(model, tensors, path, saved_class=meta.get("model_class"))
-    optimizer_state = read_optimizer_state(path) if optimizer is not None else None
-    scheduler_state = None
-    if scheduler is not None and layout.SCHEDULER_FILE in files:
-        scheduler_state = read_scheduler_state(path)
-    rng_state = safe_torch_load(path / layout.RNG_FILE)
-    if not isinstance(rng_state, dict) or "torch" not in rng_state or "python" not in rng_state:
-        raise UserError(f"Checkpoint file {path / layout.RNG_FILE} does not hold RNG states.", _RESUME_HINT)
-    missing = sorted(set(generators or {}) - set(rng_state.get("generators", {})))
-    if missing:
-        raise UserError(
-            f"Checkpoint {path} has no state for the random generator(s) {', '.join(missing)}.",
-            "It was probably saved by a different recipe; start fresh with checkpoint.resume=off.",
-        )
-    train_state = read_train_state(path)
+    def check() -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        found["model_md"] = dcp_io.read_metadata(path / layout.MODEL_DIR)
+        dcp_io.check_files(path / layout.MODEL_DIR, found["model_md"])
+        check_model_matches(model, found["model_md"], path, saved_class=meta.get("model_class"))
+        if optimizer is not None:
+            found["optim_md"] = dcp_io.read_metadata(path / layout.OPTIMIZER_DIR)
+            dcp_io.check_files(path / layout.OPTIMIZER_DIR, found["optim_md"])
+        if scheduler is not None and layout.SCHEDULER_FILE in meta["files"]:
+            found["scheduler"] = read_scheduler_state(path)
+        own = rank if rank < saved_world else None
+        found["rng"] = _read_rng(path, own) if own is not None else None
+        found["rng0"] = found["rng"] if own == 0 else _read_rng(path, 0)
+        missing = sorted(set(generators or {}) - set(found["rng0"].get("generators", {})))
+        if missing:
+            raise UserError(
+                f"Checkpoint {path} has no state for the random generator(s) {', '.join(missing)}.",
+                "It was probably saved by a different recipe; start fresh with checkpoint.resume=off.",
+            )
+        found["train_state"] = read_train_state(path)
+        return found
 
-    # ... then change state.
-    apply_model_state(model, tensors)
-    if optimizer_state is not None:
-        apply_optimizer_state(optimizer, optimizer_state, path)
-    if scheduler_state is not None:
-        scheduler.load_state_dict(scheduler_state)
-    restore_rng_state(rng_state, generators, source=f"checkpoint {path}")
-    return train_state
+    found = collective.run_agreed(check)
+
+    template = None
+    optimizer_was_fresh = optimizer is not None and not optimizer.state
+    try:
+        if optimizer is not None:
+            template = optimizer_state(model, optimizer)  # initialises a fresh optimizer's state
+            collective.run_agreed(lambda: check_optimizer_matches(template, found["optim_md"], path))
+
+        # ... then change state.
+        load_model_state(model, path, found["model_md"])
+        if optimizer is not None:
+            load_optimizer_state(model, optimizer, template, path, found["optim_md"])
+    except BaseException:
+        if optimizer_was_fresh:
+            optimizer.state.clear()  # back to "never stepped", as before the call
+        raise
+    if "scheduler" in found:
+        scheduler.load_state_dict(found["scheduler"])
+
+    if saved_world != world and rank == 0:
+        log.warning(
+            "Checkpoint %s was saved by %d ranks and is resumed on %d: model and optimizer state "
+            "are resharded exactly; random states cannot continue exactly (named generators come "
+            "from rank 0, global RNGs from the same rank where it existed).", path, saved_world, world)
+    source = f"checkpoint {path}"
+    if saved_world == world:
+        restore_rng_state(found["rng"], generators, source=source)
+    else:
+        if found["rng"] is not None:
+            restore_rng_state(found["rng"], None, source=source)
+        restore_rng_state(found["rng0"], generators, source=source, restore_globals=False)
+    return found["train_state"]
+
+
+def _read_rng(path: Path, rank: int) -> dict[str, Any]:
+    file = path / layout.rng_file(rank)
+    state = safe_torch_load(file)
+    if not isinstance(state, dict) or "torch" not in state or "python" not in state:
+        raise UserError(f"Checkpoint file {file} does not hold RNG states.", _RESUME_HINT)
+    return state

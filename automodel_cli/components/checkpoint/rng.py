@@ -30,27 +30,21 @@ def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> d
     numpy_state = _numpy_state()
     if numpy_state is not None:
         state["numpy"] = numpy_state
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Only this rank's device: get_rng_state_all() would create a CUDA context on every
+        # visible GPU from every rank.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None,
-                      *, source: str = "checkpoint") -> None:
-    """Put every captured RNG back; generators named by the caller must be in ``state``."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        _set_numpy_state(state["numpy"])
-    if torch.cuda.is_available() and "cuda" in state:
-        saved = state["cuda"]
-        count = torch.cuda.device_count()
-        if len(saved) != count:
-            log.warning("%s saved %d CUDA RNG states but %d devices are visible; restoring the "
-                        "first %d", source, len(saved), count, min(len(saved), count))
-        for device, rng in enumerate(saved[:count]):
-            torch.cuda.set_rng_state(rng, device)
+                      *, source: str = "checkpoint", restore_globals: bool = True) -> None:
+    """Put every captured RNG back; generators named by the caller must be in ``state``.
+
+    ``restore_globals=False`` restores only the named generators.
+    """
+    if restore_globals:
+        _restore_globals(state, source)
     saved_generators = state.get("generators", {})
     for name, generator in (generators or {}).items():
         if name not in saved_generators:
@@ -60,6 +54,25 @@ def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generat
                 "It was probably saved by a different recipe; start fresh with checkpoint.resume=off.",
             )
         generator.set_state(saved_generators[name])
+
+
+def _restore_globals(state: dict[str, Any], source: str) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        _set_numpy_state(state["numpy"])
+    if torch.cuda.is_available() and "cuda" in state:
+        saved = state["cuda"]
+        if isinstance(saved, torch.Tensor):  # this rank's current device
+            torch.cuda.set_rng_state(saved)
+            return
+        count = torch.cuda.device_count()  # older files: one state per visible device
+        if len(saved) != count:
+            log.warning("%s saved %d CUDA RNG states but %d devices are visible; restoring the "
+                        "first %d", source, len(saved), count, min(len(saved), count))
+        for device, rng in enumerate(saved[:count]):
+            torch.cuda.set_rng_state(rng, device)
 
 
 def _numpy_state() -> dict[str, Any] | None:

@@ -1,28 +1,37 @@
 """Write a resumable checkpoint so that a crash at any moment leaves the previous one intact.
 
-The sequence, each step durable before the next:
+The sequence, each step durable before the next (every rank calls ``save_checkpoint``):
 
-1. remove scratch left by dead processes (``.tmp-*``, ``.trash-*``);
-2. write every file into ``checkpoints/.tmp-step_XXXXXXXX-PID/`` and fsync it;
-3. publish it with one ``os.replace`` to ``step_XXXXXXXX`` and fsync ``checkpoints/``;
-4. point ``latest`` at it (temp file + ``os.replace``);
-5. prune old checkpoints by renaming them to ``.trash-*`` first, then deleting.
+1. rank 0 removes scratch left by dead processes (``.tmp-*``, ``.trash-*``) and creates
+   ``checkpoints/.tmp-step_XXXXXXXX-PID/``; its name is broadcast; barrier;
+2. every rank writes its shards (``dcp.save`` of model and optimizer state into ``model/``
+   and ``optim/``) and its RNG state (``rng/rank_R.pt``); rank 0 adds the scheduler state,
+   ``train_state.json`` and ``hf/``; barrier;
+3. every rank hashes the files it wrote; rank 0 writes ``meta.json`` (last: its presence
+   marks a finished checkpoint) and publishes the directory with one ``os.replace`` to
+   ``step_XXXXXXXX``, fsyncing ``checkpoints/``; barrier;
+4. rank 0 points ``latest`` at it (temp file + ``os.replace``) and prunes old checkpoints by
+   renaming them to ``.trash-*`` first, then deleting; barrier.
 
 Until step 3 nothing visible changed; between 3 and 4 ``latest`` still names the previous
 checkpoint, which is whole; pruning never touches the new checkpoint or ``latest``'s target.
+An error on any rank is raised on every rank (``collective.agree``), so no rank waits forever.
+Without a process group the same code runs as a single rank.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from automodel_cli.components.checkpoint import layout
+from automodel_cli.components.checkpoint import collective, dcp_io, hf_files, layout
 from automodel_cli.components.checkpoint.fsio import fsync_dir, remove_tree, write_bytes_durably
 from automodel_cli.components.checkpoint.rng import capture_rng_state
 from automodel_cli.components.checkpoint.state import (
@@ -31,12 +40,17 @@ from automodel_cli.components.checkpoint.state import (
     save_scheduler_state,
     save_torch,
     signature_checksum,
+    tied_aliases,
+    trainable_names,
 )
 from automodel_cli.errors import UserError
 
 #: Bump when the directory layout or a file format changes incompatibly.
-FORMAT_VERSION = 1
+#: 1: single-process model.safetensors/optimizer.pt; 2: DCP model/ and optim/, per-rank RNG.
+FORMAT_VERSION = 2
 FORMAT_NAME = "automodel-checkpoint"
+
+_OWNED_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 
 def save_checkpoint(
@@ -49,13 +63,22 @@ def save_checkpoint(
     train_state: dict[str, Any],
     keep: int | None,
     generators: dict[str, torch.Generator] | None = None,
+    tokenizer: Any = None,
+    extra_files: Mapping[str, bytes | str] | None = None,
 ) -> Path:
     """Save ``run_dir/checkpoints/step_{step:08d}/`` atomically and return its path.
 
-    ``train_state`` must be JSON-serialisable (step, epoch, samples consumed, seeds...); the
-    step is always recorded in it. ``generators`` are extra RNGs the recipe owns (e.g. the
-    data-order generator), restored by name by ``load_checkpoint``. ``keep`` is how many
-    checkpoints to retain (None keeps all).
+    Collective: with a process group every rank must call it with the same arguments
+    (``model``/``optimizer`` being each rank's shard of them). ``train_state`` must be
+    JSON-serialisable (step, epoch, samples consumed, seeds...); the step is always recorded
+    in it. ``generators`` are extra RNGs the recipe owns (e.g. the data-order generator),
+    restored by name by ``load_checkpoint``. ``keep`` is how many checkpoints to retain (None
+    keeps all).
+
+    The model's HF ``config.json`` and generation config (and a peft model's
+    ``adapter_config.json``) are stored in ``hf/`` automatically; pass ``tokenizer`` (anything
+    with ``save_pretrained``) to store it too, and ``extra_files`` (relative name -> content)
+    for anything else ``checkpoint consolidate`` should copy into the exported model.
     """
     if keep is not None and keep < 1:
         raise UserError(f"checkpoint.keep must be at least 1, got {keep}.",
@@ -65,21 +88,36 @@ def save_checkpoint(
     state_json = _train_state_json(train_state, step)  # fail before touching the disk
 
     root = layout.checkpoints_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    layout.clean_scratch(root)
     final = root / layout.step_dir_name(step)
-    tmp = layout.temp_dir_for(root, step)
-    remove_tree(tmp)
-    tmp.mkdir()
+    is_main = collective.rank() == 0
+
+    def prepare() -> str | None:
+        if not is_main:
+            return None
+        root.mkdir(parents=True, exist_ok=True)
+        layout.clean_scratch(root)
+        tmp = layout.temp_dir_for(root, step)
+        remove_tree(tmp)
+        tmp.mkdir()
+        return str(tmp)
+
+    tmp = Path(collective.broadcast(collective.run_agreed(prepare)))
     try:
         write_payload(tmp, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                      state_json=state_json, generators=generators)
-        publish(tmp, final)
+                      state_json=state_json, generators=generators, tokenizer=tokenizer,
+                      extra_files=extra_files)
+        collective.run_agreed(lambda: publish(tmp, final) if is_main else None)
     except BaseException:
-        remove_tree(tmp)  # best effort; a SIGKILL leaves it for the next save to clean
+        if is_main:
+            remove_tree(tmp)  # best effort; a SIGKILL leaves it for the next save to clean
         raise
-    layout.write_latest(root, final.name)
-    prune(root, keep, protect={final.name})
+
+    def point_and_prune() -> None:
+        if is_main:
+            layout.write_latest(root, final.name)
+            prune(root, keep, protect={final.name})
+
+    collective.run_agreed(point_and_prune)
     return final
 
 
@@ -90,33 +128,89 @@ def _train_state_json(train_state: dict[str, Any], step: int) -> str:
         raise TypeError(f"train_state must be JSON-serialisable: {exc}") from exc
 
 
+def file_owner(relative: str) -> int:
+    """Which saved rank wrote (and hashes) a checkpoint file: DCP shard ``__R_I.distcp`` ->
+    R, RNG file ``rng/rank_R.pt`` -> R, everything else rank 0."""
+    name = Path(relative).name
+    match = _OWNED_SHARD.match(name)
+    if match:
+        return int(match.group(1))
+    if relative.startswith(f"{layout.RNG_DIR}/rank_") and name.endswith(".pt"):
+        return int(name.removeprefix("rank_").removesuffix(".pt"))
+    return 0
+
+
+def _list_files(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
 def write_payload(directory: Path, step: int, *, model, optimizer, scheduler, state_json: str,
-                  generators: dict[str, torch.Generator] | None) -> None:
-    """Write every file of a checkpoint into ``directory``; ``meta.json`` goes last."""
-    signature = save_model_state(model, directory)
-    files = [layout.MODEL_FILE]
+                  generators: dict[str, torch.Generator] | None, tokenizer: Any = None,
+                  extra_files: Mapping[str, bytes | str] | None = None) -> None:
+    """Write every file of a checkpoint into ``directory``; ``meta.json`` goes last (collective)."""
+    rank, world = collective.rank(), collective.world_size()
+    saved = save_model_state(model, directory)
     if optimizer is not None:
-        save_optimizer_state(optimizer, directory)
-        files.append(layout.OPTIMIZER_FILE)
-    if scheduler is not None:
-        save_scheduler_state(scheduler, directory)
-        files.append(layout.SCHEDULER_FILE)
-    save_torch(capture_rng_state(generators), directory / layout.RNG_FILE)
-    write_bytes_durably(directory / layout.TRAIN_STATE_FILE, state_json.encode("utf-8"))
-    files += [layout.RNG_FILE, layout.TRAIN_STATE_FILE]
-    meta = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "step": step,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "torch_version": torch.__version__,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "files": files,
-        "params_sha256": signature_checksum(signature),
-        "params": signature,
-    }
-    write_bytes_durably(directory / layout.META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
-    fsync_dir(directory)
+        save_optimizer_state(model, optimizer, directory)
+
+    def write_local() -> None:
+        rng_path = directory / layout.rng_file(rank)
+        rng_path.parent.mkdir(exist_ok=True)
+        save_torch(capture_rng_state(generators), rng_path)
+        if rank != 0:
+            return
+        if scheduler is not None:
+            save_scheduler_state(scheduler, directory)
+        write_bytes_durably(directory / layout.TRAIN_STATE_FILE, state_json.encode("utf-8"))
+        payload = hf_files.hf_payload(model, tokenizer, extra_files)
+        for name, content in payload.items():
+            target = directory / layout.HF_DIR / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_durably(target, content)
+
+    collective.run_agreed(write_local)  # also the barrier: every rank's files are on disk now
+
+    def hash_mine() -> dict[str, dict[str, Any]]:
+        mine = {}
+        for name in _list_files(directory):
+            if file_owner(name) % world == rank:
+                path = directory / name
+                mine[name] = {"size": path.stat().st_size, "sha256": dcp_io.sha256_file(path)}
+        return mine
+
+    digests: dict[str, dict[str, Any]] = {}
+    for part in collective.gather(collective.run_agreed(hash_mine)):
+        digests.update(part)
+
+    def write_meta() -> None:
+        if rank != 0:
+            return
+        trainable = set(trainable_names(model))
+        every = {n for n, _ in model.named_parameters()}
+        adapter = hf_files.adapter_info(model)
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "torch_version": torch.__version__,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "hf_architecture": hf_files.hf_class_name(
+                model.get_base_model() if adapter is not None else model),
+            "world_size": world,
+            "mesh": saved["mesh"],
+            "trainable_only": len(trainable) < len(every),
+            "peft": None if adapter is None else {k: v for k, v in adapter.items() if k != "config"},
+            "tied": tied_aliases(model),
+            "params_sha256": signature_checksum(saved["params"]),
+            "params": saved["params"],
+            "files": dict(sorted(digests.items())),
+        }
+        write_bytes_durably(directory / layout.META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
+        for sub in {directory / Path(name).parent for name in digests} | {directory}:
+            fsync_dir(sub)
+
+    collective.run_agreed(write_meta)
 
 
 def publish(tmp: Path, final: Path) -> None:

@@ -1,11 +1,18 @@
 """Model, optimizer and scheduler state I/O for one checkpoint directory.
 
-Each piece of state is written and read by its own small function so that the sharded
-(``torch.distributed.checkpoint``) implementation can replace exactly these functions and
-leave the atomic publish / ``latest`` / pruning logic in ``save.py`` untouched.
+Model and optimizer state go through ``torch.distributed.checkpoint.state_dict``
+(``get_model_state_dict``/``set_model_state_dict`` and the optimizer counterparts), so the same
+code handles a plain module, an FSDP2/TP (DTensor) sharded one and a peft model, and keys are
+canonical parameter names (no FSDP, DDP, ``torch.compile`` or activation-checkpoint wrapper
+prefixes). They are written with ``dcp.save`` to ``model/`` and ``optim/``: every rank writes
+its own shards, and a later load on a different number of ranks reshards.
 
-Reading never unpickles arbitrary objects: every ``torch.load`` goes through
-``safe_torch_load`` (``weights_only=True``), and model weights are safetensors.
+Each piece of state is written and read by its own small function; ``save.py`` and
+``load.py`` own ordering, atomic publishing and the collectives around them.
+
+Reading never unpickles arbitrary objects: ``.pt`` files go through ``safe_torch_load``
+(``weights_only=True``), DCP directories through ``dcp_io`` (allow-listed metadata,
+``weights_only`` values).
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from automodel_cli.components.checkpoint import dcp_io
 from automodel_cli.components.checkpoint.fsio import fsync_path
-from automodel_cli.components.checkpoint.layout import MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE
+from automodel_cli.components.checkpoint.layout import MODEL_DIR, OPTIMIZER_DIR, SCHEDULER_FILE
 from automodel_cli.errors import UserError
 
 _FRESH_START_HINT = "Delete it, point checkpoint.resume at another checkpoint, or start fresh with checkpoint.resume=off."
+_WRAPPER_PARTS = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
 
 
 # ------------------------------------------------------------------------------ reading
@@ -46,9 +54,7 @@ def safe_torch_load(path: Path) -> Any:
         ) from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+_first_line = dcp_io.first_line
 
 
 def save_torch(obj: Any, path: Path) -> None:
@@ -60,20 +66,62 @@ def save_torch(obj: Any, path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------- model
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint stores of the model: every parameter with ``requires_grad``.
+def canonical_name(model: torch.nn.Module, name: str) -> str:
+    """The key ``get_model_state_dict`` uses for parameter ``name`` (wrapper prefixes removed)."""
+    try:
+        from torch.distributed.checkpoint.state_dict import _get_fqns
 
-    Full fine-tuning therefore saves all parameters and PEFT saves only the adapter weights,
-    by their names in the wrapped model. Buffers are not saved: persistent buffers are
-    not trained and come back with the model weights the run starts from (``model.path``),
-    and non-persistent ones (rotary tables) are recomputed. ``named_parameters`` lists a
-    tied weight once, under its first name.
+        fqns = _get_fqns(model, name)
+        if len(fqns) == 1:
+            return next(iter(fqns))
+    except Exception:  # private helper: fall back to the same rule spelled out
+        pass
+    parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
+    return ".".join(parts)
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """Canonical names of the parameters a checkpoint stores: those with ``requires_grad``.
+
+    Full fine-tuning therefore saves all parameters and PEFT only the adapter weights, by their
+    names in the wrapped model. Buffers are not saved: persistent buffers are not trained and
+    come back with the weights the run starts from (``model.path``), non-persistent ones
+    (rotary tables) are recomputed. A tied weight is stored once, under its first name.
     """
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return [canonical_name(model, n) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """alias -> stored name for parameters registered under several names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = id(param)
+        if key in first:
+            aliases[canonical_name(model, name)] = first[key]
+        else:
+            first[key] = canonical_name(model, name)
+    return aliases
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters as ``get_model_state_dict`` returns them (local shards as
+    DTensors for a sharded model; the tensors share storage with the parameters)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    wanted = set(trainable_names(model))
+    if not wanted:
+        raise ValueError("the model has no trainable parameters, so there is nothing to checkpoint")
+    full = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+    state = {k: v for k, v in full.items() if k in wanted}
+    missing = wanted - set(state)
+    if missing:  # a parameter the state dict does not expose under its canonical name
+        raise RuntimeError(f"get_model_state_dict does not return the parameters {sorted(missing)[:5]}")
+    return state
 
 
 def param_signature(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """name -> shape and dtype, stored in meta.json to recognise a different model."""
+    """name -> global shape and dtype, stored in meta.json to recognise a different model."""
     return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
             for name, t in sorted(tensors.items())}
 
@@ -84,62 +132,47 @@ def signature_checksum(signature: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _storage_safe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors that share no storage, as safetensors requires.
-
-    Parameters may be views into one buffer (tied or flattened weights); the first user of a
-    storage keeps it and later ones get a copy, so memory grows only for actual sharing.
-    """
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in tensors.items():
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")  # a fresh storage of its own
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen or not t.is_contiguous():
-            t = t.clone(memory_format=torch.contiguous_format)
-        seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    return out
-
-
-def save_model_state(model: torch.nn.Module, directory: Path) -> dict[str, dict[str, Any]]:
-    """Write the trainable parameters to ``model.safetensors``; return their signature."""
-    tensors = trainable_state(model)
-    if not tensors:
-        raise ValueError("the model has no trainable parameters, so there is nothing to checkpoint")
-    path = directory / MODEL_FILE
-    save_file(_storage_safe(tensors), str(path), metadata={"format": "pt"})
-    fsync_path(path)
-    return param_signature(tensors)
-
-
-def read_model_state(directory: Path) -> dict[str, torch.Tensor]:
-    path = directory / MODEL_FILE
-    if not path.is_file():
-        raise UserError(f"Checkpoint file {path} is missing; the checkpoint is incomplete.", _FRESH_START_HINT)
+def mesh_description(tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """Shape, dimension names and placements of the first DTensor's device mesh, if any."""
     try:
-        return load_file(str(path), device="cpu")
-    except Exception as exc:  # safetensors raises its own SafetensorError type
-        raise UserError(
-            f"Checkpoint file {path} is corrupted or truncated ({_first_line(exc)}).", _FRESH_START_HINT
-        ) from None
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return None
+    for tensor in tensors.values():
+        if isinstance(tensor, DTensor):
+            mesh = tensor.device_mesh
+            return {"shape": list(mesh.shape), "dim_names": list(mesh.mesh_dim_names or []),
+                    "device_type": mesh.device_type,
+                    "placements": [str(p) for p in tensor.placements]}
+    return None
 
 
-def check_model_matches(model: torch.nn.Module, tensors: dict[str, torch.Tensor], checkpoint: Path,
+def save_model_state(model: torch.nn.Module, directory: Path) -> dict[str, Any]:
+    """Write the trainable parameters to ``directory/model/`` (collective when distributed);
+    return their signature and the mesh they were sharded over."""
+    from automodel_cli.components.checkpoint import collective
+
+    tensors = model_state(model)
+    dcp_io.save(tensors, directory / MODEL_DIR, distributed=collective.active())
+    return {"params": param_signature(tensors), "mesh": mesh_description(tensors)}
+
+
+def check_model_matches(model: torch.nn.Module, metadata: Any, checkpoint: Path,
                         saved_class: str | None = None) -> None:
     """Raise a ``UserError`` naming the first tensor that differs between checkpoint and model."""
-    expected = trainable_state(model)
+    stored = dcp_io.tensor_infos(metadata)
+    expected = {k: v for k, v in model_state(model).items()}
     problems = []
-    for name in sorted(set(tensors) | set(expected)):
+    for name in dcp_io.byte_values(metadata):
+        problems.append(f"entry `{name}` in {MODEL_DIR}/ is not a tensor")
+    for name in sorted(set(stored) | set(expected)):
         if name not in expected:
             problems.append(f"tensor `{name}` is in the checkpoint but is not a trainable parameter of the model")
-        elif name not in tensors:
+        elif name not in stored:
             problems.append(f"trainable parameter `{name}` of the model is not in the checkpoint")
-        elif tuple(tensors[name].shape) != tuple(expected[name].shape):
+        elif tuple(stored[name].shape) != tuple(expected[name].shape):
             problems.append(
-                f"tensor `{name}` has shape {list(tensors[name].shape)} in the checkpoint but "
+                f"tensor `{name}` has shape {list(stored[name].shape)} in the checkpoint but "
                 f"{list(expected[name].shape)} in the model"
             )
     if not problems:
@@ -154,29 +187,80 @@ def check_model_matches(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
     )
 
 
-@torch.no_grad()
-def apply_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy checkpoint tensors into the (already checked) model parameters, in place."""
-    params = trainable_state(model)
-    for name, value in tensors.items():
-        params[name].copy_(value)
+def load_model_state(model: torch.nn.Module, checkpoint: Path, metadata: Any) -> None:
+    """Read ``model/`` into the model's parameters, resharding to the current layout
+    (collective when distributed). Call only after ``check_model_matches``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    tensors = model_state(model)
+    _dcp_load(tensors, checkpoint / MODEL_DIR, metadata)
+    set_model_state_dict(model, tensors, options=StateDictOptions(strict=False))
+
+
+def _dcp_load(state: dict[str, Any], directory: Path, metadata: Any) -> None:
+    from automodel_cli.components.checkpoint import collective
+
+    dcp_io.load(state, directory, distributed=collective.active(), metadata=metadata)
 
 
 # ------------------------------------------------------------------- optimizer, scheduler
-def save_optimizer_state(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    save_torch(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+def _optim_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def read_optimizer_state(directory: Path) -> dict:
-    return safe_torch_load(directory / OPTIMIZER_FILE)
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by canonical parameter names (``state.NAME.exp_avg``,
+    ``param_groups.NAME.lr``, ...); initialises an empty optimizer's state first (a step with
+    zero gradients and lr 0, which leaves the parameters unchanged)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_optim_options())
 
 
-def apply_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, checkpoint: Path) -> None:
+def save_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    from automodel_cli.components.checkpoint import collective
+
+    dcp_io.save(optimizer_state(model, optimizer), directory / OPTIMIZER_DIR, distributed=collective.active())
+
+
+def check_optimizer_matches(template: dict[str, Any], metadata: Any, checkpoint: Path) -> None:
+    stored = metadata.state_dict_metadata
+    tensors = dcp_io.tensor_infos(metadata)
+    problem = None
+    for name, value in sorted(template.items()):
+        if name not in stored:
+            problem = f"`{name}` is not in the checkpoint"
+        elif isinstance(value, torch.Tensor) and name not in tensors:
+            problem = f"`{name}` is not a tensor in the checkpoint"
+        elif isinstance(value, torch.Tensor) and tuple(tensors[name].shape) != tuple(value.shape):
+            problem = (f"`{name}` has shape {list(tensors[name].shape)} in the checkpoint but "
+                       f"{list(value.shape)} here")
+        if problem:
+            break
+    if problem is None:
+        extra = sorted(set(stored) - set(template), key=lambda k: (not k.startswith("state."), k))
+        if extra:
+            problem = f"the checkpoint has `{extra[0]}`, which this optimizer does not"
+    if problem:
+        raise UserError(
+            f"The optimizer state in {checkpoint / OPTIMIZER_DIR} does not fit this run's optimizer ({problem}).",
+            "Resume with the same optim and peft settings, or start fresh with checkpoint.resume=off.",
+        )
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         template: dict[str, Any], checkpoint: Path, metadata: Any) -> None:
+    """Read ``optim/`` into ``template`` (from ``optimizer_state``) and apply it."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    _dcp_load(template, checkpoint / OPTIMIZER_DIR, metadata)
     try:
-        optimizer.load_state_dict(state)
+        set_optimizer_state_dict(model, optimizer, template, options=_optim_options())
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(
-            f"The optimizer state in {checkpoint / OPTIMIZER_FILE} does not fit this run's "
+            f"The optimizer state in {checkpoint / OPTIMIZER_DIR} does not fit this run's "
             f"optimizer ({_first_line(exc)}).",
             "Resume with the same optim and peft settings, or start fresh with checkpoint.resume=off.",
         ) from None

@@ -41,7 +41,7 @@ def resolve_model_source(path: str | None) -> str:
             f"Model directory `{path}` does not exist (model.path).",
             "Check the path, or pass a Hugging Face hub id such as meta-llama/Llama-3.2-1B.",
         )
-    return expanded if os.path.isdir(expanded) else path
+    return os.path.abspath(expanded) if os.path.isdir(expanded) else path
 
 
 def _hub_error(path: str, what: str, exc: Exception) -> UserError:

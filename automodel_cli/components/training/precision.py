@@ -20,16 +20,17 @@ class Precision:
     autocast_dtype: Any | None
 
     @classmethod
-    def choose(cls, dtype_name: str, peft_method: str) -> Precision:
+    def choose(cls, dtype_name: str, peft_method: str, device: Any, *, sharded: bool = False) -> Precision:
+        """``sharded``: FSDP keeps one dtype for every parameter it shards, so the LoRA base stays
+        fp32 there and FSDP's own mixed-precision policy computes in bf16."""
         import torch
 
-        cuda = torch.cuda.is_available()
-        device = torch.device("cuda" if cuda else "cpu")
+        cuda = device.type == "cuda"
         bf16 = cuda and torch.cuda.is_bf16_supported()
         if dtype_name == "auto":
             autocast = torch.bfloat16 if bf16 else None
-            param = torch.bfloat16 if (bf16 and peft_method != "none") else torch.float32
-            return cls(device, param, autocast)
+            lean_base = bf16 and peft_method != "none" and not sharded
+            return cls(device, torch.bfloat16 if lean_base else torch.float32, autocast)
         param = getattr(torch, dtype_name)
         autocast = param if (cuda and param != torch.float32) else None
         return cls(device, param, autocast)

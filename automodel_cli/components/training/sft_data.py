@@ -16,9 +16,10 @@ class SFTData:
     eval: list[dict[str, Any]]
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
     eval_collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    #: Tokens per training sample (no padding): for length grouping and tokens/s.
     train_lengths: list[int] = field(default_factory=list)
-    #: Real (non-padding) tokens per training sample, for tokens/s.
-    train_tokens: list[int] = field(default_factory=list)
+    #: Trained (label) tokens per training sample, so every rank knows a step's total.
+    train_label_tokens: list[int] = field(default_factory=list)
 
     def eval_batches(self, batch_size: int, max_batches: int | None) -> Iterator[dict[str, Any]]:
         """Validation batches of similar-length samples, in a fixed order."""
@@ -82,8 +83,11 @@ def _samples(tokenized: Any) -> list[dict[str, Any]]:
             for ids, labels in zip(tokenized["input_ids"], tokenized["labels"])]
 
 
-def prepare_sft_data(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[str], None]) -> SFTData:
-    from automodel_cli.components.data import SFTCollator, pack_sequences, padding_fraction
+def prepare_sft_data(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[str], None],
+                     pad_to_multiple_of: int | None = None) -> SFTData:
+    """``pad_to_multiple_of``: sequence parallelism splits the sequence over the tensor-parallel
+    ranks, so batches are padded to a multiple of that degree."""
+    from automodel_cli.components.data import IGNORE_INDEX, SFTCollator, pack_sequences, padding_fraction
 
     train_table, eval_table = _load_tables(cfg, registries)
     train = _samples(_tokenize(train_table, tokenizer, cfg, say, "train"))
@@ -98,8 +102,8 @@ def prepare_sft_data(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[s
     return SFTData(
         train=train,
         eval=evaluation,
-        collate=SFTCollator(pad_id, packed=cfg.data.packing),
-        eval_collate=SFTCollator(pad_id, packed=False),
+        collate=SFTCollator(pad_id, packed=cfg.data.packing, pad_to_multiple_of=pad_to_multiple_of),
+        eval_collate=SFTCollator(pad_id, packed=False, pad_to_multiple_of=pad_to_multiple_of),
         train_lengths=lengths,
-        train_tokens=lengths,
+        train_label_tokens=[sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in train],
     )

@@ -53,9 +53,10 @@ def _crash(*args, **kwargs):
     raise Crash("simulated crash")
 
 
-def _half_written_optimizer(optimizer, directory):
-    (directory / "optimizer.pt").write_bytes(b"PK\x03\x04 half a zip")
-    raise Crash("simulated crash while writing optimizer.pt")
+def _half_written_optimizer(model, optimizer, directory):
+    (directory / "optim").mkdir()
+    (directory / "optim" / "__0_0.distcp").write_bytes(b"PK\x03\x04 half a shard")
+    raise Crash("simulated crash while writing optim/")
 
 
 CRASH_POINTS = {
@@ -127,7 +128,6 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     from checkpoint_helpers import tiny, train
     from automodel_cli.components.checkpoint import save_checkpoint
-    from automodel_cli.components.checkpoint import state
 
     run_dir = Path(sys.argv[1])
     run = tiny()
@@ -137,13 +137,15 @@ CHILD = textwrap.dedent("""
     print("saved 1", flush=True)
     train(run, 1)
 
-    real_save = torch.save
-    def dying_save(obj, f, *args, **kwargs):
-        # Write half of optimizer.pt, then die without any chance to clean up.
-        real_save(obj, f, *args, **kwargs)
-        f.flush(); f.truncate(f.tell() // 2); f.flush()
+    from automodel_cli.components.checkpoint import save as save_module
+    real_save = save_module.save_optimizer_state
+    def dying_save(model, optimizer, directory):
+        # Write the optimizer shards, cut one in half, then die without any chance to clean up.
+        real_save(model, optimizer, directory)
+        shard = directory / "optim" / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
         os.kill(os.getpid(), signal.SIGKILL)
-    state.torch.save = dying_save
+    save_module.save_optimizer_state = dying_save
     save_checkpoint(run_dir, 2, model=run.model, optimizer=run.optimizer,
                     scheduler=run.scheduler, train_state={{}}, keep=2)
     print("not reached", flush=True)
@@ -160,7 +162,9 @@ def test_sigkill_mid_save_keeps_previous_and_next_save_cleans_up(tmp_path):
 
     leftovers = [n for n in entries(tmp_path) if n.startswith(".tmp-step_00000002-")]
     assert len(leftovers) == 1
-    assert (tmp_path / "checkpoints" / leftovers[0] / "model.safetensors").exists()
+    scratch = tmp_path / "checkpoints" / leftovers[0]
+    assert (scratch / "model" / ".metadata").exists() and (scratch / "optim" / "__0_0.distcp").exists()
+    assert not (scratch / "meta.json").exists()
     assert latest(tmp_path) == "step_00000001"
 
     expected = tiny()

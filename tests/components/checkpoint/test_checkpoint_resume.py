@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from checkpoint_helpers import VOCAB, TinyLM, llama, make_run, tiny, train
-from safetensors.torch import load_file
 
 from automodel_cli.components.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from automodel_cli.components.checkpoint.dcp_io import read_metadata, tensor_infos
 from automodel_cli.errors import UserError
 
 
@@ -52,22 +52,61 @@ def test_full_finetune_resume_is_bitwise_exact(tmp_path):
     assert not torch.equal(train(control, 1)[0], expected[4])
 
 
+def stored_tensors(path) -> dict:
+    """name -> TensorInfo of the model tensors in a checkpoint (from the DCP index)."""
+    return tensor_infos(read_metadata(path / "model"))
+
+
 def test_checkpoint_files_and_meta(tmp_path):
     run = tiny()
     train(run, 1)
     path = save(run, tmp_path, 1)
     assert path == tmp_path / "checkpoints" / "step_00000001"
-    assert sorted(p.name for p in path.iterdir()) == [
-        "meta.json", "model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt", "train_state.json"]
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    assert files == ["meta.json", "model/.metadata", "model/__0_0.distcp", "optim/.metadata",
+                     "optim/__0_0.distcp", "rng/rank_0.pt", "scheduler.pt", "train_state.json"]
     meta = json.loads((path / "meta.json").read_text())
-    assert meta["format_version"] == 1 and meta["step"] == 1
+    assert meta["format_version"] == 2 and meta["step"] == 1
+    assert meta["world_size"] == 1 and meta["mesh"] is None
     assert meta["model_class"].endswith("TinyLM")
     assert meta["params"]["head.weight"] == {"shape": [64, 8], "dtype": "float32"}
     assert len(meta["params_sha256"]) == 64
+    assert sorted(meta["files"]) == [f for f in files if f != "meta.json"]
+    for name, info in meta["files"].items():
+        assert info["size"] == (path / name).stat().st_size and len(info["sha256"]) == 64
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    # The DCP index describes the trainable parameters; optimizer keys use parameter names.
+    assert {n: list(i.shape) for n, i in stored_tensors(path).items()} == {
+        "embed.weight": [64, 8], "head.weight": [64, 8], "head.bias": [64]}
+    optim = tensor_infos(read_metadata(path / "optim"))
+    assert {"state.head.weight.exp_avg", "state.head.weight.exp_avg_sq", "state.head.weight.step"} <= set(optim)
     # Every .pt file loads with weights_only=True (the only way we ever read them).
-    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+    for name in ("scheduler.pt", "rng/rank_0.pt"):
         torch.load(path / name, weights_only=True)
+
+
+def test_hf_files_are_stored_for_consolidation(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    run = make_run(llama(seed=0))
+    path = save_checkpoint(tmp_path, 3, model=run.model, optimizer=None, scheduler=None,
+                           train_state={}, keep=1, tokenizer=tokenizer,
+                           extra_files={"notes/README.md": "hello", "chat_template.jinja": b"{{ x }}"})
+    hf = path / "hf"
+    config = json.loads((hf / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["hidden_size"] == 32
+    assert (hf / "generation_config.json").is_file() and (hf / "tokenizer.json").is_file()
+    assert (hf / "notes" / "README.md").read_text() == "hello"
+    assert (hf / "chat_template.jinja").read_bytes() == b"{{ x }}"
+    meta = json.loads((path / "meta.json").read_text())
+    assert "hf/config.json" in meta["files"] and "optim/.metadata" not in meta["files"]
+    assert meta["hf_architecture"] == "LlamaForCausalLM" and meta["peft"] is None
+    assert meta["trainable_only"] is False
+    with pytest.raises(ValueError, match="relative paths"):
+        save_checkpoint(tmp_path, 4, model=run.model, optimizer=None, scheduler=None,
+                        train_state={}, keep=1, extra_files={"../escape": "x"})
 
 
 def test_numpy_and_python_rng_round_trip(tmp_path):
@@ -103,7 +142,7 @@ def test_lora_round_trip_saves_only_adapter(tmp_path):
     first = lora_run(adapter_seed=1)
     train(first, 2)
     path = save(first, tmp_path, 2)
-    saved = load_file(path / "model.safetensors")
+    saved = stored_tensors(path)
     trainable = {n for n, p in first.model.named_parameters() if p.requires_grad}
     assert set(saved) == trainable
     assert all("lora_" in name for name in saved)
@@ -141,8 +180,10 @@ def test_tied_weights_are_saved_once_and_stay_tied(tmp_path):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     train(run, 1)
     path = save(run, tmp_path, 1)
-    saved = load_file(path / "model.safetensors")
+    saved = stored_tensors(path)
     assert "model.embed_tokens.weight" in saved and "lm_head.weight" not in saved
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
 
     fresh = make_run(llama(seed=3, tie_word_embeddings=True))
     load_checkpoint(path, model=fresh.model, optimizer=fresh.optimizer, scheduler=fresh.scheduler)
@@ -188,7 +229,7 @@ def test_optimizer_of_a_different_shape_is_a_user_error(tmp_path):
     path = save(run, tmp_path, 1)
     other = tiny()
     sgd = torch.optim.AdamW([other.model.head.weight], lr=0.1)
-    with pytest.raises(UserError, match="optimizer.pt does not fit"):
+    with pytest.raises(UserError, match=r"optim does not fit this run's optimizer \(the checkpoint has `state\.embed\.weight"):
         load_checkpoint(path, model=other.model, optimizer=sgd, scheduler=None)
 
 

@@ -85,6 +85,7 @@ def config_of(records) -> dict:
 
 @pytest.fixture
 def wandb_env(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is an optional extra (pip install 'automodel-cli[wandb]')")
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")

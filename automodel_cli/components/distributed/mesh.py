@@ -1,0 +1,197 @@
+"""The device mesh: how the processes of a run split into data- and tensor-parallel groups.
+
+A run has ``world_size = dp_replicate x dp_shard x tp`` processes laid out on a 3-D
+``DeviceMesh`` with the dimension names ``("dp_replicate", "dp_shard", "tp")`` (tp innermost,
+so a tensor-parallel group sits on neighbouring ranks, i.e. inside one node):
+
+* ``tp`` ranks hold slices of the same layers and must see the **same** data;
+* ``dp_shard`` ranks shard parameters, gradients and optimizer state (FSDP2);
+* ``dp_replicate`` ranks hold replicas of those shards (HSDP when > 1, e.g. one replica per node).
+
+The data-parallel coordinates that decide which samples a rank reads are ``dp_rank(mesh)`` and
+``dp_world_size(mesh)`` (replicate x shard, flattened). ``fsdp_mesh(mesh)`` is what
+``fully_shard`` receives (1-D for FSDP, 2-D for HSDP) and ``dp_mesh(mesh)`` a flattened 1-D
+"dp" mesh whose process group the recipe uses to sum label-token counts and losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from automodel_cli.errors import UserError
+
+DIM_NAMES = ("dp_replicate", "dp_shard", "tp")
+
+#: flattened dp meshes, keyed by id() of their root mesh (built once, collectively).
+_DP_MESHES: dict[int, tuple[Any, Any]] = {}
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    """Sizes of the three mesh dimensions; their product is the number of processes."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp
+
+    def as_dict(self) -> dict[str, int]:
+        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+
+    def describe(self) -> str:
+        return (f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} "
+                f"= {self.world_size} process(es)")
+
+    @classmethod
+    def resolve(cls, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1,
+                world_size: int = 1) -> MeshShape:
+        """Check the configured sizes against ``world_size``; ``dp_shard=-1`` takes the rest.
+
+        Every problem is a ``UserError`` that names all the numbers and a setting that works.
+        """
+        given = (f"distributed.dp_replicate={dp_replicate}, distributed.dp_shard={dp_shard}, "
+                 f"distributed.tp={tp}")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        bad = [f"{name}={value}" for name, value in (("dp_replicate", dp_replicate), ("tp", tp))
+               if not isinstance(value, int) or value < 1]
+        if not isinstance(dp_shard, int) or (dp_shard < 1 and dp_shard != -1):
+            bad.append(f"dp_shard={dp_shard}")
+        if bad:
+            raise UserError(
+                f"Mesh sizes must be positive integers ({given}; bad: {', '.join(bad)}).",
+                "Use 1 or more for each; dp_shard=-1 means 'all remaining processes'.",
+            )
+        fixed = dp_replicate * tp
+        if dp_shard == -1:
+            if world_size % fixed:
+                raise UserError(
+                    f"{given} does not fit {world_size} process(es): dp_replicate x tp = "
+                    f"{dp_replicate} x {tp} = {fixed} does not divide {world_size}.",
+                    f"Choose dp_replicate and tp whose product divides {world_size} "
+                    f"(e.g. {_suggest(world_size, tp)}), or change the number of processes.",
+                )
+            dp_shard = world_size // fixed
+        elif fixed * dp_shard != world_size:
+            raise UserError(
+                f"{given} multiply to {fixed * dp_shard} processes, but the run has "
+                f"{world_size}.",
+                f"Make dp_replicate x dp_shard x tp equal {world_size} (e.g. set "
+                f"distributed.dp_shard=-1 to use the rest: {_suggest(world_size, tp)}), or "
+                f"launch {fixed * dp_shard} processes.",
+            )
+        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp)
+
+
+def _suggest(world_size: int, tp: int) -> str:
+    t = tp if tp >= 1 and world_size % tp == 0 else 1
+    return f"dp_replicate=1, dp_shard={world_size // t}, tp={t}"
+
+
+def build_mesh(shape: MeshShape, device_type: str) -> Any:
+    """The 3-D ``DeviceMesh`` for ``shape`` (collective: every rank calls it), or None for one
+    process. Also builds the flattened data-parallel mesh that ``dp_mesh`` returns."""
+    if shape.world_size == 1:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise RuntimeError("build_mesh needs an initialised process group (call init_distributed)")
+    if dist.get_world_size() != shape.world_size:
+        raise UserError(
+            f"The mesh {shape.describe()} does not match the {dist.get_world_size()} launched "
+            f"process(es).",
+            "Resolve the shape with MeshShape.resolve(..., world_size=<launched processes>).",
+        )
+    mesh = init_device_mesh(device_type, (shape.dp_replicate, shape.dp_shard, shape.tp),
+                            mesh_dim_names=DIM_NAMES)
+    _build_dp_mesh(mesh)
+    return mesh
+
+
+def _build_dp_mesh(mesh: Any) -> Any:
+    """Create one process group per tp coordinate spanning (dp_replicate, dp_shard): a flattened
+    "dp" mesh built with public APIs (``new_subgroups_by_enumeration`` + ``from_group``)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ranks = mesh.mesh  # [dp_replicate, dp_shard, tp] tensor of global ranks
+    groups = [ranks[:, :, t].flatten().tolist() for t in range(ranks.shape[2])]
+    mine, _ = dist.new_subgroups_by_enumeration(groups)
+    dp = DeviceMesh.from_group(mine, mesh.device_type, mesh_dim_names=("dp",))
+    _DP_MESHES[id(mesh)] = (mesh, dp)
+    return dp
+
+
+def _size(mesh: Any, name: str) -> int:
+    return mesh.size(DIM_NAMES.index(name))
+
+
+def dp_world_size(mesh: Any) -> int:
+    """Number of data-parallel groups (distinct data streams): dp_replicate x dp_shard."""
+    if mesh is None:
+        return 1
+    return _size(mesh, "dp_replicate") * _size(mesh, "dp_shard")
+
+
+def dp_rank(mesh: Any) -> int:
+    """This rank's data-parallel index in ``range(dp_world_size(mesh))``; tp peers share it."""
+    if mesh is None:
+        return 0
+    return (mesh.get_local_rank("dp_replicate") * _size(mesh, "dp_shard")
+            + mesh.get_local_rank("dp_shard"))
+
+
+def tp_size(mesh: Any) -> int:
+    return 1 if mesh is None else _size(mesh, "tp")
+
+
+def tp_mesh(mesh: Any) -> Any:
+    """The 1-D tensor-parallel sub-mesh, or None when there is no tensor parallelism."""
+    return mesh["tp"] if tp_size(mesh) > 1 else None
+
+
+def fsdp_mesh(mesh: Any) -> Any:
+    """The mesh ``fully_shard`` gets: 1-D ``dp_shard`` (FSDP), 2-D ``(dp_replicate, dp_shard)``
+    (HSDP: shard inside, replicate across), or None when there is one data-parallel rank."""
+    if mesh is None or dp_world_size(mesh) == 1:
+        return None
+    if _size(mesh, "dp_replicate") > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def dp_mesh(mesh: Any) -> Any:
+    """The flattened 1-D "dp" mesh (all dp_replicate x dp_shard ranks with this rank's tp
+    coordinate), or None without a mesh. Sum label-token counts and losses over its group."""
+    if mesh is None:
+        return None
+    cached = _DP_MESHES.get(id(mesh))
+    if cached is not None and cached[0] is mesh:
+        return cached[1]
+    raise RuntimeError("dp_mesh() needs a mesh made by build_mesh()")
+
+
+def dp_group(mesh: Any) -> Any:
+    """Process group of ``dp_mesh(mesh)`` (None without a mesh)."""
+    dp = dp_mesh(mesh)
+    return None if dp is None else dp.get_group()
+
+
+def all_reduce_dp(tensor: Any, mesh: Any) -> Any:
+    """Sum ``tensor`` in place over the data-parallel ranks (no-op without a mesh); returns it."""
+    if mesh is None or dp_world_size(mesh) == 1:
+        return tensor
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=dp_group(mesh))
+    return tensor

@@ -1,0 +1,381 @@
+"""Apply tensor parallelism, activation checkpointing and FSDP2/HSDP to a model.
+
+Order (as torchtitan's ``parallelize_llama``): the TP plan first (parameters become DTensors on
+the ``tp`` mesh), then activation checkpointing per decoder layer, then ``fully_shard`` per
+decoder layer and on the root over the data-parallel mesh (2-D for HSDP), which turns every
+parameter into a DTensor on ``(dp..., tp)``. Works for plain Hugging Face models and for peft
+LoRA wrappers (decoder layers are found through the wrapper; frozen base weights and trainable
+adapters share FSDP units, which FSDP2 allows).
+
+Gradient reduction (the contract with the recipe)
+-------------------------------------------------
+FSDP2 averages gradients over the data-parallel ranks by default. We **sum** instead:
+``parallelize_model`` sets ``set_gradient_divide_factor(1.0)`` and
+``set_force_sum_reduction_for_comms(True)`` on every FSDP module (plain SUM reduce-scatter /
+all-reduce, which gloo and NCCL both support). The recipe therefore computes, on each
+data-parallel rank, ``loss = sum(token CE of its micro-batch) / (label tokens of the whole
+global step over all dp ranks)`` and adds the micro-batches' gradients; the summed gradient is
+then exactly the single-process gradient of the global batch, whatever the dp size, micro-batch
+size or how unevenly label tokens fall on ranks. Tensor-parallel peers see the same data and
+compute the same loss; DTensor makes their gradients exact without any scaling.
+
+What the recipe does (see ``tests/components/distributed/_dist_worker.py`` for a runnable loop):
+
+1. ``env = init_distributed()``; ``shape = MeshShape.resolve(..., world_size=env.world_size)``;
+   ``mesh = build_mesh(shape, env.device.type)``; seed identically on every rank.
+2. Load the model (same weights on every rank), apply peft, ``model.train()``, then
+   ``parallelize_model``; build the optimizer *afterwards* (parameters are replaced by DTensors).
+3. Each step: the global batch's samples are cut into ``dp_world_size(mesh)`` equal shares and
+   this rank takes share ``dp_rank(mesh)`` (tp peers take the same share), in micro-batches
+   (``accumulation(global, micro, world_size=dp_world_size)``). Sum the label-token count over
+   the dp ranks (``all_reduce_dp``), normalise every micro-batch loss by that global count,
+   backward each, then ``clip_grad_norm_`` (the true total norm; call it on every rank, also
+   with ``max_norm=None`` to just measure) and ``optimizer.step()``. For logging, sum the
+   per-rank loss with ``all_reduce_dp``.
+4. Save with ``gather_full_state_dict`` (collective; rank 0 writes; with peft pass the dict,
+   or ``trainable_only=True``, to ``save_pretrained(state_dict=...)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from automodel_cli.components.distributed.mesh import fsdp_mesh, tp_mesh, tp_size
+from automodel_cli.components.distributed.plans import (
+    find_decoder_stack,
+    resolve_plan,
+    unwrap_model,
+    validate_tp,
+)
+from automodel_cli.errors import UserError
+
+
+def parallelize_model(
+    model: Any,
+    mesh: Any,
+    *,
+    plan_registry: Any = None,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    activation_checkpointing: bool = False,
+    mixed_precision: bool,
+    reshard_after_forward: bool = True,
+) -> Any:
+    """Parallelize ``model`` in place over ``mesh`` (from ``build_mesh``; None for one process)
+    and return it.
+
+    ``tp`` must equal the mesh's tp size (it is passed explicitly so a mismatch is caught);
+    ``plan_registry`` (the ``ParallelPlanRegistry``) is needed only when ``tp > 1``.
+    ``mixed_precision`` makes FSDP compute in bf16 and reduce gradients in fp32 (GPU runs).
+    """
+    if tp != tp_size(mesh):
+        raise ValueError(f"tp={tp} but the mesh has tp={tp_size(mesh)}")
+    if sequence_parallel and tp == 1:
+        sequence_parallel = False
+    hf_model = unwrap_model(model)
+
+    # 1. Tensor parallelism.
+    if tp > 1:
+        config = hf_model.config
+        validate_tp(config, tp)
+        plan_fn = resolve_plan(plan_registry, config.model_type, tp)
+        tmesh = tp_mesh(mesh)
+        plan = plan_fn(model, tmesh, sequence_parallel)
+        plan = _expand_for_peft(model, plan, sequence_parallel)
+        apply_tp_plan(model, tmesh, plan)
+        if sequence_parallel:
+            _check_sequence_length(model, tp)
+
+    # 2. Activation checkpointing (recompute each decoder layer in backward).
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+
+    # 3. FSDP2 / HSDP over the data-parallel ranks.
+    dp = fsdp_mesh(mesh)
+    if dp is not None:
+        import torch
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if mixed_precision else MixedPrecisionPolicy())
+        layers = decoder_layers(model)
+        for i, layer in enumerate(layers):
+            # The last layer's parameters are needed first in backward: keep them gathered.
+            fully_shard(layer, mesh=dp, mp_policy=policy,
+                        reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+        fully_shard(model, mesh=dp, mp_policy=policy)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                if hasattr(module, "set_force_sum_reduction_for_comms"):  # torch >= 2.8
+                    module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+# --------------------------------------------------------------------------- tensor parallel
+
+def apply_tp_plan(model: Any, tmesh: Any, plan: dict[str, Any]) -> None:
+    """``parallelize_module`` with the plan, keeping tied parameters (embedding = lm_head) tied."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from automodel_cli.components.distributed.plans import ReplicateParallel
+
+    shared = _shared_parameters(model)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
+    parallelize_module(model, tmesh, plan)
+    # Parameters the plan left alone become Replicate DTensors (a plain tensor next to DTensors
+    # breaks foreach optimizers and FSDP x TP gradient norms).
+    for module in list(model.modules()):
+        if any(not isinstance(p, DTensor) for p in module.parameters(recurse=False)):
+            ReplicateParallel(Replicate())._apply(module, tmesh)
+    _retie(model, shared)
+    # SequenceParallel re-creates parameters as trainable; frozen (LoRA base) weights stay frozen.
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in trainable and param.requires_grad != trainable[name]:
+            param.requires_grad_(trainable[name])
+    _materialize_partial_grads(model)
+
+
+def _materialize_partial_grads(model: Any) -> None:
+    """DTensor leaves the gradient of a replicated parameter that met a sharded input (norms
+    under sequence parallelism, per-head q/k norms, LoRA B after a row-parallel A) as a pending
+    sum (``Partial``). FSDP2 reduces those itself; without FSDP, optimizers and norms would read
+    the wrong values, so each such gradient is summed over the TP group once it is accumulated."""
+    from torch.distributed.tensor import DTensor
+
+    def hook(param: Any) -> None:
+        grad = param.grad
+        if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(param.placements):
+            param.grad = grad.redistribute(placements=param.placements)
+
+    for param in model.parameters():
+        if isinstance(param, DTensor) and param.requires_grad:
+            param.register_post_accumulate_grad_hook(hook)
+
+
+def _shared_parameters(model: Any) -> list[list[tuple[str, str]]]:
+    """Groups of (module FQN, parameter name) that hold the same Parameter object."""
+    seen: dict[int, list[tuple[str, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            seen.setdefault(id(param), [])
+            if (module_name, param_name) not in seen[id(param)]:
+                seen[id(param)].append((module_name, param_name))
+    return [group for group in seen.values() if len(group) > 1]
+
+
+def _retie(model: Any, shared: list[list[tuple[str, str]]]) -> None:
+    for group in shared:
+        owner = model.get_submodule(group[0][0])
+        keep = getattr(owner, group[0][1])
+        for module_name, param_name in group[1:]:
+            module = model.get_submodule(module_name)
+            other = getattr(module, param_name)
+            if other is keep:
+                continue
+            if _layout(other) != _layout(keep) or other.shape != keep.shape:
+                raise UserError(
+                    f"Tied parameters {group[0][0]}.{group[0][1]} and {module_name}.{param_name} "
+                    f"got different tensor-parallel layouts ({_layout(keep)} vs {_layout(other)}).",
+                    "Give both modules the same sharding in the parallel plan.",
+                )
+            module.register_parameter(param_name, keep)
+
+
+def _layout(tensor: Any) -> Any:
+    placements = getattr(tensor, "placements", None)
+    return tuple(placements) if placements is not None else "plain"
+
+
+def _is_lora_layer(module: Any) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "lora_A") and hasattr(module, "lora_B")
+
+
+def _expand_for_peft(model: Any, plan: dict[str, Any], sequence_parallel: bool) -> dict[str, Any]:
+    """Rewrite plan entries that hit a peft LoRA layer: the base layer gets the style; for a
+    column-parallel layer ``lora_B`` is column-parallel too (``lora_A`` replicated); for a
+    row-parallel layer ``lora_A`` is row-parallel (``lora_B`` replicated, or
+    ``ReplicateParallel(Shard(1))`` under sequence parallelism). The sum base + B(A(x)) then has
+    the base layer's layout on every rank."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from torch.distributed.tensor import Shard
+
+    from automodel_cli.components.distributed.plans import ReplicateParallel
+
+    out: dict[str, Any] = {}
+    for fqn, style in plan.items():
+        try:
+            module = model.get_submodule(fqn)
+        except AttributeError:
+            out[fqn] = style
+            continue
+        if not _is_lora_layer(module):
+            out[fqn] = style
+            continue
+        if any(bool(v) for v in getattr(module, "use_dora", {}).values()):
+            raise UserError(
+                f"DoRA adapters cannot be tensor-parallel ({fqn}).",
+                "Use peft.method=lora with distributed.tp>1, or distributed.tp=1 with DoRA.",
+            )
+        adapters = list(getattr(module.lora_A, "keys", lambda: [])())
+        if not adapters:
+            raise UserError(f"Only LoRA on linear layers can be tensor-parallel ({fqn}).",
+                            "Leave embeddings out of peft.target_modules, or set distributed.tp=1.")
+        out[f"{fqn}.base_layer"] = style
+        for name in adapters:
+            if isinstance(style, ColwiseParallel):
+                out[f"{fqn}.lora_B.{name}"] = ColwiseParallel(
+                    output_layouts=style.output_layouts[0], use_local_output=style.use_local_output)
+            elif isinstance(style, RowwiseParallel):
+                out[f"{fqn}.lora_A.{name}"] = RowwiseParallel(
+                    input_layouts=style.input_layouts[0], output_layouts=style.output_layouts[0],
+                    use_local_output=style.use_local_output)
+                if sequence_parallel:
+                    out[f"{fqn}.lora_B.{name}"] = ReplicateParallel(Shard(1))
+            else:
+                raise UserError(
+                    f"The parallel plan gives the LoRA-wrapped module {fqn} a {type(style).__name__}; "
+                    f"only ColwiseParallel and RowwiseParallel can be applied to LoRA layers.",
+                    "Fix the plan, or leave that module out of peft.target_modules.",
+                )
+    return out
+
+
+def _check_sequence_length(model: Any, tp: int) -> None:
+    def check(module: Any, args: tuple, kwargs: dict) -> None:
+        tensor = kwargs.get("input_ids")
+        if tensor is None:
+            tensor = kwargs.get("inputs_embeds")
+        if tensor is None and args:
+            tensor = args[0]
+        length = getattr(tensor, "shape", (0, 0))[1] if getattr(tensor, "ndim", 0) >= 2 else None
+        if length is not None and length % tp:
+            raise UserError(
+                f"Sequence parallelism needs the sequence length to be divisible by "
+                f"distributed.tp={tp}; this batch has length {length}.",
+                f"Pad batches to a multiple of {tp}, or turn sequence parallelism off.",
+            )
+
+    model.register_forward_pre_hook(check, with_kwargs=True)
+
+
+# --------------------------------------------------------------------------- layers and AC
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The modules to shard (and checkpoint) one by one: HF's ``_no_split_modules`` classes
+    (decoder layers, vision blocks), outermost only; else the decoder's ``layers`` list."""
+    hf = unwrap_model(model)
+    names = set(getattr(hf, "_no_split_modules", None) or [])
+    found: list[Any] = []
+    inside: set[int] = set()
+    if names:
+        for module in model.modules():
+            if id(module) in inside:
+                continue
+            if type(module).__name__ in names:
+                found.append(module)
+                inside.update(id(m) for m in module.modules())
+    if not found:
+        _, stack = find_decoder_stack(model)
+        found = list(stack.layers)
+    return found
+
+
+def apply_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant checkpointing of every decoder layer: HF's own switch when the model has
+    it (parameter names unchanged), else torch's ``checkpoint_wrapper`` around each layer.
+    Both compose with FSDP2 (the layer's all-gather is simply repeated in recompute)."""
+    hf = unwrap_model(model)
+    options = {"use_reentrant": False}
+    if getattr(hf, "supports_gradient_checkpointing", False):
+        if hasattr(hf, "activation_checkpointing_enable"):
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+            return
+        if hasattr(hf, "gradient_checkpointing_enable"):
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+            return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing as wrap,
+        checkpoint_wrapper,
+    )
+    import functools
+
+    layers = {id(m) for m in decoder_layers(model)}
+    wrap(model, checkpoint_wrapper_fn=functools.partial(
+        checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: id(m) in layers)
+
+
+# --------------------------------------------------------------------------- clip and save
+
+def clip_grad_norm_(parameters: Iterable[Any], max_norm: float | None, norm_type: float = 2.0,
+                    foreach: bool | None = None) -> float:
+    """Clip gradients by their total norm over the whole model and all ranks; return that norm.
+
+    Gradients may be DTensors on different meshes (FSDP, TP, FSDP x TP, plus plain tensors for
+    replicated parameters): norms are computed per (mesh, placements) group, turned into the
+    true global norm with ``full_tensor()`` and combined. ``max_norm=None`` only measures.
+    Collective when any gradient is a DTensor: call it on every rank.
+    """
+    import math
+
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm_type = float(norm_type)
+    groups: dict[Any, list[Any]] = {}
+    for grad in grads:
+        key = (grad.device_mesh, tuple(grad.placements)) if isinstance(grad, DTensor) else ("plain", grad.device)
+        groups.setdefault(key, []).append(grad)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type, error_if_nonfinite=False, foreach=foreach)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        norms.append(norm.float().cpu())
+    stacked = torch.stack(norms)
+    if math.isinf(norm_type):
+        total = stacked.max()
+    else:
+        total = stacked.pow(norm_type).sum().pow(1.0 / norm_type)
+    total_value = float(total)
+    if max_norm is not None:
+        coef = torch.clamp(torch.tensor(float(max_norm)) / (total + 1e-6), max=1.0)
+        if coef < 1.0:
+            for group in groups.values():
+                for grad in group:
+                    grad.mul_(coef.to(dtype=grad.dtype).item())
+    return total_value
+
+
+def gather_full_state_dict(model: Any, *, trainable_only: bool = False) -> dict[str, Any]:
+    """The whole model's state dict as plain CPU tensors on rank 0 (``{}`` on other ranks).
+
+    Collective under a process group: every rank must call it. Keys are the model's own
+    parameter names (for peft models ``base_model.model...``, as ``save_pretrained(state_dict=)``
+    expects). ``trainable_only`` skips frozen parameters (LoRA: gather just the adapters).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        state = model.state_dict()
+        if trainable_only:
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in trainable}
+        return {k: v.detach().cpu() for k, v in state.items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
+    if trainable_only:  # DCP keeps the second name of a tied frozen weight (lm_head = embed)
+        frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        state = {k: v for k, v in state.items() if k not in frozen}
+    return state

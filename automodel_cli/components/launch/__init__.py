@@ -1,0 +1,1 @@
+"""Starting a recipe's processes: in this process, or several through torchrun."""
