@@ -15,6 +15,7 @@ import typer
 
 from automodel_cli import __version__
 from automodel_cli.commands.checkpoint import checkpoint_app
+from automodel_cli.commands.convert import convert_app
 from automodel_cli.components.launch.torchrun import inside_torchrun, report_to_launcher
 from automodel_cli.config.assemble import resolve_command, split_arguments
 from automodel_cli.errors import UserError
@@ -235,6 +236,7 @@ def build_app(host: PluginHost) -> typer.Typer:
     for entry in registries.recipes:
         app.command(entry.name, help=entry.description)(_recipe_command(entry, registries))
     app.add_typer(checkpoint_app, name="checkpoint")
+    app.add_typer(convert_app, name="convert")
     app.add_typer(_plugins_app(host), name="plugins")
     app.add_typer(_list_app(registries), name="list")
     app.add_typer(_config_app(registries), name="config")
