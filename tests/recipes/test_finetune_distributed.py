@@ -18,7 +18,7 @@ STEPS = 10
 COMMON = [f"train.max_steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2",
           "train.eval_every_steps=null", "data.eval_split=null", "logging.progress=false",
           "model.dtype=float32"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU + gloo by design
 
 
 def finetune(run: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:

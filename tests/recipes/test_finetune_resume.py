@@ -17,7 +17,7 @@ STEPS = 16
 ARGS = ["finetune", "demo", f"train.max_steps={STEPS}", "train.global_batch_size=64",
         "train.micro_batch_size=16", "train.eval_every_steps=null", "data.eval_split=null",
         "checkpoint.every_steps=2", "checkpoint.keep=2", "logging.progress=false"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same kernels in every run: bitwise-equal losses
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU, same kernels every run: bitwise-equal losses
 
 
 def start(run: Path, *extra: str) -> subprocess.Popen:

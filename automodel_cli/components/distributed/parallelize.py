@@ -74,6 +74,8 @@ def parallelize_model(
     if sequence_parallel and tp == 1:
         sequence_parallel = False
     hf_model = unwrap_model(model)
+    if sequence_parallel and hf_model is not model:
+        _require_torch_for_lora_sequence_parallel()
 
     # 1. Tensor parallelism.
     if tp > 1:
@@ -114,6 +116,21 @@ def parallelize_model(
 
 
 # --------------------------------------------------------------------------- tensor parallel
+
+def _require_torch_for_lora_sequence_parallel() -> None:
+    """LoRA under sequence parallelism needs DTensor views that torch 2.11 lacks (seen on a GPU
+    machine: "Attempted to flatten multiple dimensions, with dimension 1 being sharded");
+    torch 2.13 runs it exactly (tested)."""
+    import torch
+
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 13):
+        raise UserError(
+            f"LoRA with distributed.sequence_parallel=true needs torch >= 2.13 (this is "
+            f"{torch.__version__}).",
+            "Set distributed.sequence_parallel=false (tensor parallelism still works) or upgrade torch.",
+        )
+
 
 def apply_tp_plan(model: Any, tmesh: Any, plan: dict[str, Any]) -> None:
     """``parallelize_module`` with the plan, keeping tied parameters (embedding = lm_head) tied."""

@@ -22,9 +22,12 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-def torchrun(nproc: int, *args: str) -> list[dict]:
+def torchrun(nproc: int, *args: str, cpu_only: bool = True) -> list[dict]:
+    """Run the worker on ``nproc`` processes; CPU + gloo unless ``cpu_only=False``."""
     out = Path(args[1]).parent / f"{args[0]}-{nproc}-{os.getpid()}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if cpu_only:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([str(TORCHRUN), "--standalone", f"--nproc-per-node={nproc}", str(WORKER), *args, str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"

@@ -18,7 +18,7 @@ def test_cuda_checkpoint_round_trip_and_cpu_load(tmp_path):
     from automodel_cli.components.checkpoint.consolidate import consolidate
 
     run_dir = tmp_path / "run"
-    [result] = torchrun(1, "cuda", str(run_dir))
+    [result] = torchrun(1, "cuda", str(run_dir), cpu_only=False)
     assert result["state_mismatches"] == []
     assert result["after_load"] == result["after_save"]  # the CUDA generator was restored
     for got, want in zip(result["resumed_next"], result["next"]):
