@@ -14,8 +14,7 @@ import functools
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -93,28 +92,11 @@ def _check_out(out: Path) -> Path:
     return out
 
 
-@contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A fresh temporary sibling of ``out``, renamed to ``out`` when the block succeeds and
-    removed when it fails."""
-    from automodel_cli.components.checkpoint.consolidate import check_output_dir
-    from automodel_cli.components.checkpoint.fsio import fsync_dir, remove_tree
+def _staging(out: Path):
+    """Write into a temporary sibling of ``out`` and rename it into place on success."""
+    from automodel_cli.components.checkpoint.consolidate import staged_output
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    remove_tree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_dir(tmp)
-        check_output_dir(out)  # still free?
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        remove_tree(tmp)
-        raise
+    return staged_output(out)
 
 
 def _side_files(directory: Path) -> list[Path]:

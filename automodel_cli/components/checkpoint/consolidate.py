@@ -30,7 +30,8 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,6 +402,28 @@ def check_output_dir(out: Path) -> None:
                         "Choose a new --out directory or remove the old one.")
 
 
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of ``out``; renamed to ``out`` when the block succeeds (after
+    checking ``out`` is still free), removed when it fails. Readers never see a half-written
+    ``out``, and an existing one is never overwritten."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_tree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        check_output_dir(out)  # still free?
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
 def consolidate(source: str | Path, out: str | Path, *, dtype: str | None = None, merge_lora: bool = False,
                 base_model: str | Path | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                 verify: bool = True) -> Result:
@@ -451,11 +474,7 @@ def consolidate(source: str | Path, out: str | Path, *, dtype: str | None = None
             outputs = _plan_full(ckpt, config, cast)
         weights_prefix = "model"
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    remove_tree(tmp)
-    tmp.mkdir()
-    try:
+    with staged_output(out) as tmp:
         shards = plan_shards([Entry(o.name, o.dtype, o.shape) for o in outputs], max_shard_bytes,
                              prefix=weights_prefix)
         by_name = {o.name: o for o in outputs}
@@ -477,15 +496,6 @@ def consolidate(source: str | Path, out: str | Path, *, dtype: str | None = None
         result.tensors = len(outputs)
         result.bytes = sum(e.nbytes for _, group in shards for e in group)
         _write_side_files(tmp, result, ckpt, config, adapter_config, candidates, run_dir, target_dtype)
-        fsync_dir(tmp)
-        check_output_dir(out)  # still free?
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        remove_tree(tmp)
-        raise
     return result
 
 

@@ -102,7 +102,10 @@ def prepare_sft_data(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[s
     return SFTData(
         train=train,
         eval=evaluation,
-        collate=SFTCollator(pad_id, packed=cfg.data.packing, pad_to_multiple_of=pad_to_multiple_of),
+        # Flash attention finds document boundaries from position ids only in a batch of one
+        # row, so packs are laid end to end there; sdpa/eager get a block-diagonal mask instead.
+        collate=SFTCollator(pad_id, packed=cfg.data.packing, pad_to_multiple_of=pad_to_multiple_of,
+                            flatten=cfg.data.packing and str(cfg.model.attn_implementation or "").startswith("flash")),
         eval_collate=SFTCollator(pad_id, packed=False, pad_to_multiple_of=pad_to_multiple_of),
         train_lengths=lengths,
         train_label_tokens=[sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in train],
