@@ -11,9 +11,11 @@ produces, which tokens came from assistant messages. Two routes:
    ``messages[:i+1]`` ends where the turn (including its end-of-turn marker) ends; both must be
    prefixes of the full rendering. The characters in between are the assistant span, mapped to
    tokens of the *full* rendering via offsets (fast tokenizers), so the trained ids are exactly
-   the ids the model sees. Templates that rewrite earlier turns (e.g. dropping reasoning from
-   past answers) are not prefix-stable; they get a clear error asking for a template with
-   generation markers.
+   the ids the model sees.
+3. Templates that rewrite earlier turns (e.g. dropping reasoning from past answers) are not
+   prefix-stable: each message's content is then located verbatim in the full rendering and
+   assistant contents (plus a directly following EOS token) are trained. Only when a content
+   does not appear verbatim is the conversation refused, asking for generation markers.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ class ChatEncoder:
                 before = ""  # some templates cannot render an empty/partial prefix
             upto = self._render(messages[: i + 1], row)
             if not (full.startswith(upto) and upto.startswith(before)):
+                located = self._spans_by_content(full, messages)
+                if located is not None:
+                    return self._tokenize_with_spans(full, located)
                 raise UserError(
                     f"Chat data row {row}: the chat template does not render conversations "
                     "prefix-stably (rendering the first turns differs from the start of the full "
@@ -91,6 +96,32 @@ class ChatEncoder:
                 )
             spans.append((len(before), len(upto)))
         return self._tokenize_with_spans(full, spans)
+
+    # -- route 3 ---------------------------------------------------------------------------
+    def _spans_by_content(self, full: str, messages) -> list[tuple[int, int]] | None:
+        """For templates that rewrite earlier turns (Qwen3 drops past reasoning, for example):
+        find every message's content in the full rendering, in order, and train each assistant
+        content plus the end-of-sequence token that directly follows it. None when some content
+        does not appear verbatim (the template transformed it), so its tokens cannot be located."""
+        eos = getattr(self.tokenizer, "eos_token", None) or ""
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for message in messages:
+            content = message.get("content")
+            if not isinstance(content, str) or not content:
+                continue
+            start = full.find(content, cursor)
+            if start < 0:
+                return None
+            end = start + len(content)
+            cursor = end
+            if message["role"] != "assistant":
+                continue
+            gap = len(full[end:]) - len(full[end:].lstrip(" "))
+            if eos and full.startswith(eos, end + gap):
+                end += gap + len(eos)
+            spans.append((start, end))
+        return spans
 
     def _tokenize_with_spans(self, text: str, spans: list[tuple[int, int]]):
         tok = self.tokenizer

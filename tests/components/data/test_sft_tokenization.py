@@ -156,13 +156,46 @@ def test_chat_row_without_assistant_is_dropped(word_tokenizer):
     assert (stats.n_samples, stats.n_dropped, len(out)) == (2, 1, 1)
 
 
-def test_chat_template_that_is_not_prefix_stable_is_a_user_error(word_tokenizer):
+def test_chat_template_that_rewrites_earlier_turns_trains_assistant_contents(word_tokenizer):
+    """Not prefix-stable (the end marker follows only the last message), like templates that
+    drop reasoning from past answers: assistant contents are located verbatim instead."""
     unstable = (
         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} "
         "{% if loop.last %}[end] {% endif %}{% endfor %}"
     )
+    out, _ = tokenize_sft(Dataset.from_list([{"messages": CHAT}]), word_tokenizer, max_length=64,
+                          chat_template=unstable)
+    ids, labels = out[0]["input_ids"], out[0]["labels"]
+    assert ids == enc(word_tokenizer, "[system] be brief [user] hi [assistant] hello [user] how are you "
+                                      "[assistant] fine thanks [end]")
+    trained = [t for t in labels if t != IGNORE_INDEX]
+    # the EOS of this tokenizer is </s>, which the template never writes: contents only
+    assert trained == enc(word_tokenizer, "hello") + enc(word_tokenizer, "fine thanks")
+
+
+def test_content_route_trains_the_eos_that_ends_an_assistant_turn(demo_tokenizer):
+    eos = demo_tokenizer.eos_token
+    unstable = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}" + eos + "{% endif %}"
+        "{% if loop.last %}!{% endif %}\n{% endfor %}"
+    )
+    chat = [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "cba"},
+            {"role": "user", "content": "de"}, {"role": "assistant", "content": "ed"}]
+    out, _ = tokenize_sft(Dataset.from_list([{"messages": chat}]), demo_tokenizer, max_length=128,
+                          chat_template=unstable)
+    trained = [t for t in out[0]["labels"] if t != IGNORE_INDEX]
+    eos_id = demo_tokenizer.eos_token_id
+    assert trained == enc(demo_tokenizer, "cba") + [eos_id] + enc(demo_tokenizer, "ed") + [eos_id]
+
+
+def test_chat_template_that_changes_contents_is_a_user_error(word_tokenizer):
+    changing = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] if loop.last else 'elided' }} "
+        "{% if loop.last %}[end] {% endif %}{% endfor %}"
+    )
     with pytest.raises(UserError, match=r"row 0: the chat template does not render conversations prefix-stably") as info:
-        tokenize_sft(Dataset.from_list([{"messages": CHAT}]), word_tokenizer, max_length=64, chat_template=unstable)
+        tokenize_sft(Dataset.from_list([{"messages": CHAT}]), word_tokenizer, max_length=64, chat_template=changing)
     assert "{% generation %}" in info.value.hint
 
 
