@@ -434,6 +434,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps, samples and repeats")
     parser.add_argument("--workdir", default=None, help="keep fixtures and logs here instead of a temp dir")
     parser.add_argument("--json", default=None, help="also write all raw results to this file")
+    parser.add_argument("--report", default=None, metavar="JSON",
+                        help="print the report of a results file written by --json, without running")
     parser.add_argument("--max-external-load", type=float, default=0.10,
                         help="re-run a run when other processes used more than this fraction of the CPUs "
                              "during it (default 0.10)")
@@ -449,6 +451,10 @@ def main() -> None:
         return
 
     os.environ.update(CHILD_ENV)
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        print_report(saved, max(len(rows) for rows in saved.values()))
+        return
     steps = args.steps or (12 if args.quick else 40)
     repeats = args.repeats or (1 if args.quick else 3)
     samples = args.samples or (400 if args.quick else 2000)
@@ -503,13 +509,14 @@ def main() -> None:
                 best = min(attempts, key=lambda r: r["external_load"])
                 best["noisy"] = best["external_load"] > args.max_external_load
                 results[name].append(best)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
+                if args.json:  # after every run, so an interrupted benchmark keeps what it measured
+                    Path(args.json).write_text(json.dumps(results, indent=2))
 
     print_report(results, repeats)
 
 
 def print_report(results: dict[str, list[dict]], repeats: int) -> None:
+    results = {name: rows for name, rows in results.items() if rows}
     print()
     print(f"{'run':17s} {'tokens/s':>9s} {'min-max':>13s} {'peak RSS MB':>12s} {'RSS@train':>10s} "
           f"{'train peak':>11s} {'threads':>8s}")
