@@ -50,7 +50,7 @@ both alike; the table shows medians over ``--repeats``. Each child reports
 ``torch.get_num_threads()`` at the start and end of training; the script warns if they differ.
 On a shared machine, another job's CPU burst slows a run several-fold, so the parent measures
 the CPU time other processes used during each run (``/proc/stat`` busy time minus the child's
-own) and re-runs a run when it exceeds ``--max-external-load`` (10% of the machine) of it, up
+own) and re-runs a run when that exceeds ``--max-external-load`` (10% of the machine), up
 to ``--retries`` times, keeping the quietest attempt; runs that stayed noisy are flagged. Before
 each run it also waits (up to ``--quiet-wait`` seconds) for the machine to be idle.
 
@@ -58,6 +58,11 @@ Memory: ``peak RSS`` is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the chi
 whole process: imports, tokenisation, training). ``RSS@train`` is the RSS when training starts
 and ``train peak`` the highest RSS sampled (every 20 ms) during training, which separates the
 training loop's own footprint from the libraries each trainer imports.
+
+Scope: the numbers are for CPU. TRL always routes the loss through its fused LM head, which on a
+GPU runs a Triton kernel but on CPU falls back to torch ops (it recomputes the vocabulary
+projection in backward and computes entropy and top-1 metrics over the whole vocabulary), so
+do not read these ratios as GPU ratios.
 """
 
 from __future__ import annotations
@@ -524,11 +529,11 @@ def print_report(results: dict[str, list[dict]], repeats: int) -> None:
     for name, rows in results.items():
         tps = [r["tokens_per_s"] for r in rows]
         summary[name] = _median(tps)
+        threads = "/".join(sorted({str(r["threads_start"]) for r in rows} | {str(r["threads_end"]) for r in rows}))
         print(f"{name:17s} {_median(tps):9.0f} {min(tps):6.0f}-{max(tps):<6.0f} "
               f"{_median([r['peak_rss_mb'] for r in rows]):12.0f} "
               f"{_median([r['rss_train_start_mb'] for r in rows]):10.0f} "
-              f"{_median([r['rss_train_peak_mb'] for r in rows]):11.0f} "
-              f"{'/'.join(sorted({str(r['threads_start']) for r in rows} | {str(r['threads_end']) for r in rows})):>8s}")
+              f"{_median([r['rss_train_peak_mb'] for r in rows]):11.0f} {threads:>8s}")
     print(f"(tokens/s: median of {repeats}; memory columns: medians, MB = 2^20 bytes)")
     noisy = sum(r.get("noisy", False) for rows in results.values() for r in rows)
     if noisy:
@@ -558,7 +563,8 @@ def print_report(results: dict[str, list[dict]], repeats: int) -> None:
     if len({json.dumps(p, sort_keys=True) for p in parities.values()}) > 1:
         print("data parity: MISMATCH " + json.dumps(parities))
     elif parities:
-        print("data parity: both trainers see " + ", ".join(f"{v} {k}" for k, v in next(iter(parities.values())).items()))
+        counts = next(iter(parities.values()))
+        print("data parity: both trainers see " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
     for name, rows in results.items():
         if name.startswith("ours"):
             wall = _median([r["tokens_per_s_wall"] for r in rows])
