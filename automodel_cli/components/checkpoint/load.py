@@ -76,15 +76,20 @@ def find_checkpoint(spec: str | Path | bool | None, run_dir: Path) -> Path | Non
     )
 
 
+def _read_json(path: Path, missing_message: str) -> Any:
+    """A checkpoint JSON file; missing, unreadable or truncated ones are ``UserError``s."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(missing_message, _RESUME_HINT) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"Checkpoint file {path} is corrupted or truncated ({exc}).", _RESUME_HINT) from None
+
+
 def read_meta(checkpoint: Path) -> dict[str, Any]:
     """Read and check ``meta.json``; a damaged or foreign one is a ``UserError``."""
     path = Path(checkpoint) / layout.META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{checkpoint} is not a checkpoint: {path.name} is missing.", _RESUME_HINT) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"Checkpoint file {path} is corrupted or truncated ({exc}).", _RESUME_HINT) from None
+    meta = _read_json(path, f"{checkpoint} is not a checkpoint: {path.name} is missing.")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise UserError(f"Checkpoint file {path} is not an automodel checkpoint description.", _RESUME_HINT)
     version = meta.get("format_version")
@@ -128,12 +133,7 @@ def verify_files(checkpoint: Path, meta: dict[str, Any], *, digests: bool = True
 
 def read_train_state(checkpoint: Path) -> dict[str, Any]:
     path = Path(checkpoint) / layout.TRAIN_STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"Checkpoint file {path} is missing; the checkpoint is incomplete.", _RESUME_HINT) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"Checkpoint file {path} is corrupted or truncated ({exc}).", _RESUME_HINT) from None
+    state = _read_json(path, f"Checkpoint file {path} is missing; the checkpoint is incomplete.")
     if not isinstance(state, dict):
         raise UserError(f"Checkpoint file {path} does not hold a JSON object.", _RESUME_HINT)
     return state
