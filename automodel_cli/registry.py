@@ -198,14 +198,18 @@ class RecipeRegistry(Registry):
         *,
         description: str = "",
         defaults: dict[str, Any] | str | None = None,
+        json_output: str | None = None,
         override: bool = False,
     ) -> Entry:
         """Register a recipe command.
 
         ``target(config) -> int`` runs the recipe. ``defaults`` (a nested dict or the path of a
-        YAML file) is the lowest config layer for this recipe.
+        YAML file) is the lowest config layer for this recipe. ``json_output`` names a boolean
+        config key that the command's ``--json`` flag sets (recipes that can print one JSON
+        object for scripts); without it the command has no ``--json``.
         """
-        return self._add(name, target, description=description, override=override, defaults=defaults)
+        return self._add(name, target, description=description, override=override, defaults=defaults,
+                         json_output=json_output)
 
 
 class ModelRegistry(Registry):

@@ -5,6 +5,7 @@ Usage::
     python benchmarks/finetune_vs_trl.py                 # 40 steps, 3 repeats (full settings)
     python benchmarks/finetune_vs_trl.py --quick         # smoke run: 12 steps, 1 repeat, 400 samples
     python benchmarks/finetune_vs_trl.py --runs ours-lora,trl-lora --repeats 5
+    python benchmarks/finetune_vs_trl.py --runs ours-full-packed,trl-full-packed,trl-full   # issue 7
 
 What is compared, and why the comparison is fair
 ------------------------------------------------
@@ -20,9 +21,19 @@ script checks that both report the same sample, token and trained-token counts (
 so 2 accumulation steps), max_length (512, nothing truncated), steps, AdamW (lr 1e-4, betas
 0.9/0.999, eps 1e-8, no weight decay), cosine schedule without warmup, gradient clipping at 1.0,
 seed 42, LoRA rank 8 / alpha 16 / no dropout on all linear layers of the decoder. TRL runs
-without packing (``packing=False``, its default padding collator), without gradient checkpointing
-(TRL turns it on by default; ours has it off), without bf16 (TRL's default on CPU), no eval, no
-checkpoint saving, ``report_to="none"``, 0 dataloader workers. Each trainer keeps its own data
+without gradient checkpointing (TRL turns it on by default; ours has it off), without bf16 (TRL's
+default on CPU), no eval, no checkpoint saving, ``report_to="none"``, 0 dataloader workers.
+
+*Packing.* ``trl-*`` runs do not pack (``packing=False``, its default padding collator);
+``trl-*-packed`` runs use TRL's ``packing=True`` with its default strategy, best-fit decreasing
+(``"bfd"``), which also turns on padding-free batches (a micro-batch of packs is flattened into
+one row with position ids restarting per document). ``ours-*-packed`` runs use
+``data.packing=true`` (best-fit decreasing packs of ``max_length`` tokens, collated as rows with
+restarting position ids). Packed runs of both trainers count a step as 16 packs of up to 512
+tokens (8 per micro-batch), and throughput counts only real (non-padding) tokens, so the
+comparison stays per real token. ``--loss``, ``--ac`` and ``--compile`` set ``loss.name``,
+``train.activation_checkpointing`` and ``train.compile`` of our runs (defaults: ``masked_ce``,
+``none``, off: the defaults of ``automodel finetune``), to measure those trade-offs. Each trainer keeps its own data
 order (both shuffle with seed 42) and its own optimiser implementation (TRL: transformers'
 default ``adamw_torch_fused``; ours: ``torch.optim.AdamW(foreach=True)``).
 
@@ -35,10 +46,16 @@ tokenisation and the first steps are excluded for both.
   optimizer step. The harness also timestamps every step end (a wrapper around the JSONL
   logger's ``log``) and reports the end-to-end wall-clock figure as a cross-check.
 - TRL: a ``TrainerCallback`` timestamps ``on_step_end`` and reads ``trainer._total_train_tokens``,
-  which TRL's ``compute_loss`` increments by ``attention_mask.sum()`` of every micro-batch, i.e.
-  exactly the non-padding tokens. Throughput = token delta / time between the end of the last
-  warm-up step and the end of the last step. That window includes fetching and collating the
-  batches (which ``Trainer`` does before ``on_step_begin``), like ours.
+  which TRL's ``compute_loss`` increments by ``attention_mask.sum()`` of every micro-batch (with
+  padding-free packing: the length of the flattened row, which holds no padding), i.e. exactly
+  the non-padding tokens. Throughput = token delta / time between the end of the last warm-up
+  step and the end of the last step. That window includes fetching and collating the batches
+  (which ``Trainer`` does before ``on_step_begin``), like ours.
+- Both also record the process's CPU time (``time.process_time()``) at the same points and report
+  ``tok/CPU-s``: the window's tokens per CPU-second of the trainer process. With a single thread
+  (``--threads 1``) on an idle machine it equals tokens/s; on a shared machine it is barely
+  disturbed by other jobs (wall time is), so it is the figure to trust when the "other load"
+  column is not ~0.
 
 In practice both trainers even see the same samples in the same steps (both shuffle with
 ``torch.randperm`` seeded 42) and print the same mean training loss, which shows that they
@@ -52,7 +69,8 @@ On a shared machine, another job's CPU burst slows a run several-fold, so the pa
 the CPU time other processes used during each run (``/proc/stat`` busy time minus the child's
 own) and re-runs a run when that exceeds ``--max-external-load`` (10% of the machine), up
 to ``--retries`` times, keeping the quietest attempt; runs that stayed noisy are flagged. Before
-each run it also waits (up to ``--quiet-wait`` seconds) for the machine to be idle.
+each run it also waits (up to ``--quiet-wait`` seconds) for the machine to be idle. ``--threads 1``
+pins every run to one torch thread, so that a job on the other core slows it far less.
 
 Memory: ``peak RSS`` is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the child at exit (the
 whole process: imports, tokenisation, training). ``RSS@train`` is the RSS when training starts
@@ -91,6 +109,8 @@ RUNS = {
     "trl-lora": ("trl", "lora", False),
     "ours-full-packed": ("ours", "none", True),
     "ours-lora-packed": ("ours", "lora", True),
+    "trl-full-packed": ("trl", "none", True),
+    "trl-lora-packed": ("trl", "lora", True),
 }
 
 #: Offline (nothing is fetched from the hub) and quiet (no progress bars in the logs).
@@ -154,6 +174,14 @@ def _windowed(values: list[float], times: list[float], warmup: int) -> tuple[flo
     return values[-1] - values[warmup], times[-1] - times[warmup]
 
 
+def _set_threads(spec: dict) -> None:
+    """``--threads N``: the same number of torch (intra-op) threads in every run."""
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(spec["threads"]))
+
+
 def child_ours(spec: dict) -> None:
     """Run ``automodel finetune`` in this process, with two read-only probes patched in."""
     import torch
@@ -162,8 +190,9 @@ def child_ours(spec: dict) -> None:
     from automodel_cli.components.logging import jsonl
     from automodel_cli.components.training import progress
 
+    _set_threads(spec)
     watch = _RssWatch()
-    probe: dict = {"step_ends": []}
+    probe: dict = {"step_ends": [], "cpu_ends": []}
 
     enter = progress.TrainingProgress.__enter__
 
@@ -171,12 +200,14 @@ def child_ours(spec: dict) -> None:
         probe["threads_start"] = torch.get_num_threads()
         watch.start()
         probe["step_ends"].append(time.perf_counter())
+        probe["cpu_ends"].append(time.process_time())
         return enter(self)
 
     log = jsonl.JsonlLogger.log
 
     def log_and_mark(self, metrics, step):  # called once per optimizer step, after the step
         probe["step_ends"].append(time.perf_counter())
+        probe["cpu_ends"].append(time.process_time())
         return log(self, metrics, step)
 
     progress.TrainingProgress.__enter__ = enter_and_mark
@@ -193,9 +224,10 @@ def child_ours(spec: dict) -> None:
         f"peft.target_modules={LORA['target_modules']}",
         f"train.max_steps={spec['steps']}", f"train.global_batch_size={spec['global_batch']}",
         f"train.micro_batch_size={spec['micro_batch']}", "train.seed=42", "train.max_grad_norm=1.0",
-        "train.eval_every_steps=null", "train.activation_checkpointing=false",
+        "train.eval_every_steps=null", f"train.activation_checkpointing={spec.get('ac', 'none')}",
+        f"train.compile={'true' if spec.get('compile') else 'false'}",
         f"optim.lr={spec['lr']}", "optim.weight_decay=0.0", "optim.scheduler=cosine", "optim.warmup_steps=0",
-        "checkpoint.every_steps=null", "logging.progress=false",
+        "checkpoint.every_steps=null", "logging.progress=false", f"loss.name={spec.get('loss', 'masked_ce')}",
         "-o", str(out),
     ]
     code = main(argv)
@@ -212,10 +244,12 @@ def child_ours(spec: dict) -> None:
     for r in rows:
         cumulative.append(cumulative[-1] + r["tokens"])
     wall_tokens, wall_seconds = _windowed(cumulative, ends, spec["warmup"])
+    _, cpu_seconds = _windowed(cumulative, probe["cpu_ends"], spec["warmup"])
     _report({
         "steps": len(rows),
         "tokens_per_s": tokens / seconds,
         "tokens_per_s_wall": wall_tokens / wall_seconds,
+        "tokens_per_cpu_s": wall_tokens / cpu_seconds,
         "window_tokens": tokens,
         "window_seconds": seconds,
         "threads_start": probe.get("threads_start"),
@@ -233,6 +267,7 @@ def child_trl(spec: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    _set_threads(spec)
     watch = _RssWatch()
 
     class StepTimer(TrainerCallback):
@@ -241,6 +276,7 @@ def child_trl(spec: dict) -> None:
         def __init__(self):
             self.trainer = None
             self.times: list[float] = []
+            self.cpu: list[float] = []
             self.tokens: list[int] = []
             self.threads_start = None
 
@@ -248,10 +284,12 @@ def child_trl(spec: dict) -> None:
             self.threads_start = torch.get_num_threads()
             watch.start()
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
             self.tokens.append(self.trainer._total_train_tokens)
 
         def on_step_end(self, args, state, control, **kwargs):
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
             self.tokens.append(self.trainer._total_train_tokens)
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
@@ -273,7 +311,7 @@ def child_trl(spec: dict) -> None:
         max_grad_norm=1.0,
         seed=42,
         max_length=spec["max_length"],
-        packing=False,
+        packing=spec["packing"],  # True: TRL's default "bfd" strategy, which implies padding_free
         completion_only_loss=True,
         activation_checkpointing=False,  # TRL's default is on (SFTConfig.gradient_checkpointing=True)
         bf16=False,
@@ -299,19 +337,24 @@ def child_trl(spec: dict) -> None:
     timer.trainer = trainer
 
     train = trainer.train_dataset
-    parity = {
-        "samples": len(train),
-        "tokens": sum(len(ids) for ids in train["input_ids"]),
-        # ours counts labels after the causal shift; labels[0] (BOS) is masked in both anyway
-        "trained_tokens": sum(sum(1 for t in labels[1:] if t != -100) for labels in train["labels"]),
-    }
+    if spec["packing"]:  # rows are packs; compare pack counts and tokens with ours
+        parity = {"packs": len(train), "tokens": sum(len(ids) for ids in train["input_ids"])}
+    else:
+        parity = {
+            "samples": len(train),
+            "tokens": sum(len(ids) for ids in train["input_ids"]),
+            # ours counts labels after the causal shift; labels[0] (BOS) is masked in both anyway
+            "trained_tokens": sum(sum(1 for t in labels[1:] if t != -100) for labels in train["labels"]),
+        }
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     output = trainer.train()
     watch.stop()
     tokens, seconds = _windowed(timer.tokens, timer.times, spec["warmup"])
+    _, cpu_seconds = _windowed(timer.tokens, timer.cpu, spec["warmup"])
     _report({
         "steps": len(timer.times) - 1,
         "tokens_per_s": tokens / seconds,
+        "tokens_per_cpu_s": tokens / cpu_seconds,
         "window_tokens": tokens,
         "window_seconds": seconds,
         "threads_start": timer.threads_start,
@@ -375,6 +418,8 @@ def run_child(name: str, spec: dict, log_dir: Path) -> dict:
     spec = {**spec, "kind": trainer, "peft": peft, "packing": packing}
     command = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)]
     env = {**os.environ, **CHILD_ENV}
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
     busy, own = _busy_cpu_seconds(), _children_cpu_seconds()
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -394,6 +439,12 @@ def run_child(name: str, spec: dict, log_dir: Path) -> dict:
                 words = line.replace(",", "").split()
                 result["parity"] = {"samples": int(words[2]), "tokens": int(words[4]),
                                     "trained_tokens": int(words[6])}
+        for line in proc.stdout.splitlines():
+            if line.startswith("packing:"):  # "packing: N samples into M sequences of up to ..."
+                words = line.split()
+                result["parity"] = {"packs": int(words[4]), "tokens": result["parity"]["tokens"]}
+            if line.startswith("padding:"):  # "padding: 1.2% of the ..."
+                result["padding_fraction"] = float(line.split()[1].rstrip("%")) / 100
     return result
 
 
@@ -435,6 +486,14 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--loss", default="masked_ce", help="loss.name of our runs (default masked_ce)")
+    parser.add_argument("--ac", default="none", choices=["none", "full", "selective"],
+                        help="train.activation_checkpointing of our runs (default none)")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true for our runs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every run (default: torch's default, one per core). On a "
+                             "shared machine, 1 keeps a run on one core, so another job on the other "
+                             "cores disturbs it far less")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer steps, samples and repeats")
     parser.add_argument("--workdir", default=None, help="keep fixtures and logs here instead of a temp dir")
@@ -474,7 +533,9 @@ def main() -> None:
         print(line)
     print(f"settings: {steps} steps (first {warmup} excluded), {repeats} repeat(s), {samples} samples, "
           f"global batch {args.global_batch}, micro-batch {args.micro_batch}, max_length {args.max_length}, "
-          f"lr {args.lr}, fp32, LoRA r={LORA['rank']} alpha={LORA['alpha']} {LORA['target_modules']}",
+          f"lr {args.lr}, fp32, LoRA r={LORA['rank']} alpha={LORA['alpha']} {LORA['target_modules']}, "
+          f"ours: loss.name={args.loss}, activation checkpointing {args.ac}, compile {args.compile}; "
+          f"torch threads {args.threads or 'default'}",
           flush=True)
 
     with tempfile.TemporaryDirectory(prefix="finetune_vs_trl_") as tmp:
@@ -492,7 +553,8 @@ def main() -> None:
 
         base = {"model_dir": fixture["model_dir"], "data_path": fixture["data_path"], "steps": steps,
                 "warmup": warmup, "global_batch": args.global_batch, "micro_batch": args.micro_batch,
-                "max_length": args.max_length, "lr": args.lr}
+                "max_length": args.max_length, "lr": args.lr, "loss": args.loss, "ac": args.ac,
+                "compile": args.compile, "threads": args.threads}
         results: dict[str, list[dict]] = {name: [] for name in names}
         for repeat in range(repeats):
             for name in names:
@@ -523,18 +585,23 @@ def main() -> None:
 def print_report(results: dict[str, list[dict]], repeats: int) -> None:
     results = {name: rows for name, rows in results.items() if rows}
     print()
-    print(f"{'run':17s} {'tokens/s':>9s} {'min-max':>13s} {'peak RSS MB':>12s} {'RSS@train':>10s} "
-          f"{'train peak':>11s} {'threads':>8s}")
-    summary = {}
+    print(f"{'run':17s} {'tokens/s':>9s} {'min-max':>13s} {'tok/CPU-s':>10s} {'peak RSS MB':>12s} "
+          f"{'RSS@train':>10s} {'train peak':>11s} {'threads':>8s} {'other load':>11s}")
+    summary, per_cpu = {}, {}
     for name, rows in results.items():
         tps = [r["tokens_per_s"] for r in rows]
         summary[name] = _median(tps)
+        cpu = [r["tokens_per_cpu_s"] for r in rows if "tokens_per_cpu_s" in r]
+        per_cpu[name] = _median(cpu) if cpu else float("nan")
         threads = "/".join(sorted({str(r["threads_start"]) for r in rows} | {str(r["threads_end"]) for r in rows}))
-        print(f"{name:17s} {_median(tps):9.0f} {min(tps):6.0f}-{max(tps):<6.0f} "
+        load = max(r.get("external_load", 0.0) for r in rows)
+        print(f"{name:17s} {_median(tps):9.0f} {min(tps):6.0f}-{max(tps):<6.0f} {per_cpu[name]:10.0f} "
               f"{_median([r['peak_rss_mb'] for r in rows]):12.0f} "
               f"{_median([r['rss_train_start_mb'] for r in rows]):10.0f} "
-              f"{_median([r['rss_train_peak_mb'] for r in rows]):11.0f} {threads:>8s}")
-    print(f"(tokens/s: median of {repeats}; memory columns: medians, MB = 2^20 bytes)")
+              f"{_median([r['rss_train_peak_mb'] for r in rows]):11.0f} {threads:>8s} {load:>10.0%}")
+    print(f"(tokens/s: median of {repeats}, wall clock; tok/CPU-s: real tokens per CPU-second of the trainer "
+          f"process, which equals tokens/s on an idle machine with one thread per core and is far less "
+          f"disturbed by other jobs; other load: the worst run's; memory columns: medians, MB = 2^20 bytes)")
     noisy = sum(r.get("noisy", False) for rows in results.values() for r in rows)
     if noisy:
         print(f"WARNING: {noisy} run(s) kept despite other processes loading the machine; "
@@ -544,12 +611,15 @@ def print_report(results: dict[str, list[dict]], repeats: int) -> None:
     ratios = [("ours-full", "trl-full", "full FT, ours / TRL"),
               ("ours-lora", "trl-lora", "LoRA, ours / TRL"),
               ("ours-full-packed", "trl-full", "full FT, ours packed / TRL"),
-              ("ours-lora-packed", "trl-lora", "LoRA, ours packed / TRL")]
+              ("ours-lora-packed", "trl-lora", "LoRA, ours packed / TRL"),
+              ("ours-full-packed", "trl-full-packed", "full FT, both packed"),
+              ("ours-lora-packed", "trl-lora-packed", "LoRA, both packed")]
     for ours, trl, label in ratios:
         if ours in results and trl in results:
             rss = _median([r["peak_rss_mb"] for r in results[ours]]) / _median(
                 [r["peak_rss_mb"] for r in results[trl]])
-            print(f"{label:28s} tokens/s {summary[ours] / summary[trl]:5.2f}x   peak RSS {rss:5.2f}x")
+            print(f"{label:28s} tokens/s {summary[ours] / summary[trl]:5.2f}x   "
+                  f"tok/CPU-s {per_cpu[ours] / per_cpu[trl]:5.2f}x   peak RSS {rss:5.2f}x")
 
     # Checks that keep the comparison honest.
     print()
@@ -575,6 +645,14 @@ def print_report(results: dict[str, list[dict]], repeats: int) -> None:
             print(f"{name}: optimizer {rows[0]['optim']}, attention {rows[0]['attn']}, "
                   f"activation checkpointing {rows[0]['checkpointing']}, bf16 {rows[0]['bf16']}, "
                   f"{rows[0]['trainable'] / 1e6:.3f}M trainable parameters")
+    for name, rows in results.items():
+        if "packed" in name and rows and "parity" in rows[0]:
+            padding = rows[0].get("padding_fraction")
+            print(f"{name}: {rows[0]['parity']['packs']} packs, {rows[0]['parity']['tokens']} tokens"
+                  + (f", {padding:.1%} padding in our collated micro-batches" if padding is not None else ""))
+    for name, rows in results.items():
+        if name.startswith("ours") and not name.endswith("packed") and rows and "padding_fraction" in rows[0]:
+            print(f"{name}: {rows[0]['padding_fraction']:.1%} padding in our collated micro-batches")
     for ours, trl in (("ours-full", "trl-full"), ("ours-lora", "trl-lora")):
         if ours in results and trl in results:
             same = results[ours][0]["window_tokens"] == results[trl][0]["window_tokens"]

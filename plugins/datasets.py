@@ -2,7 +2,9 @@
 
 Targets are ``"module:function"`` strings resolved on first use, so listing datasets imports
 neither ``datasets`` nor torch. Each factory is ``fn(path, split, options) -> datasets.Dataset``
-with prompt/completion or messages columns (see automodel_cli/components/data/sources.py).
+with prompt/completion or messages columns (see automodel_cli/components/data/sources.py), or,
+for pre-training, a text column (components/data/text.py; ``options["streaming"]`` asks for a
+``datasets.IterableDataset``).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from automodel_cli import hookimpl
 
 _SOURCES = "automodel_cli.components.data.sources"
+_TEXT = "automodel_cli.components.data.text"
 
-# name -> (function in sources.py, description)
+# name -> (function in sources.py, or "module:function", description)
 DATASETS: dict[str, tuple[str, str]] = {
     "instruction": (
         "instruction",
@@ -30,10 +33,20 @@ DATASETS: dict[str, tuple[str, str]] = {
         "demo",
         "Bundled offline demo: reverse short strings (4000 train / 200 eval samples).",
     ),
+    "text": (
+        f"{_TEXT}:text_dataset",
+        "Text for pretrain from data.path (.txt documents split at blank lines, or jsonl/json/"
+        "parquet/csv or a hub id with a text column); streams with data.streaming.",
+    ),
+    "demo-text": (
+        f"{_TEXT}:demo_text",
+        "Bundled offline pre-training corpus (templated stories, counting, sums; 150 KB).",
+    ),
 }
 
 
 @hookimpl
 def register_datasets(registry):
     for name, (function, description) in DATASETS.items():
-        registry.add(name, f"{_SOURCES}:{function}", description=description)
+        target = function if ":" in function else f"{_SOURCES}:{function}"
+        registry.add(name, target, description=description)

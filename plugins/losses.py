@@ -1,4 +1,5 @@
-"""Built-in losses."""
+"""Built-in losses. All three compute the same value and gradients (tests hold them to 1e-5 in
+fp32); they differ in memory and speed (docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -11,4 +12,14 @@ def register_losses(registry):
         "masked_ce",
         "automodel_cli.components.loss.masked_ce:masked_cross_entropy",
         description="Cross-entropy over trained tokens, normalised by the step's label-token count.",
+    )
+    registry.add(
+        "chunked_ce",
+        "automodel_cli.components.loss.chunked_ce:chunked_cross_entropy",
+        description="masked_ce computed loss.chunk_size rows at a time: no fp32 copies of the logits.",
+    )
+    registry.add(
+        "linear_ce",
+        "automodel_cli.components.loss.linear_ce:linear_cross_entropy",
+        description="LM head fused with the loss, in chunks: full logits never exist (large vocabularies).",
     )

@@ -17,6 +17,7 @@ DEMO_DEFAULTS = {
     "train": {"global_batch_size": 32, "micro_batch_size": 32, "max_steps": 300,
               "eval_every_steps": 100},
     "optim": {"lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.01},
+    "benchmark": {"seq_len": 128},  # the demo model's max_position_embeddings
 }
 
 # name -> (hub id, family, description, defaults)

@@ -16,6 +16,7 @@ from automodel_cli.config.resolve import (
     layer_from_overrides,
     resolve,
 )
+from automodel_cli.components.launch.torchrun import inside_torchrun
 from automodel_cli.config.schema import set_dotted
 from automodel_cli.config.yaml_io import Source
 from automodel_cli.errors import UserError, did_you_mean
@@ -109,6 +110,7 @@ REGISTRY_KEYS = {
     "data.name": "datasets",
     "loss.name": "losses",
     "logging.loggers": "loggers",
+    "launch.launcher": "launchers",
 }
 #: Values that mean "choose for me" rather than naming an entry.
 AUTO_VALUES = {"data.name": {"auto"}}
@@ -118,6 +120,8 @@ def check_registry_names(resolved: ResolvedConfig, registries: Registries) -> No
     """Every registry name in the config must exist: report all unknown ones at once."""
     problems: list[Problem] = []
     for dotted, listing in REGISTRY_KEYS.items():
+        if dotted == "launch.launcher" and inside_torchrun():
+            continue  # a launched process runs the recipe; its launcher need not be installed here
         registry = registries.by_listing[listing]
         value = resolved.get(dotted)
         for name in value if isinstance(value, list) else [value]:

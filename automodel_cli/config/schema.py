@@ -40,7 +40,7 @@ def _k(types: type | tuple[type, ...], default: Any, doc: str, **kw: Any) -> Key
 OPT_STR = (str, NoneType)
 OPT_INT = (int, NoneType)
 
-#: section -> key -> Key. ``output_dir`` is the one top-level scalar.
+#: section -> key -> Key. ``recipe`` and ``output_dir`` are the top-level scalars.
 SCHEMA: dict[str, dict[str, Key] | Key] = {
     "model": {
         "path": _k(OPT_STR, None, "Hugging Face hub id or local model directory."),
@@ -64,10 +64,13 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
         "prompt_column": _k(str, "prompt", "Column holding the prompt."),
         "completion_column": _k(str, "completion", "Column holding the completion (the trained tokens)."),
         "messages_column": _k(str, "messages", "Column holding chat messages, rendered with the chat template."),
-        "max_length": _k(int, 2048, "Maximum tokens per sample (longer samples are truncated, with a warning)."),
+        "max_length": _k(int, 2048, "Maximum tokens per sample (longer samples are truncated, with a warning); pretrain: the length of every block."),
         "packing": _k(bool, False, "Pack samples into max_length sequences without cross-document attention."),
         "shuffle": _k(bool, True, "Shuffle the training data each epoch (seeded)."),
         "options": _k(dict, {}, "Extra keyword arguments for the dataset plugin.", open=True),
+        "text_column": _k(str, "text", "Column holding the documents for pretrain (.txt files: one document per blank-line-separated paragraph)."),
+        "streaming": _k(bool, False, "pretrain: read data.path lazily, in order (datasets streaming); the position is checkpointed."),
+        "num_proc": _k(OPT_INT, None, "Processes tokenising text for pretrain (map-style data; null: one)."),
     },
     "peft": {
         "method": _k(str, "none", "Parameter-efficient method: none (full fine-tuning), lora or dora.",
@@ -87,7 +90,10 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
         "max_grad_norm": _k((int, float, NoneType), 1.0, "Clip gradients to this global norm (null: no clipping)."),
         "eval_every_steps": _k(OPT_INT, None, "Validate every N optimizer steps (and at the start and end)."),
         "eval_batches": _k(OPT_INT, None, "Cap on validation batches per evaluation (null: the whole split)."),
-        "activation_checkpointing": _k(bool, False, "Recompute decoder-layer activations in backward to save memory."),
+        "activation_checkpointing": _k((bool, str), False, "Recompute decoder-layer activations in backward to save memory: none (false), full (true: every layer) or selective (every other layer); docs/performance.md has the trade-off.",
+                                       choices=(False, True, "none", "full", "selective", "false", "true")),
+        "compile": _k(bool, False, "torch.compile each decoder layer (the first steps compile; later ones run faster)."),
+        "compile_backend": _k(str, "inductor", "torch.compile backend used by train.compile (inductor, aot_eager, eager, ...)."),
         "log_every_steps": _k(int, 1, "Update the progress bar and loggers every N steps (metrics.jsonl gets every step)."),
     },
     "optim": {
@@ -100,7 +106,19 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
         "min_lr_ratio": _k((int, float), 0.0, "Final learning rate as a fraction of optim.lr."),
     },
     "loss": {
-        "name": _k(str, "masked_ce", "Loss from the loss registry."),
+        "name": _k(str, "masked_ce", "Loss from the loss registry: masked_ce, chunked_ce, linear_ce (fused LM head, for large vocabularies), ... (`automodel list losses`)."),
+        "chunk_size": _k(OPT_INT, None, "Tokens per chunk for chunked_ce and linear_ce; null: about 2**25 logits per chunk (128 MiB in fp32)."),
+    },
+    "distill": {
+        "teacher_path": _k(OPT_STR, None, "Teacher for `automodel distill`: Hugging Face hub id or local model directory; frozen, never saved. Must share the student's vocabulary."),
+        "teacher_revision": _k(OPT_STR, None, "Hub revision (branch, tag or commit) of distill.teacher_path."),
+        "teacher_tokenizer": _k(OPT_STR, None, "Teacher tokenizer compared with the student's before training; defaults to distill.teacher_path (skipped when that has none)."),
+        "teacher_dtype": _k(str, "auto", "Teacher weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
+                            choices=("auto", "float32", "bfloat16", "float16")),
+        "temperature": _k((int, float), 1.0, "Softmax temperature T of teacher and student logits in the KL term (> 0)."),
+        "kd_weight": _k((int, float), 0.5, "Weight w of distillation: loss = (1 - w) * CE + w * T^2 * KL_T; 1: distillation only, 0: plain fine-tuning."),
+        "kl": _k(str, "forward", "KL direction: forward KL(teacher||student) (classic KD) or reverse KL(student||teacher) (mode-seeking).",
+                 choices=("forward", "reverse")),
     },
     "distributed": {
         "dp_replicate": _k(int, 1, "Data-parallel replica groups (HSDP when > 1: shard inside a group, replicate across)."),
@@ -120,7 +138,27 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
         "tensorboard": _k(dict, {}, "Options for the TensorBoard logger (log_dir).", open=True),
     },
     "launch": {
-        "nproc_per_node": _k(OPT_INT, None, "Processes on this machine; > 1 starts them with torchrun (also --nproc-per-node)."),
+        "launcher": _k(str, "local", "Launcher from the launcher registry: local, slurm, k8s, ... (also --launcher)."),
+        "nodes": _k(int, 1, "Nodes (machines) for the job; > 1 needs a cluster launcher (also --nodes)."),
+        "nproc_per_node": _k(OPT_INT, None, "Processes per node; > 1 starts torchrun (also --nproc-per-node; --gpus-per-node sets it too)."),
+        "gpus_per_node": _k(OPT_INT, None, "GPUs a cluster launcher requests per node (also --gpus-per-node, which runs one process per GPU)."),
+        "job_name": _k(OPT_STR, None, "Name of the cluster job; default: the output directory's name."),
+        "env": _k(dict, {}, "Environment variables set for every process of a cluster job (secrets: pass them through the cluster instead).", open=True),
+        "setup": _k(list, [], "Shell commands run on each node before training (module load, source venv, ...)."),
+        "rdzv_port": _k(int, 29500, "TCP port of torchrun's c10d rendezvous on the first node of a multi-node job."),
+        "slurm": _k(dict, {}, "Slurm options (partition, account, qos, time, ...): see docs/launch.md.", open=True),
+        "k8s": _k(dict, {}, "Kubernetes options (image, namespace, kind, volumes, ...): see docs/launch.md.", open=True),
+        "options": _k(dict, {}, "Options of launchers added by plugins, one mapping per launcher: launch.options.NAME.KEY.", open=True),
+    },
+    "recipe": _k(OPT_STR, None, "Recipe this config is for (finetune, pretrain, ...); `automodel launch FILE` reads it."),
+    "benchmark": {
+        "warmup_steps": _k(int, 3, "Untimed steps before measuring (allocator, kernel selection, compilation)."),
+        "steps": _k(int, 10, "Timed training steps."),
+        "seq_len": _k(int, 2048, "Tokens per sequence."),
+        "batch_size": _k(int, 1, "Sequences per data-parallel rank per step."),
+        "synthetic": _k(bool, True, "Random token ids (no tokenizer or data); false: blocks of data.path text as pretrain reads them."),
+        "json": _k(bool, False, "Print exactly one JSON object on stdout and nothing else (--json)."),
+        "peak_tflops": _k((int, float, NoneType), None, "Peak TFLOP/s of one device for MFU (benchmark and pretrain); null: the built-in bf16 table, none on CPU."),
     },
     "output_dir": _k(OPT_STR, None, "Where the run writes final/, metrics.jsonl, checkpoints and its config."),
 }

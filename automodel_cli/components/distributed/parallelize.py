@@ -58,9 +58,11 @@ def parallelize_model(
     plan_registry: Any = None,
     tp: int = 1,
     sequence_parallel: bool = False,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     mixed_precision: bool,
     reshard_after_forward: bool = True,
+    compile: bool = False,
+    compile_backend: str = "inductor",
 ) -> Any:
     """Parallelize ``model`` in place over ``mesh`` (from ``build_mesh``; None for one process)
     and return it.
@@ -68,6 +70,9 @@ def parallelize_model(
     ``tp`` must equal the mesh's tp size (it is passed explicitly so a mismatch is caught);
     ``plan_registry`` (the ``ParallelPlanRegistry``) is needed only when ``tp > 1``.
     ``mixed_precision`` makes FSDP compute in bf16 and reduce gradients in fp32 (GPU runs).
+    ``activation_checkpointing`` is false/true or none/full/selective (see
+    ``components/training/memory.py``); ``compile`` compiles each decoder layer with
+    ``compile_backend`` after checkpointing and before ``fully_shard``.
     """
     if tp != tp_size(mesh):
         raise ValueError(f"tp={tp} but the mesh has tp={tp_size(mesh)}")
@@ -89,9 +94,13 @@ def parallelize_model(
         if sequence_parallel:
             _check_sequence_length(model, tp)
 
-    # 2. Activation checkpointing (recompute each decoder layer in backward).
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
+    # 2. Activation checkpointing (recompute decoder layers in backward), then torch.compile per
+    #    layer (the compiled layer includes its checkpointing; FSDP's hooks stay outside).
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        from automodel_cli.components.training.memory import compile_decoder_layers
+
+        compile_decoder_layers(model, compile_backend)
 
     # 3. FSDP2 / HSDP over the data-parallel ranks.
     dp = fsdp_mesh(mesh)
@@ -302,30 +311,15 @@ def decoder_layers(model: Any) -> list[Any]:
     return found
 
 
-def apply_activation_checkpointing(model: Any) -> None:
-    """Non-reentrant checkpointing of every decoder layer: HF's own switch when the model has
-    it (parameter names unchanged), else torch's ``checkpoint_wrapper`` around each layer.
-    Both compose with FSDP2 (the layer's all-gather is simply repeated in recompute)."""
-    hf = unwrap_model(model)
-    options = {"use_reentrant": False}
-    if getattr(hf, "supports_gradient_checkpointing", False):
-        if hasattr(hf, "activation_checkpointing_enable"):
-            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-            return
-        if hasattr(hf, "gradient_checkpointing_enable"):
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-            return
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl,
-        apply_activation_checkpointing as wrap,
-        checkpoint_wrapper,
-    )
-    import functools
+def apply_activation_checkpointing(model: Any, mode: bool | str = True) -> str:
+    """Non-reentrant checkpointing of the decoder layers: all of them (``True``/``"full"``) or
+    every other one (``"selective"``); ``False``/``"none"`` does nothing. HF's own switch when
+    the model has it (parameter names unchanged), else torch's ``checkpoint_wrapper`` around each
+    chosen layer. Both compose with FSDP2 (the layer's all-gather is simply repeated in
+    recompute). Returns the normalised mode."""
+    from automodel_cli.components.training.memory import enable_activation_checkpointing
 
-    layers = {id(m) for m in decoder_layers(model)}
-    wrap(model, checkpoint_wrapper_fn=functools.partial(
-        checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-        check_fn=lambda m: id(m) in layers)
+    return enable_activation_checkpointing(model, mode)
 
 
 # --------------------------------------------------------------------------- clip and save

@@ -1,4 +1,4 @@
-"""``--nproc-per-node N``: run the recipe in N local processes through torchrun.
+"""Run the recipe in N local processes through torchrun (the local launcher's multi-process case).
 
 The parent resolves the config once and freezes it (with the output directory fixed, so every
 rank agrees on it) into ``OUTPUT_DIR/launch/config.yaml``; each rank then runs
@@ -10,35 +10,22 @@ frozen file: give tokens and API keys through environment variables.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-from automodel_cli.config.yaml_io import write_text_atomic
 from automodel_cli.errors import UserError
 
 TORCHRUN_ENV = ("LOCAL_RANK", "WORLD_SIZE")
-#: Where a rank writes the message of a UserError, so the launching process can show it once
-#: and exit with code 2 (torchrun itself only reports "a child failed").
+#: Where a rank writes the message of a UserError, so the launching process (or
+#: ``automodel launch status``) can show it once (torchrun itself only reports "a child failed").
 ERROR_FILE_ENV = "AUTOMODEL_LAUNCH_ERROR_FILE"
 
 
 def inside_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_ENV)
-
-
-def torchrun_command(recipe: str, frozen_config: Path, nproc_per_node: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc_per_node}", "-m", "automodel_cli", recipe, str(frozen_config)]
-
-
-def freeze_config(cfg: Any, output_dir: Path) -> Path:
-    cfg.tree["output_dir"] = str(output_dir)
-    frozen = output_dir / "launch" / "config.yaml"
-    write_text_atomic(frozen, cfg.to_yaml(with_sources=False))
-    return frozen
 
 
 def report_to_launcher(error: UserError) -> None:
@@ -52,17 +39,25 @@ def report_to_launcher(error: UserError) -> None:
             pass
 
 
-def run_torchrun(recipe: str, cfg: Any, output_dir: Path, nproc_per_node: int) -> int:
-    """Start torchrun, forward stop signals to it, and return its exit code.
+def run_torchrun(spec: Any) -> int:
+    """Start torchrun on this machine, forward stop signals to it, and return its exit code.
 
     A ``UserError`` in a rank is raised again here (exit code 2, one clean message)."""
-    command = torchrun_command(recipe, freeze_config(cfg, output_dir), nproc_per_node)
-    error_file = output_dir / "launch" / "error.txt"
+    from automodel_cli.components.launch.base import ERROR_FILE, default_python
+
+    frozen = spec.freeze()
+    command = spec.torchrun_command(python=default_python(), config_path=str(frozen),
+                                    rdzv_host="localhost", rdzv_id="local")
+    error_file = spec.launch_dir / ERROR_FILE
     error_file.unlink(missing_ok=True)
-    print(f"launching {nproc_per_node} processes: {' '.join(command)}", flush=True)
+    # stderr: stdout belongs to the recipe (``automodel benchmark --json`` prints one object).
+    print(f"launching {spec.nproc_per_node} processes: {shlex.join(command)}", file=sys.stderr, flush=True)
     process = subprocess.Popen(command, env={**os.environ, ERROR_FILE_ENV: str(error_file)})
 
+    stopped_by: list[int] = []
+
     def forward(signum: int, _frame: Any) -> None:
+        stopped_by.append(signum)
         process.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -73,4 +68,6 @@ def run_torchrun(recipe: str, cfg: Any, output_dir: Path, nproc_per_node: int) -
             signal.signal(sig, handler)
     if code != 0 and error_file.exists():
         raise UserError(error_file.read_text(encoding="utf-8"))
+    if code != 0 and stopped_by:
+        return 128 + stopped_by[0]  # torchrun reports ranks that stopped on request as failed
     return code

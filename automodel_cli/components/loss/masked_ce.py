@@ -1,9 +1,13 @@
-"""Token-level cross-entropy over the trained (non -100) positions.
+"""Token-level cross-entropy over the trained (non -100) positions: the reference loss.
 
 Why a sum divided by ``num_label_tokens`` rather than a mean: with gradient accumulation the
 trainer passes the number of label tokens in the *whole* optimizer step, so every token weighs
 the same no matter how tokens fall into micro-batches (a per-micro-batch mean would over-weight
 short micro-batches and make results depend on the micro-batch size).
+
+Memory: ``F.cross_entropy`` keeps an fp32 ``log_softmax`` of every row for backward and the
+backward pass builds two more ``[rows, vocab]`` tensors. That is fine at small vocabularies;
+``chunked_ce`` and ``linear_ce`` exist for large ones (docs/performance.md has the numbers).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from automodel_cli.components.loss.targets import IGNORE_INDEX, as_rows
 
 
 def masked_cross_entropy(
@@ -19,15 +23,20 @@ def masked_cross_entropy(
     labels: torch.Tensor,
     num_label_tokens: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100.
+    """Sum of next-token cross-entropy over positions whose target is not -100, divided by
+    ``num_label_tokens`` (default: the number of such positions here).
 
-    ``logits`` is ``[batch, seq, vocab]`` and ``labels`` ``[batch, seq]`` aligned with the inputs
-    (position ``t`` of ``logits`` predicts ``labels[t + 1]``). ``num_label_tokens`` is the
-    normaliser; by default the number of label tokens in this batch.
+    ``logits`` is ``[batch, seq, vocab]`` with ``labels`` ``[batch, seq]`` aligned with the inputs
+    (position ``t`` predicts ``labels[t + 1]``), or ``[N, vocab]`` rows with ``[N]`` targets that
+    are already shifted (see ``targets.py``). Computed in fp32 whatever the logits' dtype.
     """
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1)).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    rows, targets = as_rows(logits, labels)
+    total = F.cross_entropy(rows.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
     if num_label_tokens is None:
-        num_label_tokens = (shift_labels != IGNORE_INDEX).sum()
+        num_label_tokens = (targets != IGNORE_INDEX).sum()
     return total / torch.as_tensor(num_label_tokens, dtype=total.dtype, device=total.device).clamp(min=1)
+
+
+#: Accepts ``[N, vocab]`` logits of the trained positions only (``head.py`` then applies the LM
+#: head to those positions alone: less compute and no logits for prompt or padding tokens).
+masked_cross_entropy.rows = True

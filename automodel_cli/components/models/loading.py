@@ -36,12 +36,19 @@ def resolve_model_source(path: str | None) -> str:
             "Pass a preset as TARGET (`automodel list models`) or set model.path=HUB_ID_OR_DIR.",
         )
     expanded = os.path.expanduser(path)
+    if is_config_file(path):  # a bare config.json: an architecture to train from scratch
+        return os.path.abspath(expanded)
     if looks_like_local_path(path) and not os.path.isdir(expanded):
         raise UserError(
             f"Model directory `{path}` does not exist (model.path).",
             "Check the path, or pass a Hugging Face hub id such as meta-llama/Llama-3.2-1B.",
         )
     return os.path.abspath(expanded) if os.path.isdir(expanded) else path
+
+
+def is_config_file(path: str | None) -> bool:
+    """``model.path`` names a config.json file rather than a model directory or hub id."""
+    return bool(path) and path.endswith(".json") and os.path.isfile(os.path.expanduser(path))
 
 
 def _hub_error(path: str, what: str, exc: Exception) -> UserError:
@@ -58,7 +65,13 @@ def load_config(model_cfg: Any) -> Any:
     """The HF config with ``model.config`` overrides applied."""
     from transformers import AutoConfig
 
+    from automodel_cli.assets import bundled_config
+
     source = resolve_model_source(model_cfg.path)
+    if model_cfg.from_scratch and not model_cfg.revision:
+        # Only the architecture is needed: a bundled copy of a preset's hub config avoids the
+        # network (automodel_cli/assets/configs).
+        source = str(bundled_config(model_cfg.path) or source)
     try:
         config = AutoConfig.from_pretrained(
             source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision
@@ -105,10 +118,9 @@ def load_model(model_cfg: Any, *, seed: int, dtype: Any) -> Any:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
         return model
-    if os.path.isdir(source) and not has_weights(source):
+    if is_config_file(source) or os.path.isdir(source) and not has_weights(source):
         raise UserError(
-            f"Model directory `{model_cfg.path}` has a config but no weights "
-            f"(*.safetensors or *.bin).",
+            f"`{model_cfg.path}` has a model config but no weights (*.safetensors or *.bin).",
             "Point model.path at a directory written by save_pretrained, or set "
             "model.from_scratch=true to train from a random initialisation.",
         )
@@ -125,6 +137,12 @@ def load_tokenizer(model_cfg: Any) -> Any:
     from transformers import AutoTokenizer
 
     path = model_cfg.tokenizer or model_cfg.path
+    if is_config_file(path):
+        raise UserError(
+            f"`{path}` is a model config file, which holds no tokenizer.",
+            "Set model.tokenizer to a tokenizer directory or hub id (for example the directory "
+            "of a model with the same vocabulary).",
+        )
     source = resolve_model_source(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(

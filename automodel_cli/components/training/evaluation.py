@@ -62,3 +62,9 @@ def _documents(hits: Any, mask: Any, batch: dict[str, Any]):
         for begin, end in zip(bounds, bounds[1:]):
             if end > begin:
                 yield hits[row, begin:end], mask[row, begin:end]
+
+
+def format_eval(result: dict[str, float]) -> str:
+    """One line for a validation result of ``evaluate``."""
+    return (f"eval loss {result['eval_loss']:.4f}, exact match {result['eval_exact_match']:.1%}, "
+            f"token accuracy {result['eval_token_accuracy']:.1%} ({result['eval_samples']} samples)")

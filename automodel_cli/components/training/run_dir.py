@@ -22,7 +22,7 @@ RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", "checkpoints", "final")
 IDENTITY_KEYS = (
     "model.path", "model.from_scratch", "model.config", "model.dtype",
     "data.name", "data.path", "data.max_length", "data.packing", "data.prompt_column",
-    "data.completion_column", "data.messages_column", "data.shuffle",
+    "data.completion_column", "data.messages_column", "data.shuffle", "data.text_column", "data.streaming",
     "peft.method", "peft.rank", "peft.alpha", "peft.target_modules",
     "train.global_batch_size", "train.seed", "loss.name",
 )
@@ -77,11 +77,16 @@ def prepare_output_dir(cfg: Any, recipe: str) -> Path:
 
 
 def _get(tree: dict, dotted: str) -> Any:
+    """A saved setting; one the saved config lacks (written before the key existed) had the
+    schema default."""
+    from automodel_cli.config.schema import lookup
+
     node: Any = tree
     for part in dotted.split("."):
-        if not isinstance(node, dict):
-            return None
-        node = node.get(part)
+        if not isinstance(node, dict) or part not in node:
+            key = lookup(dotted)
+            return key.default if key is not None else None
+        node = node[part]
     return node
 
 

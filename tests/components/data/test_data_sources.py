@@ -153,8 +153,9 @@ def test_demo_tokenizer_and_config_agree(demo_tokenizer):
 
 
 def test_builtin_dataset_plugin_registers_lazily():
-    """The plugin registers the four names with 'module:function' targets and importing it
-    (and registering) pulls in neither torch nor datasets nor transformers."""
+    """The plugin registers the four SFT names and pretrain's two text sets with
+    'module:function' targets, and importing it (and registering) pulls in neither torch nor
+    datasets nor transformers."""
     code = (
         "import sys, json\n"
         "import automodel_cli.plugins.datasets as plugin\n"
@@ -167,9 +168,11 @@ def test_builtin_dataset_plugin_registers_lazily():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["names"] == ["demo", "hellaswag", "instruction", "squad"]
+    assert result["names"] == ["demo", "demo-text", "hellaswag", "instruction", "squad", "text"]
     assert result["heavy"] == []
-    assert result["targets"] == [f"automodel_cli.components.data.sources:{n}" for n in result["names"]]
+    text = {"demo-text": "text:demo_text", "text": "text:text_dataset"}
+    assert result["targets"] == [f"automodel_cli.components.data.{text.get(n, f'sources:{n}')}"
+                                 for n in result["names"]]
 
 
 def test_builtin_dataset_entries_resolve_to_the_factories():

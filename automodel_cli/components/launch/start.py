@@ -1,0 +1,87 @@
+"""From a resolved recipe config to a started job: pick the launcher, describe the job, go.
+
+Used by every recipe command and by ``automodel launch FILE.yaml``. Inside a process that a
+launcher started (torchrun sets LOCAL_RANK/WORLD_SIZE) the recipe simply runs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from automodel_cli.components.launch.base import Launcher, LaunchSpec, check_options
+from automodel_cli.components.launch.torchrun import inside_torchrun
+from automodel_cli.errors import UserError
+from automodel_cli.registry import Entry, Registries
+
+
+def make_launcher(registries: Registries, name: str) -> Launcher:
+    """Instantiate the registered launcher ``name`` (unknown names were refused at resolve)."""
+    factory = registries.launchers.get(name).load()
+    launcher = factory() if callable(factory) else factory
+    if not isinstance(launcher, Launcher):
+        raise UserError(f"The launcher `{name}` from {registries.launchers.get(name).provider} is not "
+                        f"a Launcher (got {type(launcher).__name__}).",
+                        "Its plugin must register a subclass of automodel_cli.components.launch.base.Launcher.")
+    return launcher
+
+
+def build_spec(entry: Entry, cfg: Any, launcher: Launcher) -> LaunchSpec:
+    """Check the launch settings and describe the job; nothing is written yet."""
+    launch = cfg.launch
+    if launch.nodes < 1:
+        raise _launch_error(cfg, "launch.nodes", f"launch.nodes must be at least 1, got {launch.nodes}.")
+    nproc = launch.nproc_per_node or launch.gpus_per_node or 1
+    if launch.gpus_per_node is not None and launch.gpus_per_node < 0:
+        raise _launch_error(cfg, "launch.gpus_per_node",
+                            f"launch.gpus_per_node must be 0 or more, got {launch.gpus_per_node}.")
+    if nproc < 1:
+        raise _launch_error(cfg, "launch.nproc_per_node",
+                            f"launch.nproc_per_node must be at least 1, got {launch.nproc_per_node}.")
+    env = launch.env.to_dict() if hasattr(launch.env, "to_dict") else dict(launch.env or {})
+    bad_env = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name))]
+    if bad_env:
+        raise _launch_error(cfg, "launch.env", f"launch.env has invalid variable names: {', '.join(map(str, bad_env))}.")
+    options = check_options(cfg, launcher.options_path, launcher.options)
+    spec = LaunchSpec(
+        recipe=entry.name, config=cfg, nodes=launch.nodes, nproc_per_node=nproc,
+        gpus_per_node=launch.gpus_per_node or 0,
+        job_name=launch.job_name or "", env={str(k): str(v) for k, v in env.items()},
+        setup=[str(line) for line in launch.setup], rdzv_port=launch.rdzv_port, options=options,
+        run_here=lambda: entry.load()(cfg),
+    )
+    _check_mesh(cfg, spec.world_size)
+    launcher.check(spec)
+    return spec
+
+
+def _check_mesh(cfg: Any, world_size: int) -> None:
+    """The mesh must fit the job's processes: refuse before submitting, not on the cluster."""
+    from automodel_cli.components.distributed.mesh import MeshShape
+
+    dist = cfg.distributed
+    MeshShape.resolve(dist.dp_replicate, dist.dp_shard, dist.tp, world_size=world_size)
+
+
+def _launch_error(cfg: Any, dotted: str, message: str) -> UserError:
+    source = cfg.source_of(dotted)
+    return UserError(f"{source}: {message}" if source else message,
+                     "Fix the value (see `automodel config show`); docs/launch.md describes the launch keys.")
+
+
+def start(entry: Entry, cfg: Any, registries: Registries, *, dry_run: bool,
+          echo: Callable[[str], None]) -> int:
+    """Run, print (--dry-run) or submit the recipe's job; returns the exit code."""
+    if inside_torchrun():
+        return entry.load()(cfg)
+    launcher = make_launcher(registries, cfg.launch.launcher)
+    spec = build_spec(entry, cfg, launcher)
+    if dry_run:
+        rendered = launcher.render(spec)
+        echo(f"# resolved config ({spec.describe()}, launcher {launcher.name})\n")
+        echo(cfg.to_yaml(with_sources=True))
+        if rendered:
+            echo(f"\n# ---- {launcher.name}: what would be submitted (nothing was) ----\n")
+            echo(rendered if rendered.endswith("\n") else rendered + "\n")
+        return 0
+    return launcher.launch(spec)

@@ -1,0 +1,207 @@
+"""Pieces every training recipe needs, the same on one process or many.
+
+- ``processes``, ``claim_output_dir``, ``data_parallel``, ``build_loss``, ``seeded_precision``:
+  the start of a run.
+- ``printer``, ``barrier``, ``any_rank``: rank 0 speaks for the run; ranks agree on stopping.
+- ``resume``: restore the checkpoint ``checkpoint.resume`` names (or none) and return its train
+  state; ``open_loggers``: the run's config and metric files, cut back to the resumed step.
+- ``optimizer_step``, ``log_step``, ``checkpoint_due``: the end of every step.
+- ``close_loop``: how a run stopped by a signal ends; ``save_outputs``: how a finished run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def processes(cfg: Any, stream: TextIO | None = None) -> tuple[Any, Any, Callable[[str], None]]:
+    """(this process's ``DistEnv``, the mesh shape, rank 0's ``say``). Mesh sizes are checked
+    here, before anything is read or written."""
+    from automodel_cli.components.distributed import env as dist_env
+    from automodel_cli.components.distributed.mesh import MeshShape
+
+    env = dist_env.init_distributed()
+    shape = MeshShape.resolve(cfg.distributed.dp_replicate, cfg.distributed.dp_shard,
+                              cfg.distributed.tp, world_size=env.world_size)
+    return env, shape, printer(env.is_main, stream)
+
+
+def claim_output_dir(cfg: Any, recipe: str, env: Any) -> Path:
+    """The run's directory (``output_dir``, recorded in the config); one that holds another run
+    is refused before anything loads. Every rank has vetted it when this returns."""
+    from automodel_cli.components.training.run_dir import prepare_output_dir
+
+    output_dir = prepare_output_dir(cfg, recipe)
+    cfg.tree["output_dir"] = str(output_dir)
+    barrier(env)
+    return output_dir
+
+
+def data_parallel(shape: Any, env: Any) -> tuple[Any, int, int]:
+    """(the device mesh or None on one process, data-parallel size, this rank's data-parallel
+    index)."""
+    from automodel_cli.components.distributed import mesh as meshes
+
+    mesh = meshes.build_mesh(shape, env.device.type)
+    return mesh, meshes.dp_world_size(mesh), meshes.dp_rank(mesh)
+
+
+def seeded_precision(cfg: Any, env: Any, dp_size: int) -> Any:
+    """Seed every rank alike (identical initial weights) and pick the precision policy."""
+    import torch
+
+    from automodel_cli.components.training.precision import Precision
+
+    torch.manual_seed(cfg.train.seed)
+    return Precision.choose(cfg.model.dtype, cfg.peft.method, env.device, sharded=dp_size > 1)
+
+
+def build_loss(cfg: Any, registries: Any, device: Any) -> Any:
+    """``loss.name`` from the registry, ready for ``training_loss``; a kernel loss that cannot
+    run here (package or GPU missing) stops the run now."""
+    from automodel_cli.components.loss.head import prepare_loss
+
+    return prepare_loss(registries.losses.get(cfg.loss.name).load(), device=device, name=cfg.loss.name,
+                        chunk_size=cfg.loss.chunk_size)
+
+
+def printer(enabled: bool, stream: TextIO | None = None):
+    """Print on rank 0 only, so a multi-process run reads like a single one. ``stream``
+    defaults to stdout (looked up at call time, so captured output works)."""
+    def say(message: str) -> None:
+        if enabled:
+            print(message, file=stream or sys.stdout, flush=True)
+
+    warnings.simplefilter("default")
+    return say
+
+
+def barrier(env: Any) -> None:
+    if env.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def any_rank(flag: bool, env: Any) -> bool:
+    """True on every rank once any rank has it: ranks must stop at the same step."""
+    if not env.distributed:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)], device=env.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def resume(cfg: Any, output_dir: Path, *, model: Any, optimizer: Any, scheduler: Any,
+           say: Any) -> dict[str, Any]:
+    """Restore the checkpoint that ``checkpoint.resume`` names; its train state, or
+    ``{"step": 0}`` for a fresh start."""
+    from automodel_cli.components.checkpoint import find_checkpoint, load_checkpoint
+    from automodel_cli.components.training.run_dir import resume_requested
+
+    checkpoint = find_checkpoint(cfg.checkpoint.resume, output_dir) if resume_requested(cfg) else None
+    if checkpoint is None:
+        return {"step": 0}
+    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+    say(f"resumed from {checkpoint} at step {int(state['step'])}")
+    return state
+
+
+def open_loggers(cfg: Any, registries: Any, output_dir: Path, start_step: int, is_main: bool) -> list[Any]:
+    """On rank 0: write the resolved config, cut metrics.jsonl back to ``start_step`` and
+    return the metric loggers (metrics.jsonl first). Other ranks log nothing."""
+    from automodel_cli.components.logging import JsonlLogger, truncate_after
+    from automodel_cli.components.training.loggers import build_loggers
+    from automodel_cli.components.training.run_dir import save_config
+
+    if not is_main:
+        return []
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output_dir)
+    metrics_path = output_dir / "metrics.jsonl"
+    truncate_after(metrics_path, start_step)
+    return [JsonlLogger(metrics_path), *build_loggers(cfg, registries, output_dir)]
+
+
+def optimizer_step(model: Any, optimizer: Any, scheduler: Any | None, max_grad_norm: float | None) -> tuple[Any, float]:
+    """Clip the gradients, step the optimizer and the schedule, zero the gradients; returns the
+    gradient norm before clipping and the learning rate the step used."""
+    from automodel_cli.components.distributed.parallelize import clip_grad_norm_
+
+    grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm)
+    lr = scheduler.get_last_lr()[0] if scheduler is not None else optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def log_step(cfg: Any, step: int, total_steps: int, metrics: dict[str, Any], *, evaluate: Callable[[], Any],
+             describe: Callable[[Any], str], loggers: list[Any], progress: Any) -> dict[str, Any] | None:
+    """Validate when due (every ``train.eval_every_steps`` steps and after the last one), add the
+    result to ``metrics`` and log them; returns the validation result, or None when none ran."""
+    every = cfg.train.eval_every_steps
+    result = None
+    if step == total_steps or (every and step % every == 0):
+        if (result := evaluate()) is not None:
+            metrics.update(result)
+            if step < total_steps:
+                progress.log(f"step {step}: {describe(result)}")
+    for logger in loggers:
+        logger.log(metrics, step)
+    progress.update(step, metrics)
+    return result
+
+
+def checkpoint_due(cfg: Any, step: int, total_steps: int, stop: Any, env: Any) -> tuple[bool, bool]:
+    """(save now, stop now), decided once per step and agreed by every rank.
+
+    Save every ``checkpoint.every_steps`` steps, or when a signal stops the run early. The loop
+    must stop on exactly this decision: asking "was a signal received?" a second time (say in
+    the ``while`` condition) lets a signal that lands in between end the run unsaved."""
+    every = cfg.checkpoint.every_steps
+    stopping = step < total_steps and any_rank(stop.requested, env)
+    return bool(every and step % every == 0) or stopping, stopping
+
+
+def close_loop(loggers: list[Any], stop: Any, step: int, total_steps: int, output_dir: Path, say: Any) -> int | None:
+    """Close the loggers; when a signal stopped the run early (after saving a checkpoint), say
+    how to continue and return its exit code (128 + signal), else None."""
+    for logger in loggers:
+        logger.close()
+    if step >= total_steps:
+        return None
+    say(f"stopped at step {step}/{total_steps}; a checkpoint was saved. Continue with "
+        f"checkpoint.resume=auto --output-dir {output_dir}")
+    return 128 + int(getattr(signal, stop.signal_name or "SIGTERM"))
+
+
+def save_outputs(model: Any, tokenizer: Any, cfg: Any, env: Any, output_dir: Path, say: Callable[[str], None], *,
+                 base_path: Any, summary: dict[str, Any]) -> None:
+    """Gather the model from every rank, write ``final/`` and ``summary.json`` (rank 0), wait for
+    every rank and close the process group."""
+    from automodel_cli.components.distributed import env as dist_env
+    from automodel_cli.components.distributed.parallelize import gather_full_state_dict
+    from automodel_cli.components.models.saving import save_final
+
+    state_dict = (gather_full_state_dict(model, trainable_only=cfg.peft.method != "none")
+                  if env.distributed else None)
+    if env.is_main:
+        final_dir = save_final(model, tokenizer, output_dir, merge=cfg.peft.merge,
+                               base_path=base_path, state_dict=state_dict)
+        summary = {"steps": summary.pop("steps", None), "output_dir": str(output_dir), "final": str(final_dir),
+                   **summary}
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        say(f"saved {final_dir}")
+    barrier(env)
+    dist_env.destroy()

@@ -1,0 +1,43 @@
+"""Turn a loaded model into the model a recipe trains, as the config says."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+
+def init_device(cfg: Any, device: Any) -> Any:
+    """Context to build the model in: random weights are created directly on the training
+    device (a GPU initialises an 8B model in seconds, and no rank holds a CPU copy); weights
+    loaded from disk go through the usual CPU path."""
+    import torch
+
+    if cfg.model.from_scratch and device.type != "cpu":
+        return torch.device(device)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any, registries: Any,
+                  sequence_parallel: bool = False) -> Any:
+    """Activation checkpointing, adapters (peft.method), device, torch.compile and, on several
+    processes, the tensor-parallel plan and FSDP2; returns the model in train mode."""
+    from automodel_cli.components.distributed.parallelize import parallelize_model
+    from automodel_cli.components.peft.lora import apply_peft
+    from automodel_cli.components.training.memory import compile_decoder_layers, enable_activation_checkpointing
+
+    distributed = mesh is not None
+    if not distributed:
+        enable_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    model = apply_peft(model, cfg.peft)
+    model.to(precision.device)
+    model.train()
+    if cfg.train.compile and not distributed:
+        compile_decoder_layers(model, cfg.train.compile_backend)
+    if distributed:
+        model = parallelize_model(
+            model, mesh, plan_registry=registries.parallel_plans, tp=shape.tp,
+            sequence_parallel=sequence_parallel,
+            activation_checkpointing=cfg.train.activation_checkpointing,
+            mixed_precision=precision.autocast_dtype is not None,
+            compile=cfg.train.compile, compile_backend=cfg.train.compile_backend)
+    return model

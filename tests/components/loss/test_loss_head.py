@@ -1,0 +1,231 @@
+"""``training_loss`` (components/loss/head.py) on real Hugging Face models: every kind of loss
+gives the loss and parameter gradients of masked_ce on the model's full logits, and the head is
+fused only where that is exact."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from automodel_cli.components.loss.chunked_ce import chunked_cross_entropy
+from automodel_cli.components.loss.head import output_head, prepare_loss, training_loss
+from automodel_cli.components.loss.linear_ce import linear_cross_entropy
+from automodel_cli.components.loss.masked_ce import masked_cross_entropy
+
+VOCAB = 50
+
+
+def tiny_llama(tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=tie, use_cache=False)
+    return LlamaForCausalLM(config).float().train()
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, VOCAB, (3, 11), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 8:] = 0
+    labels = input_ids.clone()
+    labels[:, :4] = -100  # prompts
+    labels[1, 8:] = -100  # padding
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, labels
+
+
+def grads_of(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def reference(model, inputs, labels, n):
+    logits = model(**inputs, use_cache=False).logits
+    return grads_of(model, masked_cross_entropy(logits, labels, n))
+
+
+def assert_matches(got, want, tol=1e-5):
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
+    assert got[1].keys() == want[1].keys() and got[1]
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("loss_fn", [masked_cross_entropy, chunked_cross_entropy, linear_cross_entropy])
+@pytest.mark.parametrize("tie", [True, False])
+def test_every_builtin_loss_matches_full_logits_masked_ce(loss_fn, tie):
+    model = tiny_llama(tie)
+    inputs, labels = batch()
+    assert output_head(model)[0] is model.lm_head
+    want = reference(model, inputs, labels, 25)
+    spec = prepare_loss(loss_fn, chunk_size=4)
+    got = grads_of(model, training_loss(model, inputs, labels, 25, spec))
+    assert_matches(got, want)
+    assert "forward" not in model.lm_head.__dict__  # the probe is gone
+
+
+class _VocabRows(TorchDispatchMode):
+    """Rows of every matmul output with a vocabulary-sized last dimension (the LM head's work)."""
+
+    MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if str(func) in self.MATMULS and out.shape[-1] == VOCAB:
+            self.rows.append(out.numel() // VOCAB)
+        return out
+
+
+def test_the_head_is_applied_only_where_needed():
+    model = tiny_llama(tie=False)
+    inputs, labels = batch()
+    trained = int((labels[:, 1:] != -100).sum())
+    assert trained < 3 * 11
+    largest = {}
+    for name, loss_fn in [("plain", lambda logits, labels, n=None: masked_cross_entropy(logits, labels, n)),
+                          ("masked_ce", masked_cross_entropy), ("linear_ce", linear_cross_entropy)]:
+        with _VocabRows() as seen:
+            training_loss(model, inputs, labels, 10, prepare_loss(loss_fn, chunk_size=4)).backward()
+        largest[name] = max(seen.rows)
+    assert largest == {"plain": 3 * 11, "masked_ce": trained, "linear_ce": 4}
+
+
+def test_packed_inputs_with_position_ids():
+    model = tiny_llama()
+    input_ids = torch.randint(3, VOCAB, (2, 12))
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 1, 2]])
+    labels = input_ids.clone()
+    labels[position_ids == 0] = -100
+    inputs = {"input_ids": input_ids, "position_ids": position_ids}
+    want = reference(model, inputs, labels, 18)
+    got = grads_of(model, training_loss(model, inputs, labels, 18, prepare_loss(linear_cross_entropy, chunk_size=3)))
+    assert_matches(got, want)
+
+
+def test_plain_logits_losses_still_get_full_logits():
+    """A third-party loss without attributes keeps the original contract."""
+    seen = []
+
+    def plain_loss(logits, labels, num_label_tokens=None):
+        seen.append(tuple(logits.shape))
+        return masked_cross_entropy(logits, labels, num_label_tokens)
+
+    model = tiny_llama()
+    inputs, labels = batch()
+    want = reference(model, inputs, labels, 20)
+    got = grads_of(model, training_loss(model, inputs, labels, 20, prepare_loss(plain_loss, chunk_size=4)))
+    assert seen == [(3, 11, VOCAB)]  # and chunk_size was not passed: it does not take one
+    assert_matches(got, want)
+
+
+@pytest.mark.parametrize("loss_fn", [masked_cross_entropy, linear_cross_entropy])
+def test_lora_model(loss_fn):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    inputs, labels = batch()
+    assert output_head(model)[0] is not None
+    want = reference(model, inputs, labels, 25)
+    got = grads_of(model, training_loss(model, inputs, labels, 25, prepare_loss(loss_fn, chunk_size=5)))
+    assert_matches(got, want)
+    assert all("lora" in name for name in got[1])  # the frozen (tied) head got no gradient
+
+
+def test_adapted_lm_head_falls_back_to_full_logits():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(tie=False), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    head, reason = output_head(model)
+    assert head is None and "not a plain torch.nn.Linear" in reason
+    inputs, labels = batch()
+    want = reference(model, inputs, labels, 25)
+    assert_matches(grads_of(model, training_loss(model, inputs, labels, 25, prepare_loss(linear_cross_entropy))), want)
+
+
+def test_soft_capped_logits_are_never_fused():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                          final_logit_softcapping=1.0, use_cache=False)
+    model = Gemma2ForCausalLM(config).float().train()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # logits well beyond the cap, so capping matters
+    head, reason = output_head(model)
+    assert head is None and "final_logit_softcapping" in reason
+    inputs, labels = batch()
+    want = reference(model, inputs, labels, 25)
+    got = grads_of(model, training_loss(model, inputs, labels, 25, prepare_loss(linear_cross_entropy)))
+    assert_matches(got, want)
+    # the fused loss on uncapped logits would be a different number
+    hidden = model.model(**inputs).last_hidden_state
+    uncapped = linear_cross_entropy(hidden, model.lm_head.weight, labels, 25)
+    assert abs(uncapped.item() - want[0].item()) > 0.1
+
+
+class _ScalesItsLogits(torch.nn.Module):
+    """A model that changes the logits after its head without saying so in its config."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, 8)
+        self.lm_head = torch.nn.Linear(8, VOCAB, bias=True)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return SimpleNamespace(logits=self.lm_head(self.embed(input_ids)) * 0.5)
+
+
+def test_a_model_that_transforms_the_head_output_is_caught_and_computed_exactly():
+    model = _ScalesItsLogits()
+    inputs, labels = batch()
+    want = reference(model, inputs, labels, 25)
+    with pytest.warns(UserWarning, match="changes the logits after its LM head"):
+        got = grads_of(model, training_loss(model, inputs, labels, 25, prepare_loss(linear_cross_entropy)))
+    assert_matches(got, want)
+    assert output_head(model)[0] is None  # remembered: no second attempt
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_matches(grads_of(model, training_loss(model, inputs, labels, 25, prepare_loss(linear_cross_entropy))),
+                       want)
+
+
+def test_probe_is_removed_when_the_forward_fails():
+    model = tiny_llama()
+    inputs, labels = batch()
+    inputs["input_ids"] = inputs["input_ids"] + 10 * VOCAB  # out of range: the embedding raises
+    with pytest.raises(IndexError):
+        training_loss(model, inputs, labels, 10, prepare_loss(linear_cross_entropy))
+    assert "forward" not in model.lm_head.__dict__
+
+
+def test_prepare_loss_runs_the_check_and_passes_only_accepted_options():
+    checked = []
+
+    def needs_a_gpu(logits, labels, num_label_tokens=None, *, chunk_size=None):
+        return masked_cross_entropy(logits, labels, num_label_tokens)
+
+    needs_a_gpu.check = checked.append
+    spec = prepare_loss(needs_a_gpu, device=torch.device("cpu"), chunk_size=None)
+    assert checked == [torch.device("cpu")] and spec.kind == "logits" and spec.options == {}
+    assert prepare_loss(linear_cross_entropy).kind == "fused"
+    assert prepare_loss(chunked_cross_entropy).kind == "rows"
+    assert prepare_loss(linear_cross_entropy).logits_fn is chunked_cross_entropy

@@ -1,0 +1,190 @@
+"""End-to-end tests of `automodel distill`: a tiny teacher (the demo model fine-tuned briefly)
+distilled into a smaller student (one decoder layer instead of two), with real HF I/O and peft."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+FAST = ["logging.progress=false", "model.dtype=float32", "train.eval_batches=2"]
+SMALLER = "model.config.num_hidden_layers=1"  # the demo model has 2
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """`automodel finetune demo -o runs/demo-teacher` (as docs/distill.md), 50 steps instead of
+    300; returns the directory holding runs/."""
+    from automodel_cli.cli import main
+
+    root = tmp_path_factory.mktemp("teacher")
+    code = main(["finetune", "demo", "-o", str(root / "runs" / "demo-teacher"), "train.max_steps=50",
+                 "train.eval_every_steps=null", "data.eval_split=null", *FAST])
+    assert code == 0
+    return root
+
+
+def teacher_dir(root: Path) -> str:
+    return str(root / "runs" / "demo-teacher" / "final")
+
+
+def test_distillation_alone_lowers_held_out_kl(cli, teacher, tmp_path):
+    """kd_weight=1: the labels are never used, so everything learnt comes from the teacher."""
+    from transformers import AutoModelForCausalLM
+
+    from automodel_cli.components.checkpoint.describe import describe
+
+    run = tmp_path / "kd"
+    result = cli("distill", "demo", "-o", str(run), f"distill.teacher_path={teacher_dir(teacher)}", SMALLER,
+                 "distill.kd_weight=1.0", "distill.temperature=2.0", "train.max_steps=40",
+                 "train.eval_every_steps=null", "checkpoint.every_steps=40", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "teacher:" in result.stdout and "KL to teacher" in result.stdout
+
+    summary = json.loads((run / "summary.json").read_text())
+    before, after = summary["before"], summary["after"]
+    assert after["eval_kl"] < 0.5 * before["eval_kl"], (before, after)
+    assert after["eval_loss"] < before["eval_loss"]
+    assert summary["teacher_eval"]["eval_loss"] < after["eval_loss"]
+
+    metrics = read_metrics(run)
+    assert len(metrics) == 40
+    for m in metrics:  # loss = (1 - w) * CE + w * T^2 * KL with w = 1, T = 2
+        assert m["loss"] == pytest.approx(4.0 * m["kl"], rel=1e-5)
+        assert m["ce_loss"] > 0
+    assert metrics[-1]["kl"] < metrics[0]["kl"]
+
+    student = AutoModelForCausalLM.from_pretrained(run / "final")
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir(teacher))
+    assert student.config.num_hidden_layers == 1 and teacher_model.config.num_hidden_layers == 2
+    student_params = sum(p.numel() for p in student.parameters())
+    assert student_params < sum(p.numel() for p in teacher_model.parameters())
+    # The checkpoint holds the student and its optimizer, never the teacher.
+    info = describe(run)
+    assert info["parameters"] == student_params
+    assert "teacher_path: " + teacher_dir(teacher) in (run / "config.yaml").read_text()
+
+
+def test_lora_student_saves_an_adapter_and_mixes_ce_and_kl(cli, teacher, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "lora"
+    result = cli("distill", "demo", "--peft", "lora", "-o", str(run), f"distill.teacher_path={teacher_dir(teacher)}",
+                 SMALLER, "distill.kd_weight=0.25", "distill.temperature=2.0", "train.max_steps=3",
+                 "data.eval_split=null", *FAST)
+    assert result.exit_code == 0, result.stderr
+    for m in read_metrics(run):
+        assert m["loss"] == pytest.approx(0.75 * m["ce_loss"] + 0.25 * 4.0 * m["kl"], rel=1e-5)
+    assert json.loads((run / "final" / "adapter_config.json").read_text())["r"] == 8
+    base = AutoModelForCausalLM.from_pretrained(run / "base_model")
+    adapted = PeftModel.from_pretrained(base, run / "final").eval()
+    plain = AutoModelForCausalLM.from_pretrained(run / "base_model").eval()
+    inputs = torch.tensor([[1, 10, 11, 12, 13]])
+    with torch.no_grad():
+        assert not torch.allclose(adapted(inputs).logits, plain(inputs).logits)
+
+
+def test_resume_matches_an_uninterrupted_run(cli, teacher, tmp_path):
+    """Constant learning rate, so a 2-step run continued to 4 steps is the same run as 4 steps."""
+    args = [f"distill.teacher_path={teacher_dir(teacher)}", SMALLER, "optim.scheduler=constant",
+            "data.eval_split=null", "train.global_batch_size=16", "train.micro_batch_size=8", *FAST]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli("distill", "demo", "-o", str(whole), "train.max_steps=4", *args).exit_code == 0
+    assert cli("distill", "demo", "-o", str(parts), "train.max_steps=2", "checkpoint.every_steps=2",
+               *args).exit_code == 0
+    resumed = cli("distill", "demo", "-o", str(parts), "train.max_steps=4", "checkpoint.resume=auto", *args)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    keys = ("step", "loss", "ce_loss", "kl", "grad_norm")
+    assert [[m[k] for k in keys] for m in read_metrics(parts)] == [[m[k] for k in keys] for m in read_metrics(whole)]
+
+    other = cli("distill", "demo", "-o", str(parts), "train.max_steps=6", "checkpoint.resume=auto",
+                *args, "distill.kd_weight=0.9")
+    assert other.exit_code == 2 and "distill.kd_weight: saved 0.5, now 0.9" in other.stderr
+
+
+def save_teacher(directory: Path, vocab_size: int, tokenizer_file: dict | None) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from automodel_cli.assets import demo_dir
+
+    config = AutoConfig.from_pretrained(demo_dir())
+    config.vocab_size = vocab_size
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    if tokenizer_file is not None:
+        (directory / "tokenizer.json").write_text(json.dumps(tokenizer_file))
+        PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"), eos_token="</s>",
+                                pad_token="<pad>").save_pretrained(directory)
+    return directory
+
+
+def swapped_demo_tokenizer() -> dict:
+    """The demo tokenizer with the ids of `a` and `b` exchanged: same size, other vocabulary."""
+    from automodel_cli.assets import demo_dir
+
+    spec = json.loads((demo_dir() / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    return spec
+
+
+@pytest.mark.parametrize("vocab_size, tokenizer, fragments", [
+    (80, None, ["vocab_size 80", "student's 64", "share a tokenizer"]),
+    (64, "swapped", ["64 tokens", "`a` is 9 for the teacher and 8 for the student", "share a tokenizer"]),
+])
+def test_teacher_with_another_vocabulary_is_refused_before_anything_is_written(cli, tmp_path, vocab_size,
+                                                                                 tokenizer, fragments):
+    teacher = save_teacher(tmp_path / "teacher", vocab_size, swapped_demo_tokenizer() if tokenizer else None)
+    run = tmp_path / "run"
+    result = cli("distill", "demo", "-o", str(run), f"distill.teacher_path={teacher}", "train.max_steps=1", *FAST)
+    assert result.exit_code == 2, result.stderr
+    assert "Traceback" not in result.stderr and "error: The teacher and the student" in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    ([], ["distill.teacher_path is not set", "automodel finetune demo -o runs/demo-teacher",
+          "distill.teacher_path=runs/demo-teacher/final"]),
+    (["distill.teacher_path=./nowhere/teacher"], ["Teacher directory `./nowhere/teacher` does not exist"]),
+    (["distill.teacher_path=x", "distill.kd_weight=1.5"], ["distill.kd_weight=1.5 must be between 0 and 1"]),
+    (["distill.teacher_path=x", "distill.temperature=0"], ["distill.temperature=0 must be greater than 0"]),
+])
+def test_bad_settings_are_clear_errors(cli, tmp_path, args, fragments):
+    run = tmp_path / "run"
+    result = cli("distill", "demo", "-o", str(run), *args)
+    assert result.exit_code == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+    assert not run.exists()
+
+
+def test_demo_command_from_the_docs(cli, teacher, monkeypatch):
+    """The copy-paste command of docs/distill.md, run where the teacher fixture ran its first
+    half (`automodel finetune demo -o runs/demo-teacher`), with fewer steps."""
+    doc = (REPO / "docs" / "distill.md").read_text()
+    block = doc.split("<!-- distill-demo-command -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(part) for part in block.strip().split("&&")]
+    assert commands[-2] == ["automodel", "finetune", "demo", "-o", "runs/demo-teacher"]
+    assert commands[-1][:2] == ["automodel", "distill"]
+    monkeypatch.chdir(teacher)
+    result = cli(*commands[-1][1:], "-o", "runs/demo-student", "train.max_steps=20", "train.eval_every_steps=null",
+                 *FAST)
+    assert result.exit_code == 0, result.stderr
+    lines = re.findall(r"(before|after) training: .*KL to teacher (\d+\.\d+)", result.stdout)
+    assert [name for name, _ in lines] == ["before", "after"]
+    assert float(lines[1][1]) < float(lines[0][1])
+    assert (teacher / "runs" / "demo-student" / "final" / "model.safetensors").exists()
