@@ -333,6 +333,13 @@ def run_tool(command: list[str], what: str, hint: str, timeout: float = 120,
     return done.stdout
 
 
+def print_follow_commands(job_id: str) -> None:
+    """After a submission: the commands that follow, inspect and cancel the job."""
+    print("follow it:")
+    for verb in ("logs", "status", "cancel"):
+        print(f"  automodel launch {verb} {job_id}{' --follow' if verb == 'logs' else ''}")
+
+
 def default_python() -> str:
     """The interpreter running this command: on a shared filesystem every node can run it."""
     return sys.executable

@@ -42,6 +42,7 @@ from automodel_cli.components.launch.base import (
     Launcher,
     LaunchSpec,
     _first_source,
+    print_follow_commands,
     require_binary,
     run_tool,
 )
@@ -704,10 +705,7 @@ class KubernetesLauncher(Launcher):
         print(f"  job directory: {spec.job_dir} (manifest, config and job record in {spec.launch_dir})")
         where = f" on PVC {job.pvc}" if job.pvc else " (pod-local: lost when the pod ends)"
         print(f"  outputs and checkpoints: {job.output_dir}{where}")
-        print("follow it:")
-        print(f"  automodel launch logs {job.job_id} --follow")
-        print(f"  automodel launch status {job.job_id}")
-        print(f"  automodel launch cancel {job.job_id}")
+        print_follow_commands(job.job_id)
         print("or with kubectl:")
         print(f"  {kube} get {job.resource} {job.name} -n {job.namespace}")
         print(f"  {kube} get pods -n {job.namespace} -l {JOB_LABEL}={job.name}")

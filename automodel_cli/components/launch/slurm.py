@@ -46,6 +46,7 @@ from automodel_cli.components.launch.base import (
     LaunchSpec,
     _first_source,
     default_python,
+    print_follow_commands,
     require_binary,
     run_tool,
 )
@@ -387,10 +388,7 @@ class SlurmLauncher(Launcher):
         print(f"  job directory: {job_dir}")
         print(f"  batch script:  {script_path}")
         print(f"  log:           {log_path}")
-        print("follow it:")
-        print(f"  automodel launch logs {job_id} --follow")
-        print(f"  automodel launch status {job_id}")
-        print(f"  automodel launch cancel {job_id}")
+        print_follow_commands(job_id)
         return 0
 
     # ------------------------------------------------------------------------ jobs
