@@ -600,8 +600,8 @@ def print_report(results: dict[str, list[dict]], repeats: int) -> None:
               f"{_median([r['rss_train_start_mb'] for r in rows]):10.0f} "
               f"{_median([r['rss_train_peak_mb'] for r in rows]):11.0f} {threads:>8s} {load:>10.0%}")
     print(f"(tokens/s: median of {repeats}, wall clock; tok/CPU-s: real tokens per CPU-second of the trainer "
-          f"process, which equals tokens/s on an idle machine with one thread per core and is far less "
-          f"disturbed by other jobs; other load: the worst run's; memory columns: medians, MB = 2^20 bytes)")
+          f"process, which equals tokens/s on an idle machine with --threads 1 and is far less disturbed by "
+          f"other jobs; other load: the worst run's; memory columns: medians, MB = 2^20 bytes)")
     noisy = sum(r.get("noisy", False) for rows in results.values() for r in rows)
     if noisy:
         print(f"WARNING: {noisy} run(s) kept despite other processes loading the machine; "
