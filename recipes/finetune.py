@@ -28,7 +28,7 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.checkpoint import GracefulStop, save_checkpoint
     from automodel_cli.components.distributed import mesh as meshes
     from automodel_cli.components.loss.head import training_loss
-    from automodel_cli.components.models.loading import load_model, load_tokenizer, resolve_model_source
+    from automodel_cli.components.models.loading import load_model, load_tokenizer
     from automodel_cli.components.optim.build import build_optimizer, build_scheduler, peak_lr
     from automodel_cli.components.peft.lora import count_parameters
     from automodel_cli.components.training import steps as step_math
@@ -36,7 +36,7 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.training.loop import (build_loss, checkpoint_due, claim_output_dir, close_loop,
                                                         data_parallel, log_step, open_loggers, optimizer_step,
                                                         processes, resume, save_outputs, seeded_precision)
-    from automodel_cli.components.training.model_setup import prepare_model
+    from automodel_cli.components.training.model_setup import adapter_base, prepare_model
     from automodel_cli.components.training.padding import Padding, run_padding
     from automodel_cli.components.training.progress import TrainingProgress
     from automodel_cli.components.training.sft_data import prepare_sft_data
@@ -64,13 +64,7 @@ def run(cfg: Any) -> int:
 
     # 5. Model, adapters, parallelism.
     model = load_model(cfg.model, seed=cfg.train.seed, dtype=precision.param_dtype)
-    base_dir = None
-    if cfg.model.from_scratch and cfg.peft.method != "none":
-        # An adapter needs its base weights: keep the random base beside the run.
-        base_dir = output_dir / "base_model"
-        if env.is_main:
-            model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
+    base_path = adapter_base(model, tokenizer, cfg, output_dir, env.is_main)
     model = prepare_model(model, cfg, precision=precision, mesh=mesh, shape=shape, registries=registries,
                           sequence_parallel=sequence_parallel)
     trainable, total = count_parameters(model)
@@ -155,7 +149,6 @@ def run(cfg: Any) -> int:
     # 9. Save Hugging Face outputs (gathered from every rank, written by rank 0).
     if after:
         say(f"after training:  {format_eval(after)}")
-    base_path = base_dir.resolve() if base_dir else resolve_model_source(cfg.model.path)
     save_outputs(model, tokenizer, cfg, env, output_dir, say, base_path=base_path,
                  summary={"steps": step, "before": before, "after": after,
                           "padding_fraction": run_padded.fraction, "padding": run_padded.as_dict()})

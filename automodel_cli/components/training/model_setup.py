@@ -17,6 +17,22 @@ def init_device(cfg: Any, device: Any) -> Any:
     return contextlib.nullcontext()
 
 
+def adapter_base(model: Any, tokenizer: Any, cfg: Any, output_dir: Any, is_main: bool) -> str:
+    """Where the base weights of the trained model live, for adapter outputs and merges.
+
+    An adapter needs its base weights: a random base (``model.from_scratch`` with LoRA/DoRA)
+    exists nowhere else, so rank 0 saves it as ``OUTPUT_DIR/base_model`` before training."""
+    from automodel_cli.components.models.loading import resolve_model_source
+
+    if not (cfg.model.from_scratch and cfg.peft.method != "none"):
+        return resolve_model_source(cfg.model.path)
+    base_dir = output_dir / "base_model"
+    if is_main:
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+    return str(base_dir.resolve())
+
+
 def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any, registries: Any,
                   sequence_parallel: bool = False) -> Any:
     """Activation checkpointing, adapters (peft.method), device, torch.compile and, on several
