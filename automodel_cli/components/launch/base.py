@@ -183,8 +183,7 @@ def check_options(cfg: Any, options_key: str, table: dict[str, Key]) -> dict[str
                                     f"{did_you_mean(str(value), map(str, key.choices))}"))
     if problems:
         raise ConfigError(problems)
-    return {name: given.get(name, _copy(key.default)) for name, key in table.items()} | {
-        name: value for name, value in given.items() if name not in table}
+    return {name: given.get(name, _copy(key.default)) for name, key in table.items()}
 
 
 def _first_source(cfg: Any, dotted: str) -> Source | None:
