@@ -42,6 +42,7 @@ def test_override_values_are_typed():
     layer = layer_from_overrides([
         "train.max_steps=7", "optim.lr=1e-4", "data.packing=true", "optim.betas=[0.8, 0.9]",
         "train.eval_every_steps=null", "model.config.num_hidden_layers=2", "output_dir=2024",
+        "train.activation_checkpointing=false", "checkpoint.resume=true", "peft.target_modules=[q_proj]",
     ])
     cfg = resolve([defaults_layer(), layer])
     assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
@@ -51,6 +52,11 @@ def test_override_values_are_typed():
     assert cfg.train.eval_every_steps is None
     assert cfg.model.config.num_hidden_layers == 2
     assert cfg.output_dir == "2024"  # a string key keeps the text as written
+    # a key that takes a string or a bool keeps the bool (not the truthy text "false")
+    assert cfg.train.activation_checkpointing is False and cfg.checkpoint.resume is True
+    assert cfg.peft.target_modules == ["q_proj"]
+    selective = resolve([defaults_layer(), layer_from_overrides(["train.activation_checkpointing=selective"])])
+    assert selective.train.activation_checkpointing == "selective"
 
 
 def test_all_problems_reported_with_file_line_and_suggestion(tmp_path):

@@ -63,7 +63,7 @@ def layer_from_overrides(items: list[str]) -> Layer:
             )
         value = parse_scalar(raw)
         spec = _spec_for(key)
-        if spec is not None and str in spec[0].types and not isinstance(value, str) and value is not None:
+        if spec is not None and str in spec[0].types and value is not None and not isinstance(value, spec[0].types):
             value = raw  # a string key given something YAML reads as a number or bool
         _set_override(data, key, value)
         texts[key] = item

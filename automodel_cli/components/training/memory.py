@@ -34,8 +34,7 @@ MODES = ("none", "full", "selective")
 def checkpointing_mode(value: Any) -> str:
     """``train.activation_checkpointing`` as one of ``none``, ``full``, ``selective`` (booleans,
     also written as text, are accepted: false = none, true = full). Always go through this
-    function: the command line ``train.activation_checkpointing=false`` arrives as the string
-    ``"false"``, which is truthy."""
+    function rather than testing the value's truth: a quoted ``"false"`` in YAML is truthy."""
     if value is None or value is False:
         return "none"
     if value is True:
@@ -43,7 +42,7 @@ def checkpointing_mode(value: Any) -> str:
     text = str(value).strip().lower()
     if text in MODES:
         return text
-    if text in ("false", "true"):  # a command-line override of a string-or-bool key stays text
+    if text in ("false", "true"):  # quoted in a YAML file
         return "full" if text == "true" else "none"
     raise UserError(
         f"train.activation_checkpointing={value!r} is not an option.{did_you_mean(text, MODES)}",
