@@ -9,11 +9,16 @@ machine without them never notices, unless the loss is selected: then ``check`` 
 recipe before anything is loaded) or the first call raises a ``UserError`` naming the extra.
 
 Both keep our loss contract: a sum over trained tokens divided by ``num_label_tokens``.
+
+Liger's kernels are Triton, so with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, set before
+Triton is imported) ``liger_linear_ce`` also runs on CPU, slowly: that is how the test suite
+checks it against ``masked_ce`` on a machine without a GPU, and a way to debug it anywhere.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 from automodel_cli.components.loss.chunked_ce import chunked_cross_entropy
@@ -24,7 +29,12 @@ LIGER = ("liger_linear_ce", "liger_kernel", "liger-kernel", "liger")
 TE = ("te_ce", "transformer_engine", "transformer-engine", "te")
 
 
-def _require(spec: tuple[str, str, str, str], device: Any) -> None:
+def triton_interpreter_on() -> bool:
+    """Whether Triton kernels run on CPU through Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _require(spec: tuple[str, str, str, str], device: Any, *, interpretable: bool = False) -> None:
     loss, module, package, extra = spec
     if importlib.util.find_spec(module) is None:
         raise UserError(
@@ -33,16 +43,20 @@ def _require(spec: tuple[str, str, str, str], device: Any) -> None:
             f"loss.name=linear_ce, which needs nothing extra and runs everywhere.",
         )
     kind = getattr(device, "type", str(device))
-    if kind != "cuda":
-        raise UserError(
-            f"loss.name={loss} runs {package} kernels, which need a CUDA GPU; this run is on {kind}.",
-            "Use loss.name=linear_ce (the same fused loss in plain PyTorch) on this machine.",
-        )
+    if kind == "cuda" or (interpretable and kind == "cpu" and triton_interpreter_on()):
+        return
+    raise UserError(
+        f"loss.name={loss} runs {package} kernels, which need a CUDA GPU; this run is on {kind}.",
+        "Use loss.name=linear_ce (the same fused loss in plain PyTorch) on this machine"
+        + (" (or set TRITON_INTERPRET=1 to run the Triton kernels on CPU, slowly, for debugging)."
+           if interpretable else "."),
+    )
 
 
 def check_liger(device: Any) -> None:
-    """Raise a ``UserError`` unless liger-kernel is importable and ``device`` is a CUDA device."""
-    _require(LIGER, device)
+    """Raise a ``UserError`` unless liger-kernel is importable and ``device`` is a CUDA device
+    (or the CPU with Triton's interpreter on)."""
+    _require(LIGER, device, interpretable=True)
 
 
 def check_te(device: Any) -> None:

@@ -1,12 +1,15 @@
 """Optional kernel losses (liger_linear_ce, te_ce): registered without importing their packages;
 selecting one where it cannot run is a clear usage error (exit 2, the extra to install, no
-traceback); on a CUDA machine with the package they match masked_ce."""
+traceback); with the package they match masked_ce: liger's Triton kernels on CPU through
+Triton's interpreter (liger-kernel is in the test extra), both on a CUDA machine."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -51,13 +54,28 @@ def test_missing_package_names_the_extra(monkeypatch, check, extra, package):
 
 @pytest.mark.parametrize("check", [kernels.check_liger, kernels.check_te])
 def test_installed_package_without_cuda_says_so(monkeypatch, check):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: object())
     with pytest.raises(UserError, match="need a CUDA GPU; this run is on cpu"):
         check(torch.device("cpu"))
     check(torch.device("cuda"))  # nothing missing: no error
 
 
-def test_calling_a_kernel_loss_on_cpu_raises_the_same_error():
+def test_triton_interpreter_lets_liger_but_not_te_run_on_cpu(monkeypatch):
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UserError, match="set TRITON_INTERPRET=1"):
+        kernels.check_liger(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels.check_liger(torch.device("cpu"))
+    with pytest.raises(UserError, match="need a CUDA GPU"):  # Transformer Engine is CUDA C++
+        kernels.check_te(torch.device("cpu"))
+    with pytest.raises(UserError, match="this run is on mps"):
+        kernels.check_liger(torch.device("mps"))
+
+
+def test_calling_a_kernel_loss_on_cpu_raises_the_same_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     hidden = torch.randn(4, 8)
     with pytest.raises(UserError, match="liger"):
         kernels.liger_linear_cross_entropy(hidden, torch.randn(10, 8), torch.tensor([1, 2, 3, -100]))
@@ -70,11 +88,89 @@ def test_calling_a_kernel_loss_on_cpu_raises_the_same_error():
 def test_finetune_with_an_unusable_kernel_loss_is_a_usage_error(tmp_path, name):
     if name == "liger_linear_ce" and HAS_CUDA and HAS_LIGER or name == "te_ce" and HAS_CUDA and HAS_TE:
         pytest.skip(f"{name} can run here")
-    result = run_cli("finetune", "demo", f"loss.name={name}", "-o", str(tmp_path / "run"), "logging.progress=false")
+    result = run_cli("finetune", "demo", f"loss.name={name}", "-o", str(tmp_path / "run"), "logging.progress=false",
+                     env={"TRITON_INTERPRET": "0"})
     assert result.exit_code == 2
     assert f"loss.name={name}" in result.stderr and "Traceback" not in result.stderr
     assert ("automodel-cli[" in result.stderr) or ("CUDA GPU" in result.stderr)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before training
+
+
+# ------------------------------------------------- liger on CPU, through Triton's interpreter
+# TRITON_INTERPRET must be set before Triton is imported, so these run in fresh processes.
+INTERPRETER = {"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+needs_liger = pytest.mark.skipif(not HAS_LIGER, reason="liger-kernel is not installed (pip install -e '.[test]')")
+
+LIGER_VS_MASKED_CE = textwrap.dedent("""
+    import json, torch, torch.nn.functional as F
+    from automodel_cli.components.loss.kernels import liger_linear_cross_entropy
+    from automodel_cli.components.loss.masked_ce import masked_cross_entropy
+    from automodel_cli.components.loss.targets import shift_labels
+
+    def value_and_grads(fn, hidden, weight, labels):
+        hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = fn(hidden, weight, labels)
+        loss.backward()
+        return [loss.detach(), hidden.grad, weight.grad]
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(2, 24, 32, generator=g), torch.randn(300, 32, generator=g) * 0.1
+    labels = torch.randint(0, 300, (2, 24), generator=g)
+    labels[0, :7] = -100
+    labels[1, -3:] = -100
+    want = value_and_grads(lambda h, w, y: masked_cross_entropy(F.linear(h, w), y, 50), hidden, weight, labels)
+    cases = {
+        "batch layout": (hidden, labels),                              # [B, T, H] + unshifted labels
+        "rows layout": (hidden[:, :-1].reshape(-1, 32), shift_labels(labels)[:, :-1].reshape(-1)),
+    }
+    result = {}
+    for name, (h, y) in cases.items():
+        got = value_and_grads(lambda h_, w, y_: liger_linear_cross_entropy(h_, w, y_, 50), h, weight, y)
+        if name == "rows layout":  # compare the hidden gradient on the rows that exist
+            want_h = want[1][:, :-1].reshape(-1, 32)
+        else:
+            want_h = want[1]
+        result[name] = [float((got[0] - want[0]).abs()), float((got[1] - want_h).abs().max()),
+                        float((got[2] - want[2]).abs().max()), float(want[0])]
+    print(json.dumps(result))
+""")
+
+
+@needs_liger
+def test_liger_linear_ce_matches_masked_ce_in_the_triton_interpreter():
+    """The wrapper's layouts, ignore index and normaliser against masked_ce, gradients included,
+    with liger's real Triton kernels (interpreted on CPU)."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", LIGER_VS_MASKED_CE], capture_output=True, text=True,
+                          env={**os.environ, **INTERPRETER}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"batch layout", "rows layout"}
+    for name, (loss_diff, hidden_grad_diff, weight_grad_diff, loss) in result.items():
+        assert loss > 1.0, name  # a real loss (sum over ~38 tokens / 50), not zero
+        assert loss_diff < 1e-5 and hidden_grad_diff < 1e-5 and weight_grad_diff < 1e-5, (name, result[name])
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["loss"], row["grad_norm"]) for row in rows if "grad_norm" in row]
+
+
+@needs_liger
+def test_finetune_with_liger_in_the_triton_interpreter_matches_linear_ce(tmp_path):
+    """`loss.name=liger_linear_ce` end to end: the recipe hands liger the LM head's weight and
+    the trained positions' hidden states, and training follows linear_ce step for step."""
+    common = ("finetune", "demo", "train.max_steps=3", "logging.progress=false")
+    liger = run_cli(*common, "loss.name=liger_linear_ce", "-o", str(tmp_path / "liger"), env=INTERPRETER)
+    assert liger.exit_code == 0, liger.stderr
+    plain = run_cli(*common, "loss.name=linear_ce", "-o", str(tmp_path / "plain"), env={"OMP_NUM_THREADS": "1"})
+    assert plain.exit_code == 0, plain.stderr
+    got, want = _losses(tmp_path / "liger"), _losses(tmp_path / "plain")
+    assert len(got) == len(want) == 3
+    for (loss, grad_norm), (loss_ref, grad_norm_ref) in zip(got, want):
+        assert loss == pytest.approx(loss_ref, rel=1e-5) and grad_norm == pytest.approx(grad_norm_ref, rel=1e-4)
+    assert (tmp_path / "liger" / "final" / "model.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------ GPU
