@@ -17,6 +17,11 @@ The teacher is loaded from ``distill.teacher_path``, frozen (``requires_grad=Fal
 has no optimizer and is never checkpointed or saved; on N processes it is parallelised on the
 student's mesh (TP plan, then FSDP2 with parameters resharded after every forward). Before any
 data, model or file is touched, the teacher's vocabulary is checked against the student's.
+
+Memory: with a fused ``loss.name`` (``linear_ce``) the student's logits are never materialised:
+the teacher yields its logits at the trained positions only, and CE and KL are computed chunk by
+chunk from the student's hidden states and LM head (``kd.linear_distillation_loss``; the same
+values as the full-logits path). Otherwise both models' full logits are computed.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.checkpoint import GracefulStop, save_checkpoint
     from automodel_cli.components.distributed import mesh as meshes
     from automodel_cli.components.distributed.parallelize import parallelize_model
+    from automodel_cli.components.loss.head import distillation_training_loss, output_head
     from automodel_cli.components.loss.kd import distillation_loss, kd_loss
     from automodel_cli.components.models.loading import load_config, load_model, load_tokenizer, torch_dtype
     from automodel_cli.components.optim.build import build_optimizer, build_scheduler, peak_lr
@@ -137,6 +143,34 @@ def run(cfg: Any) -> int:
         return kd_loss(logits, teacher_logits, labels, normaliser, temperature=temperature_,
                        direction=cfg.distill.kl, vocab_size=vocab_size)
 
+    fusion: dict[str, bool] = {}  # whether the first micro-batch could fuse the heads (said once)
+
+    def fused_step(batch: dict[str, Any], labels: Any, label_tokens: int) -> tuple[Any, Any, Any] | None:
+        """CE and KL from the student's hidden states and LM head, chunk by chunk (a fused
+        ``loss.name`` such as linear_ce); None when the heads cannot be fused."""
+        terms = distillation_training_loss(model, teacher, model_inputs(batch), labels, label_tokens, loss_spec,
+                                           precision.autocast, kd_weight=kd_weight, temperature=temperature,
+                                           direction=cfg.distill.kl, vocab_size=vocab_size)
+        fusion.setdefault("fused", terms is not None)
+        return terms
+
+    def fusion_note() -> str | None:
+        if getattr(loss_spec.fn, "distillation", None) is None or "fused" not in fusion:
+            return None
+        if fusion["fused"]:
+            return "fused head: CE and KL from the student's hidden states, chunk by chunk (no full logits)"
+        reason = output_head(model)[1] or output_head(teacher)[1] or "unknown reason"
+        return f"full logits for {cfg.loss.name}: the LM heads cannot be fused ({reason})"
+
+    def full_logits_step(batch: dict[str, Any], labels: Any, label_tokens: int) -> tuple[Any, Any, Any]:
+        logits = forward(model, batch)
+        teacher_logits = teacher_forward(batch)
+        with torch.set_grad_enabled(kd_weight < 1):  # a term of weight 0 needs no graph
+            ce = loss_spec.call(loss_spec.logits_fn, logits, labels, label_tokens)
+        with torch.set_grad_enabled(kd_weight > 0):
+            kl = kl_of(logits, teacher_logits, labels, label_tokens, temperature)
+        return distillation_loss(ce, kl, kd_weight=kd_weight, temperature=temperature), ce, kl
+
     def eval_batches() -> Any:
         return data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches)
 
@@ -181,13 +215,7 @@ def run(cfg: Any) -> int:
             for group in groups[dp_index::dp_size]:  # this rank's share of the step
                 batch = data.collate([data.train[i] for i in group])
                 labels = batch["labels"].to(precision.device)
-                logits = forward(model, batch)
-                teacher_logits = teacher_forward(batch)
-                with torch.set_grad_enabled(kd_weight < 1):  # a term of weight 0 needs no graph
-                    ce = loss_spec.call(loss_spec.logits_fn, logits, labels, label_tokens)
-                with torch.set_grad_enabled(kd_weight > 0):
-                    kl = kl_of(logits, teacher_logits, labels, label_tokens, temperature)
-                loss = distillation_loss(ce, kl, kd_weight=kd_weight, temperature=temperature)
+                loss, ce, kl = fused_step(batch, labels, label_tokens) or full_logits_step(batch, labels, label_tokens)
                 loss.backward()
                 sums += torch.stack([loss.detach(), ce.detach(), kl.detach()]).float()
             grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.train.max_grad_norm)
@@ -200,6 +228,8 @@ def run(cfg: Any) -> int:
                        "grad_norm": grad_norm, "tokens": tokens, "label_tokens": label_tokens,
                        "tokens_per_s": tokens / elapsed, "tokens_per_s_per_device": tokens / elapsed / env.world_size,
                        "epoch": plan.epoch_of(step - 1)}
+            if step == start_step + 1 and (note := fusion_note()):
+                say(note)
             if not math.isfinite(metrics["loss"]):
                 progress.log(f"warning: loss is {metrics['loss']} at step {step}")
             after = log_step(cfg, step, total_steps, metrics, evaluate=evaluate_now, describe=_format_distill_eval,

@@ -95,6 +95,27 @@ def test_lora_student_saves_an_adapter_and_mixes_ce_and_kl(cli, teacher, tmp_pat
         assert not torch.allclose(adapted(inputs).logits, plain(inputs).logits)
 
 
+@pytest.mark.parametrize("peft", [[], ["--peft", "lora"]], ids=["full", "lora"])
+def test_fused_linear_ce_distills_exactly_like_full_logits(cli, teacher, tmp_path, peft):
+    """loss.name=linear_ce: CE and KL come from the student's hidden states, never its full
+    logits, and the run is the full-logits run step for step."""
+    common = ["distill", "demo", *peft, f"distill.teacher_path={teacher_dir(teacher)}", SMALLER,
+              "distill.kd_weight=0.5", "distill.temperature=2.0", "distill.kl=reverse", "train.max_steps=3",
+              "train.eval_every_steps=null", "data.eval_split=null", *FAST]
+    fused = cli(*common, "loss.name=linear_ce", "loss.chunk_size=16", "-o", str(tmp_path / "fused"))
+    assert fused.exit_code == 0, fused.stderr
+    assert "fused head: CE and KL from the student's hidden states" in fused.stdout
+    full = cli(*common, "-o", str(tmp_path / "full"))
+    assert full.exit_code == 0, full.stderr
+    assert "fused head" not in full.stdout
+    got, want = read_metrics(tmp_path / "fused"), read_metrics(tmp_path / "full")
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        for key in ("loss", "ce_loss", "kl", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4), (key, g, w)
+    assert got[-1]["kl"] != pytest.approx(got[0]["kl"], rel=1e-3)  # it trained
+
+
 def test_resume_matches_an_uninterrupted_run(cli, teacher, tmp_path):
     """Constant learning rate, so a 2-step run continued to 4 steps is the same run as 4 steps."""
     args = [f"distill.teacher_path={teacher_dir(teacher)}", SMALLER, "optim.scheduler=constant",

@@ -58,7 +58,12 @@ def single(teacher, tmp_path_factory) -> list[tuple[float, float, float]]:
     return losses(run)
 
 
-@pytest.mark.parametrize("name, extra", [("fsdp2", []), ("tp2", ["distributed.tp=2"])])
+@pytest.mark.parametrize("name, extra", [
+    ("fsdp2", []),
+    ("tp2", ["distributed.tp=2"]),
+    ("fsdp2-linear_ce", ["loss.name=linear_ce"]),     # fused heads: sharded student and teacher heads
+    ("tp2-linear_ce", ["distributed.tp=2", "loss.name=linear_ce"]),  # tensor-parallel heads: full logits
+])
 def test_two_processes_match_one(teacher, single, tmp_path, name, extra):
     run = tmp_path / name
     result = distill(run, teacher, "--nproc-per-node", "2", *extra)
@@ -70,3 +75,6 @@ def test_two_processes_match_one(teacher, single, tmp_path, name, extra):
     assert single[-1][2] < single[0][2]  # the KL to the teacher falls
     assert (run / "final" / "model.safetensors").is_file()
     assert "data-parallel rank(s)" in result.stdout
+    if "loss.name=linear_ce" in extra:
+        expected = "full logits for linear_ce" if name.startswith("tp2") else "fused head: CE and KL"
+        assert expected in result.stdout, result.stdout[-2000:]

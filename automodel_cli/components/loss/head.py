@@ -136,8 +136,78 @@ def training_loss(
     if head is None:
         return _full_logits_loss(model, inputs, labels, num_label_tokens, spec, autocast)
 
+    def compute(selected: Any, targets: Any, project: Callable[[Any], Any]) -> Any:
+        if spec.kind == "fused":
+            return spec.call(spec.fn, selected, head.weight, targets, num_label_tokens, bias=head.bias)
+        return spec.call(spec.fn, project(selected), targets, num_label_tokens)
+
+    value, output = _loss_inside_forward(model, head, inputs, labels, compute, autocast)
+    if value is not None:
+        return value
+    if output is None:  # the model transformed its "logits": never fused again (see above)
+        return _full_logits_loss(model, inputs, labels, num_label_tokens, spec, autocast)
+    logits = output.logits
+    return spec.call(spec.logits_fn, logits, labels.to(logits.device), num_label_tokens)
+
+
+def distillation_training_loss(
+    model: Any,
+    teacher: Any,
+    inputs: dict[str, Any],
+    labels: Any,
+    num_label_tokens: int | Any,
+    loss: Callable[..., Any] | TrainingLoss,
+    autocast: Callable[[], Any] | None = None,
+    **options: Any,
+) -> tuple[Any, Any, Any] | None:
+    """``(loss, ce, kl)`` of one distillation micro-batch without the student's full logits, or
+    None when it cannot be fused: the CE loss declares no ``distillation`` counterpart
+    (``linear_ce`` declares ``kd.linear_distillation_loss``), or either model's LM head cannot
+    be fused (the reasons above; a head found unfusable during a forward is remembered, so at
+    most one forward is spent finding out). The caller then computes full logits.
+
+    The teacher runs under ``no_grad`` in its own dtype and yields its logits at the trained
+    positions only; the student's LM head is replaced by the fused loss, which gets those rows'
+    hidden states. ``options`` (``kd_weight``, ``temperature``, ``direction``, ``vocab_size``)
+    go to the fused function, with the loss's own options (``chunk_size``).
+    """
     import torch
 
+    spec = prepare_loss(loss)
+    fused = getattr(spec.fn, "distillation", None) if spec.kind == "fused" else None
+    head = output_head(model)[0] if fused is not None else None
+    teacher_head = output_head(teacher)[0] if head is not None else None
+    if teacher_head is None:
+        return None
+    with torch.no_grad():
+        teacher_rows, _ = _loss_inside_forward(teacher, teacher_head, inputs, labels,
+                                               lambda selected, _targets, project: project(selected),
+                                               contextlib.nullcontext)
+    if teacher_rows is None:
+        return None
+
+    def compute(selected: Any, targets: Any, _project: Any) -> Any:
+        return spec.call(fused, selected, head.weight, teacher_rows.to(selected.device), targets,
+                         num_label_tokens, bias=head.bias, **options)
+
+    terms, _ = _loss_inside_forward(model, head, inputs, labels, compute, autocast or contextlib.nullcontext,
+                                    returned=lambda result: result[0])
+    return terms
+
+
+def _loss_inside_forward(model: Any, head: Any, inputs: dict[str, Any], labels: Any,
+                         compute: Callable[[Any, Any, Any], Any], autocast: Callable[[], Any],
+                         returned: Callable[[Any], Any] = lambda value: value) -> tuple[Any, Any]:
+    """Run ``model`` with its LM head's forward replaced by a probe that calls
+    ``compute(hidden states of the trained positions [N, H], their targets [N], project)``, where
+    ``project`` is the head's own forward (hidden states -> logits).
+
+    Returns ``(value, None)`` when that worked, ``(None, output)`` when the probe found it could
+    not fuse (the head then ran as usual: ``output.logits`` are the full logits), ``(None, None)``
+    when the model changed what the head returned (nothing usable; computed again unfused). The
+    last two are remembered for ``output_head``. ``returned(value)`` is the tensor the probe
+    hands back in place of the logits (checked to come out of the model unchanged).
+    """
     from automodel_cli.components.loss.targets import shift_labels
 
     targets = shift_labels(labels).reshape(-1)
@@ -147,34 +217,39 @@ def training_loss(
     original = head.forward
 
     def probe(hidden: Any) -> Any:
-        weight = head.weight
-        if tuple(hidden.shape[:-1]) != tuple(labels.shape) or _is_dtensor(weight) or _is_dtensor(hidden):
-            state["fallback"] = True
-            return original(hidden)
+        if tuple(hidden.shape[:-1]) != tuple(labels.shape):
+            return _unfused(state, original, hidden, "its hidden states do not match the labels' shape")
+        if _is_dtensor(head.weight) or _is_dtensor(hidden):
+            return _unfused(state, original, hidden, "its lm_head is tensor-parallel")
         device = hidden.device
         selected = hidden.reshape(-1, hidden.size(-1)).index_select(0, rows.to(device, non_blocking=True))
-        targets_here = kept.to(device, non_blocking=True)
-        if spec.kind == "fused":
-            value = spec.call(spec.fn, selected, weight, targets_here, num_label_tokens, bias=head.bias)
-        else:
-            value = spec.call(spec.fn, original(selected), targets_here, num_label_tokens)
-        state["loss"] = value
-        return value
+        state["value"] = compute(selected, kept.to(device, non_blocking=True), original)
+        return returned(state["value"])
 
     with _replaced_forward(head, probe), autocast():
         output = model(**inputs, use_cache=False)
-    value = state.get("loss")
-    if value is not None:
-        if output.logits is value:
-            return value
-        # The model transformed what it took for logits: this loss is wrong; never fuse again.
+    if "unfused" in state:
+        _remember(model, state["unfused"])
+        return None, output
+    value = state.get("value")
+    if value is not None and output.logits is not returned(value):
+        # The model transformed what it took for logits: this value is wrong; never fuse again.
         del output, value
-        _HEADS[model] = (None, "the model changes the logits after its LM head")
+        _remember(model, "the model changes the logits after its LM head")
         warnings.warn(f"{type(_unwrap(model)).__name__} changes the logits after its LM head; "
-                      "computing full logits for the loss from now on.", stacklevel=2)
-        return _full_logits_loss(model, inputs, labels, num_label_tokens, spec, autocast)
-    logits = output.logits
-    return spec.call(spec.logits_fn, logits, labels.to(logits.device), num_label_tokens)
+                      "computing full logits for the loss from now on.", stacklevel=3)
+        return None, None
+    return value, None
+
+
+def _unfused(state: dict[str, Any], original: Callable[[Any], Any], hidden: Any, reason: str) -> Any:
+    state["unfused"] = reason
+    return original(hidden)
+
+
+def _remember(model: Any, reason: str) -> None:
+    with contextlib.suppress(TypeError):
+        _HEADS[model] = (None, reason)
 
 
 def _full_logits_loss(model: Any, inputs: dict[str, Any], labels: Any, num_label_tokens: Any,

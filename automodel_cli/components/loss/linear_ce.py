@@ -20,10 +20,13 @@ Precision follows autocast: under autocast the chunk matmuls run in the autocast
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from automodel_cli.components.loss.chunked_ce import chunked_cross_entropy
+from automodel_cli.components.loss.kd import linear_distillation_loss
 from automodel_cli.components.loss.targets import IGNORE_INDEX, as_rows, normaliser, rows_per_chunk
 
 
@@ -46,12 +49,12 @@ def linear_cross_entropy(
     """
     rows, targets = as_rows(hidden, labels)
     scale = 1.0 / normaliser(num_label_tokens, targets)
-    chunk = rows_per_chunk(chunk_size, weight.size(0))
-    device_type = rows.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else rows.dtype
-    with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(rows, weight, bias, targets, scale, chunk, dtype,
-                                         torch.is_grad_enabled())
+
+    def chunk_loss(z: torch.Tensor, start: int, end: int, want_grad: bool):
+        total, grad = cross_entropy_chunk(z, targets[start:end], scale, want_grad)
+        return total.reshape(1), grad
+
+    return fused_linear_loss(rows, weight, bias, chunk_loss, 1, rows_per_chunk(chunk_size, weight.size(0)))[0]
 
 
 #: Takes hidden states and the head's weight instead of logits (docs/plugins.md, losses).
@@ -59,39 +62,69 @@ linear_cross_entropy.fused = True
 #: Used when the model's head cannot be fused (soft-capped or scaled logits, a tensor-parallel or
 #: adapted ``lm_head``): the logits then exist anyway, so at least avoid their fp32 copies.
 linear_cross_entropy.logits_loss = chunked_cross_entropy
+#: ``automodel distill`` with this loss computes CE and KL from the student's hidden states too.
+linear_cross_entropy.distillation = linear_distillation_loss
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """``scale * sum_i (lse_i - z_i[y_i])`` with ``z = hidden @ weight.T + bias`` chunk by chunk;
-    gradients are computed in forward and saved (see the module docstring)."""
+def cross_entropy_chunk(z: torch.Tensor, targets: torch.Tensor, scale: float, want_grad: bool):
+    """``(scale * sum of the rows' cross-entropy, its gradient with respect to z or None)`` for
+    one chunk of fp32 logits ``z`` ``[rows, vocab]``; rows whose target is -100 count nothing.
+    The gradient ``scale * (softmax(z) - onehot(y))`` is built in ``z``'s storage."""
+    valid = targets != IGNORE_INDEX
+    index = targets.clamp(min=0).unsqueeze(1)
+    lse = torch.logsumexp(z, dim=-1)
+    total = torch.where(valid, lse - z.gather(1, index).squeeze(1), 0.0).sum() * scale
+    if not want_grad:
+        return total, None
+    grad = z.sub_(lse.unsqueeze(1)).exp_()
+    grad.scatter_add_(1, index, -valid.unsqueeze(1).to(grad.dtype))
+    grad.mul_((valid.to(grad.dtype) * scale).unsqueeze(1))
+    return total, grad
+
+
+def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      chunk_loss: Callable[..., tuple[torch.Tensor, torch.Tensor | None]], num_terms: int,
+                      chunk: int) -> torch.Tensor:
+    """``[num_terms]`` fp32 loss terms computed from the logits ``hidden @ weight.T + bias``
+    ``chunk`` rows at a time, never all of them; only the first term is differentiable.
+
+    ``chunk_loss(z, start, end, want_grad)`` receives the fp32 logits ``z`` of rows
+    ``start:end`` (it may overwrite them) and returns the chunk's ``[num_terms]`` contributions
+    and, when ``want_grad``, the gradient of the first term with respect to ``z``. The matmuls
+    follow autocast like the LM head would.
+    """
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    with torch.autocast(device_type, enabled=False):
+        return _FusedLinearLoss.apply(hidden, weight, bias, chunk_loss, num_terms, chunk, dtype,
+                                      torch.is_grad_enabled())
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Loss terms from ``z = hidden @ weight.T + bias`` chunk by chunk; the gradients of the first
+    term are computed in forward and saved (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale, chunk, dtype, grad_enabled):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, chunk_loss, num_terms, chunk, dtype, grad_enabled):  # type: ignore[override]
         n = hidden.size(0)
         want_h = grad_enabled and ctx.needs_input_grad[0]
         want_w = grad_enabled and ctx.needs_input_grad[1]
         want_b = grad_enabled and bias is not None and ctx.needs_input_grad[2]
+        want_grad = want_h or want_w or want_b
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        terms = torch.zeros(num_terms, dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             h = hidden[start:end].to(dtype)
-            z = F.linear(h, w, b).float()  # [rows, vocab]: the only vocabulary-sized tensor
-            t = targets[start:end]
-            valid = t != IGNORE_INDEX
-            index = t.clamp(min=0).unsqueeze(1)
-            lse = torch.logsumexp(z, dim=-1)
-            total += torch.where(valid, lse - z.gather(1, index).squeeze(1), 0.0).sum()
-            if not (want_h or want_w or want_b):
+            z = F.linear(h, w, b).float()  # [rows, vocab]: the only vocabulary-sized input
+            chunk_terms, g = chunk_loss(z, start, end, want_grad)
+            terms += chunk_terms
+            if not want_grad:
                 continue
-            # d loss / d z = scale * (softmax(z) - onehot(y)) on trained rows, 0 elsewhere; in place.
-            g = z.sub_(lse.unsqueeze(1)).exp_()
-            g.scatter_add_(1, index, -valid.unsqueeze(1).to(g.dtype))
-            g.mul_((valid.to(g.dtype) * scale).unsqueeze(1))
             if want_b:
                 grad_b += g.sum(0)
             g = g.to(dtype)
@@ -104,13 +137,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w += (g.t() @ h).float()
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return total * scale
+        return terms
 
     @staticmethod
-    def backward(ctx, grad_total):  # type: ignore[override]
+    def backward(ctx, grad_terms):  # type: ignore[override]
         grad_h, grad_w, grad_b = ctx.grads
         ctx.grads = None
         h_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_total = grad_terms[0]  # the other terms are reported values, not part of the loss
         # The stored gradients belong to this call alone: scale them in place.
         out_h = grad_h.mul_(grad_total.to(h_dtype)) if grad_h is not None else None
         out_w = grad_w.mul_(grad_total).to(w_dtype) if grad_w is not None else None

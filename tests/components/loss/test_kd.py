@@ -123,3 +123,20 @@ def test_under_no_grad_same_value_and_no_graph():
         value = kd_loss(student, teacher, labels)
     assert not value.requires_grad
     torch.testing.assert_close(value, kd_loss(student, teacher, labels).detach())
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_masked_tokens_with_minus_infinity_logits_give_finite_values(direction):
+    """A token both models rule out (-inf logit) contributes nothing, never nan."""
+    student, teacher, labels = make_batch()
+    teacher = teacher.clone()
+    teacher[..., 3] = float("-inf")
+    with torch.no_grad():
+        student[..., 3] = float("-inf")
+    got = kd_loss(student, teacher, labels, 10, temperature=2.0, direction=direction)
+    keep = [v for v in range(student.size(-1)) if v != 3]
+    want = reference_kd(student[..., keep], teacher[..., keep], labels, 10, 2.0, direction)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert torch.isfinite(student.grad).all()

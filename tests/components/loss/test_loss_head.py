@@ -229,3 +229,54 @@ def test_prepare_loss_runs_the_check_and_passes_only_accepted_options():
     assert prepare_loss(linear_cross_entropy).kind == "fused"
     assert prepare_loss(chunked_cross_entropy).kind == "rows"
     assert prepare_loss(linear_cross_entropy).logits_fn is chunked_cross_entropy
+
+
+# ------------------------------------------------------------------ distillation_training_loss
+def tiny_teacher():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, use_cache=False)
+    return LlamaForCausalLM(config).float().eval().requires_grad_(False)
+
+
+def full_logits_distillation(model, teacher, inputs, labels, n, **kd):
+    from automodel_cli.components.loss.kd import distillation_loss, kd_loss
+
+    logits = model(**inputs, use_cache=False).logits
+    with torch.no_grad():
+        teacher_logits = teacher(**inputs, use_cache=False).logits
+    ce = masked_cross_entropy(logits, labels, n)
+    kl = kd_loss(logits, teacher_logits, labels, n, temperature=kd["temperature"], direction=kd["direction"])
+    return distillation_loss(ce, kl, kd_weight=kd["kd_weight"], temperature=kd["temperature"]), ce, kl
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_distillation_from_hidden_states_matches_full_logits(direction):
+    from automodel_cli.components.loss.head import distillation_training_loss
+
+    model, teacher = tiny_llama(tie=False), tiny_teacher()
+    inputs, labels = batch()
+    kd = {"kd_weight": 0.4, "temperature": 2.0, "direction": direction}
+    want = full_logits_distillation(model, teacher, inputs, labels, 30, **kd)
+    want_grads = grads_of(model, want[0])[1]
+    spec = prepare_loss(linear_cross_entropy, chunk_size=5)
+    got = distillation_training_loss(model, teacher, inputs, labels, 30, spec, **kd)
+    assert got is not None
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.detach(), w.detach(), rtol=1e-5, atol=1e-6)
+    assert_matches(grads_of(model, got[0]), (want[0].detach(), want_grads))
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_distillation_is_not_fused_for_unfused_losses_or_heads():
+    from automodel_cli.components.loss.head import distillation_training_loss
+
+    model, teacher = tiny_llama(), tiny_teacher()
+    inputs, labels = batch()
+    kd = {"kd_weight": 0.5, "temperature": 1.0, "direction": "forward"}
+    assert distillation_training_loss(model, teacher, inputs, labels, 30, masked_cross_entropy, **kd) is None
+    teacher.config.final_logit_softcapping = 30.0  # a teacher whose logits are changed after its head
+    assert distillation_training_loss(model, teacher, inputs, labels, 30, linear_cross_entropy, **kd) is None
