@@ -203,7 +203,7 @@ def _loss_inside_forward(model: Any, head: Any, inputs: dict[str, Any], labels: 
     ``project`` is the head's own forward (hidden states -> logits).
 
     Returns ``(value, None)`` when that worked, ``(None, output)`` when the probe found it could
-    not fuse (the head then ran as usual: ``output.logits`` are the full logits), ``(None, None)``
+    not fuse or was never called (``output.logits`` are then the model's full logits), ``(None, None)``
     when the model changed what the head returned (nothing usable; computed again unfused). The
     last two are remembered for ``output_head``. ``returned(value)`` is the tensor the probe
     hands back in place of the logits (checked to come out of the model unchanged).
@@ -232,7 +232,9 @@ def _loss_inside_forward(model: Any, head: Any, inputs: dict[str, Any], labels: 
         _remember(model, state["unfused"])
         return None, output
     value = state.get("value")
-    if value is not None and output.logits is not returned(value):
+    if value is None:  # the head's forward was never called: the output is all there is
+        return None, output
+    if output.logits is not returned(value):
         # The model transformed what it took for logits: this value is wrong; never fuse again.
         del output, value
         _remember(model, "the model changes the logits after its LM head")
