@@ -41,7 +41,7 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.peft.lora import count_parameters
     from automodel_cli.components.training import flops as flops_math
     from automodel_cli.components.training.loop import (build_loss, data_parallel, optimizer_step, printer,
-                                                        processes, seeded_precision)
+                                                        processes, seeded_precision, step_rates)
     from automodel_cli.components.training.model_setup import init_device, prepare_model
     from automodel_cli.components.training.text_data import check_block_size
     from automodel_cli.plugin_host import get_registries
@@ -120,8 +120,7 @@ def run(cfg: Any) -> int:
         "seq_len": bench.seq_len, "batch_size_per_rank": bench.batch_size, "tokens_per_step": tokens_per_step,
         "warmup_steps": bench.warmup_steps, "steps": len(times),
         "step_time_s": stats, "step_times_s": times,
-        "tokens_per_s": tokens_per_step / stats["mean"],
-        "tokens_per_s_per_device": tokens_per_step / stats["mean"] / env.world_size,
+        **step_rates(tokens_per_step, stats["mean"], env.world_size),
         "flops_per_token": flops.as_dict(), "tflops_per_s_per_device": tflops,
         "peak_tflops_per_device": peak, "peak_source": peak_source, "mfu": mfu,
         "peak_memory_bytes": memory, "peak_memory_gib": memory / 2**30, "memory_measure": memory_kind,

@@ -26,7 +26,6 @@ values as the full-logits path). Otherwise both models' full logits are computed
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,7 +57,7 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.training.loop import (build_loss, checkpoint_due, claim_output_dir,
                                                         close_loop, data_parallel, log_step, open_loggers,
                                                         optimizer_step, processes, resume, save_outputs,
-                                                        seeded_precision)
+                                                        seeded_precision, step_rates)
     from automodel_cli.components.training.model_setup import adapter_base, prepare_model
     from automodel_cli.components.training.progress import TrainingProgress
     from automodel_cli.components.training.sft_data import prepare_sft_data
@@ -226,12 +225,10 @@ def run(cfg: Any) -> int:
             loss_value, ce_value, kl_value = meshes.all_reduce_dp(sums, mesh).tolist()
             metrics = {"step": step, "loss": loss_value, "ce_loss": ce_value, "kl": kl_value, "lr": lr,
                        "grad_norm": grad_norm, "tokens": tokens, "label_tokens": label_tokens,
-                       "tokens_per_s": tokens / elapsed, "tokens_per_s_per_device": tokens / elapsed / env.world_size,
+                       **step_rates(tokens, elapsed, env.world_size),
                        "epoch": plan.epoch_of(step - 1)}
             if step == start_step + 1 and (note := fusion_note()):
                 say(note)
-            if not math.isfinite(metrics["loss"]):
-                progress.log(f"warning: loss is {metrics['loss']} at step {step}")
             after = log_step(cfg, step, total_steps, metrics, evaluate=evaluate_now, describe=_format_distill_eval,
                              loggers=loggers, progress=progress) or after
             save_now, stopping = checkpoint_due(cfg, step, total_steps, stop, env)

@@ -14,7 +14,6 @@ by the step's total trained tokens, and gradients are summed over ranks (see
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -35,7 +34,8 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.training.evaluation import evaluate, format_eval
     from automodel_cli.components.training.loop import (build_loss, checkpoint_due, claim_output_dir, close_loop,
                                                         data_parallel, log_step, open_loggers, optimizer_step,
-                                                        processes, resume, save_outputs, seeded_precision)
+                                                        processes, resume, save_outputs, seeded_precision,
+                                                        step_rates)
     from automodel_cli.components.training.model_setup import adapter_base, prepare_model
     from automodel_cli.components.training.padding import Padding, run_padding
     from automodel_cli.components.training.progress import TrainingProgress
@@ -131,11 +131,9 @@ def run(cfg: Any) -> int:
             tokens = sum(data.train_lengths[i] for i in samples)
             metrics = {"step": step, "loss": meshes.all_reduce_dp(loss_sum, mesh).item(), "lr": lr,
                        "grad_norm": grad_norm, "tokens": tokens, "label_tokens": label_tokens,
-                       "tokens_per_s": tokens / elapsed, "tokens_per_s_per_device": tokens / elapsed / env.world_size,
+                       **step_rates(tokens, elapsed, env.world_size),
                        "padding_fraction": padding[step - 1].fraction,
                        "epoch": plan.epoch_of(step - 1)}
-            if not math.isfinite(metrics["loss"]):
-                progress.log(f"warning: loss is {metrics['loss']} at step {step}")
             after = log_step(cfg, step, total_steps, metrics, evaluate=evaluate_now, describe=format_eval,
                              loggers=loggers, progress=progress) or after
             save_now, stopping = checkpoint_due(cfg, step, total_steps, stop, env)

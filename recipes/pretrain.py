@@ -20,7 +20,6 @@ Every step logs tokens/s, TFLOP/s and MFU per device (components/training/flops.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -43,7 +42,7 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.training.loop import (build_loss, checkpoint_due, claim_output_dir,
                                                         close_loop, data_parallel, log_step, open_loggers,
                                                         optimizer_step, processes, resume, save_outputs,
-                                                        seeded_precision)
+                                                        seeded_precision, step_rates)
     from automodel_cli.components.training.model_setup import init_device, prepare_model
     from automodel_cli.components.training.progress import TrainingProgress
     from automodel_cli.components.training.text_data import check_block_size, prepare_text_data
@@ -146,11 +145,8 @@ def run(cfg: Any) -> int:
             loss = meshes.all_reduce_dp(loss_sum, mesh).item()
             first_loss = loss if step == 1 else first_loss
             metrics = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                       "label_tokens": label_tokens, "tokens_per_s": tokens / elapsed,
-                       "tokens_per_s_per_device": tokens / elapsed / env.world_size,
+                       "label_tokens": label_tokens, **step_rates(tokens, elapsed, env.world_size),
                        "tflops_per_device": tflops, "mfu": mfu, "epoch": data.epoch_of(step - 1)}
-            if not math.isfinite(loss):
-                progress.log(f"warning: loss is {loss} at step {step}")
             after = log_step(cfg, step, total_steps, metrics, evaluate=evaluate_now, describe=_format_eval,
                              loggers=loggers, progress=progress) or after
             save_now, stopping = checkpoint_due(cfg, step, total_steps, stop, env)

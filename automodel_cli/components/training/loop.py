@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import warnings
@@ -148,8 +149,11 @@ def optimizer_step(model: Any, optimizer: Any, scheduler: Any | None, max_grad_n
 
 def log_step(cfg: Any, step: int, total_steps: int, metrics: dict[str, Any], *, evaluate: Callable[[], Any],
              describe: Callable[[Any], str], loggers: list[Any], progress: Any) -> dict[str, Any] | None:
-    """Validate when due (every ``train.eval_every_steps`` steps and after the last one), add the
-    result to ``metrics`` and log them; returns the validation result, or None when none ran."""
+    """Warn about a non-finite loss, validate when due (every ``train.eval_every_steps`` steps and
+    after the last one), add the result to ``metrics`` and log them; returns the validation
+    result, or None when none ran."""
+    if not math.isfinite(metrics["loss"]):
+        progress.log(f"warning: loss is {metrics['loss']} at step {step}")
     every = cfg.train.eval_every_steps
     result = None
     if step == total_steps or (every and step % every == 0):
@@ -161,6 +165,11 @@ def log_step(cfg: Any, step: int, total_steps: int, metrics: dict[str, Any], *, 
         logger.log(metrics, step)
     progress.update(step, metrics)
     return result
+
+
+def step_rates(tokens: int, seconds: float, world_size: int) -> dict[str, float]:
+    """``tokens_per_s`` (all processes) and ``tokens_per_s_per_device`` of a step."""
+    return {"tokens_per_s": tokens / seconds, "tokens_per_s_per_device": tokens / seconds / world_size}
 
 
 def checkpoint_due(cfg: Any, step: int, total_steps: int, stop: Any, env: Any) -> tuple[bool, bool]:
