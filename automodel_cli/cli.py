@@ -313,4 +313,13 @@ def _run(argv: list[str] | None) -> int:
         return error.exit_code
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        _release_run_locks()
     return 0
+
+
+def _release_run_locks() -> None:
+    """Give up the output-directory lock a recipe took (only loaded when a recipe ran)."""
+    run_lock = sys.modules.get("automodel_cli.components.training.run_lock")
+    if run_lock is not None:
+        run_lock.release_all()

@@ -123,7 +123,8 @@ def run(cfg: Any) -> int:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
 
     # 8. Resume, then the run's files (rank 0 writes them). Checkpoints never hold the teacher.
-    state = resume(cfg, output_dir, model=model, optimizer=optimizer, scheduler=scheduler, say=say)
+    state = resume(cfg, output_dir, model=model, optimizer=optimizer, scheduler=scheduler, say=say,
+                   is_main=env.is_main)
     start_step = int(state["step"])
     loggers = open_loggers(cfg, registries, output_dir, start_step, env.is_main)
 

@@ -105,7 +105,8 @@ def run(cfg: Any) -> int:
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
 
     # 6. Resume (model, optimizer, schedule, RNG and the data position), then the run's files.
-    state = resume(cfg, output_dir, model=model, optimizer=optimizer, scheduler=scheduler, say=say)
+    state = resume(cfg, output_dir, model=model, optimizer=optimizer, scheduler=scheduler, say=say,
+                   is_main=env.is_main)
     start_step = int(state["step"])
     data.restore(state, start_step)
     loggers = open_loggers(cfg, registries, output_dir, start_step, env.is_main)

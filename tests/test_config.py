@@ -143,3 +143,91 @@ def test_cli_errors_exit_2_without_traceback(args, message, tmp_path):
     assert result.exit_code == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------- ranges
+OUT_OF_RANGE = [
+    ("train.max_steps", "-1", ">= 1"), ("train.max_steps", "0", ">= 1"),
+    ("train.micro_batch_size", "0", ">= 1"), ("train.global_batch_size", "0", ">= 1"),
+    ("train.epochs", "0", ">= 1"), ("train.seed", "-3", "0 <= x <= 4294967295"),
+    ("train.max_grad_norm", "0", "> 0"), ("train.eval_every_steps", "0", ">= 1"),
+    ("optim.lr", "-1", "> 0"), ("optim.lr", ".nan", "finite"), ("optim.lr", ".inf", "finite"),
+    ("optim.weight_decay", "-0.1", ">= 0"), ("optim.eps", "0", "> 0"), ("optim.min_lr_ratio", "1.5", "0 <= x <= 1"),
+    ("optim.warmup_steps", "-5", ">= 0"), ("optim.betas", "[0.9]", "two numbers"),
+    ("optim.betas", "[0.9, 1.0]", "two numbers"), ("peft.rank", "0", ">= 1"), ("peft.dropout", "1", "0 <= x < 1"),
+    ("peft.alpha", "0", "> 0"), ("data.max_length", "1", ">= 2"), ("data.eval_size", "-1", "integer >= 0"),
+    ("data.eval_size", "1.5", "fraction 0 <= x < 1"), ("distributed.tp", "0", ">= 1"),
+    ("distributed.dp_shard", "0", "-1"), ("distributed.dp_replicate", "0", ">= 1"),
+    ("checkpoint.every_steps", "0", ">= 1"), ("checkpoint.keep", "0", ">= 1"),
+    ("distill.temperature", "0", "> 0"), ("distill.kd_weight", "2", "0 <= x <= 1"),
+    ("launch.nodes", "0", ">= 1"), ("launch.rdzv_port", "70000", "1 <= x <= 65535"),
+    ("loss.chunk_size", "0", ">= 1"), ("benchmark.steps", "0", ">= 1"),
+]
+
+
+@pytest.mark.parametrize("key, value, bound", OUT_OF_RANGE)
+def test_numbers_out_of_range_name_key_value_and_range(key, value, bound):
+    with pytest.raises(ConfigError) as caught:
+        resolve([defaults_layer(), layer_from_overrides([f"{key}={value}"])])
+    (problem,) = caught.value.problems
+    assert problem.key == key and f"`{key}`" in problem.message and bound in problem.message
+    assert f"command line `{key}={value}`" in str(problem)
+
+
+def test_every_range_problem_is_reported_at_once_with_exit_2(tmp_path):
+    config = write(tmp_path / "run.yaml", "train:\n  max_steps: -1\n  micro_batch_size: 0\noptim:\n  lr: -1\n")
+    result = run_cli("finetune", "demo", "-c", config, "train.global_batch_size=0", "--dry-run")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "4 problems" in result.stderr
+    assert f"{config}:2: `train.max_steps` must be >= 1 (or null), got -1." in result.stderr
+    assert f"{config}:3: `train.micro_batch_size` must be >= 1, got 0." in result.stderr
+    assert f"{config}:5: `optim.lr` must be > 0 (or null), got -1." in result.stderr
+    assert "`train.global_batch_size` must be >= 1, got 0." in result.stderr
+
+
+def test_values_inside_the_range_pass():
+    cfg = resolve([defaults_layer(), layer_from_overrides([
+        "train.max_steps=1", "optim.lr=1e-9", "optim.min_lr_ratio=1", "peft.dropout=0", "data.eval_size=0.5",
+        "data.eval_size=10", "distributed.dp_shard=-1", "optim.warmup_steps=0.1", "train.max_grad_norm=null"])])
+    assert cfg.train.max_steps == 1 and cfg.data.eval_size == 10 and cfg.train.max_grad_norm is None
+
+
+def test_documented_ranges_come_from_the_schema():
+    from automodel_cli.config.schema import KEYS, markdown_reference
+
+    reference = markdown_reference()
+    assert "| `train.max_steps` | an integer or null (>= 1) |" in reference
+    assert "(0 <= x < 1)" in reference  # peft.dropout
+    assert KEYS["optim.betas"].range_text() == "two numbers 0 <= b < 1"
+
+
+# --------------------------------------------------------------------------- secrets
+def test_secret_values_are_redacted_in_every_printed_source(tmp_path):
+    secret = "wb_0123456789abcdef"
+    result = run_cli("config", "show", "demo", f"logging.wandb.api_key={secret}", "train.max_steps=5")
+    assert result.exit_code == 0
+    assert secret not in result.stdout + result.stderr
+    assert "api_key: <redacted>  # from command line `logging.wandb.api_key=<redacted>`" in result.stdout
+    # ... and in error messages naming the override
+    bad = run_cli("finetune", "demo", f"logging.wandb.api_key={secret}", "train.max_steps=-1", "--dry-run")
+    assert bad.exit_code == 2 and secret not in bad.stdout + bad.stderr
+
+
+def test_a_secret_value_of_the_wrong_type_is_not_repeated():
+    from automodel_cli.config.resolve import value_problem
+    from automodel_cli.config.schema import Key
+
+    secret = value_problem("launch.env.HF_TOKEN", 12345, Key((str,), None, "token"))
+    plain = value_problem("launch.env.HOME", 12345, Key((str,), None, "home"))
+    assert "12345" not in secret and "<redacted>" in secret
+    assert "12345" in plain
+
+
+# ---------------------------------------------------------------------------- targets
+@pytest.mark.parametrize("args", [["train.max_steps"], ["demo", "train.max_steps"], ["demo", "optim"]])
+def test_an_override_without_equals_says_so(args):
+    result = run_cli("finetune", *args, "--dry-run")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    missing = args[-1]
+    assert f"`{missing}` looks like a config override missing `=`" in result.stderr
+    assert f"{missing}=VALUE" in result.stderr and "Unknown model preset" not in result.stderr

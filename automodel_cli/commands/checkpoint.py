@@ -40,6 +40,7 @@ def consolidate_command(
     from automodel_cli.components.checkpoint.consolidate import consolidate
     from automodel_cli.components.checkpoint.describe import human_size
 
+    refuse_run_without_checkpoints(source, "consolidate")
     result = consolidate(source, out, dtype=dtype, merge_lora=merge_lora, base_model=base_model,
                          max_shard_bytes=parse_size(max_shard_size), verify=verify)
     if as_json:
@@ -65,11 +66,34 @@ def inspect_command(
     """Show a checkpoint's step, world size and mesh, tensors (dtype, shape, size) and train state."""
     from automodel_cli.components.checkpoint.describe import describe, render
 
+    refuse_run_without_checkpoints(source, "inspect")
     info = describe(source, verify=verify)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
     else:
         typer.echo(render(info), nl=False)
+
+
+def refuse_run_without_checkpoints(source: Path, verb: str) -> None:
+    """A run directory that saved no checkpoint: explain what it holds instead of "not a checkpoint"."""
+    from automodel_cli.components.checkpoint import layout
+    from automodel_cli.components.training.run_dir import RUN_MARKERS
+    from automodel_cli.errors import UserError
+
+    source = Path(source)
+    is_run = source.is_dir() and any((source / marker).exists() for marker in RUN_MARKERS)
+    if not is_run or layout.is_checkpoint_dir(source) or layout.list_checkpoints(layout.checkpoints_root(source)):
+        return
+    final = source / "final"
+    has_final = (final / "config.json").exists() or (final / "adapter_config.json").exists()
+    held = (f"Its final/ directory is already a Hugging Face {'adapter' if (final / 'adapter_config.json').exists() else 'model'} "
+            f"directory: load it with from_pretrained, or pass model.path={final}; there is nothing to {verb}."
+            if has_final else "It has no final/ output either (the run did not finish).")
+    raise UserError(
+        f"`{source}` is a run directory without checkpoints (the run saved none). {held}",
+        "Runs save resumable checkpoints under checkpoints/ when started with checkpoint.every_steps=N "
+        "(also on SIGTERM/SIGINT); those are what `automodel checkpoint` inspects and consolidates.",
+    )
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

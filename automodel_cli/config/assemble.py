@@ -17,7 +17,7 @@ from automodel_cli.config.resolve import (
     resolve,
 )
 from automodel_cli.components.launch.torchrun import inside_torchrun
-from automodel_cli.config.schema import set_dotted
+from automodel_cli.config.schema import SCHEMA, set_dotted
 from automodel_cli.config.yaml_io import Source
 from automodel_cli.errors import UserError, did_you_mean
 from automodel_cli.registry import Entry, Registries
@@ -34,6 +34,8 @@ def split_arguments(arguments: list[str]) -> tuple[str | None, list[str]]:
             overrides.append(argument)
         elif target is None:
             target = argument
+        elif _looks_like_key(argument):
+            raise _missing_equals(argument)
         else:
             raise UserError(
                 f"Unexpected argument `{argument}` after TARGET `{target}`.",
@@ -55,12 +57,27 @@ def recipe_layer(recipe: Entry) -> Layer | None:
 
 
 def preset_layer(name: str, registries: Registries) -> Layer:
+    if name not in registries.models and _looks_like_key(name):
+        raise _missing_equals(name)
     preset = registries.models.get(name)
     data: dict[str, Any] = {}
     for section, values in preset.metadata.get("defaults", {}).items():
         data[section] = dict(values) if isinstance(values, dict) else values
     data.setdefault("model", {})["path"] = preset.metadata["path"]
     return Layer(label=f"preset {name} ({preset.provider})", data=data)
+
+
+def _looks_like_key(text: str) -> bool:
+    """A config key (``train.max_steps``) or a section (``train``) given without ``=value``."""
+    from automodel_cli.config.resolve import _spec_for
+
+    return text in SCHEMA or _spec_for(text) is not None
+
+
+def _missing_equals(argument: str) -> UserError:
+    return UserError(f"`{argument}` looks like a config override missing `=`, not a model preset or YAML file.",
+                     f"Write it as {argument}=VALUE; TARGET is a model preset (`automodel list models`) or a "
+                     f"YAML file, given once before the overrides.")
 
 
 def is_yaml_target(target: str) -> bool:

@@ -20,6 +20,19 @@ SECRET_KEY = re.compile(r"(token|api[_-]?key|password|secret|credential)", re.IG
 REDACTED = "<redacted>"
 
 
+def is_secret_key(dotted: str) -> bool:
+    """Whether a key's value is a credential (token, API key, password, ...), never to be shown."""
+    return SECRET_KEY.search(dotted) is not None
+
+
+def redact_override(dotted: str, text: str) -> str:
+    """A ``key=value`` argument as it may be printed: a secret key's value is replaced."""
+    if not is_secret_key(dotted):
+        return text
+    name, sep, _ = text.partition("=")
+    return f"{name}{sep}{REDACTED}" if sep else text
+
+
 @dataclass
 class Layer:
     """One source of config values."""
@@ -33,7 +46,7 @@ class Layer:
 
     def source(self, dotted: str) -> Source:
         if dotted in self.overrides:
-            return Source(f"{COMMAND_LINE} `{self.overrides[dotted]}`")
+            return Source(f"{COMMAND_LINE} `{redact_override(dotted, self.overrides[dotted])}`")
         line = self.lines.get(dotted)
         if line is None:  # a value inside an open mapping: point at its parent key
             parent = dotted
@@ -147,6 +160,23 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({kind})"
 
 
+def value_problem(dotted: str, value: Any, key: Key) -> str | None:
+    """What is wrong with ``value`` for ``key`` (type, choice or range), or None. Secret values
+    are never repeated in the message."""
+    shown = REDACTED if is_secret_key(dotted) else None
+    if not _type_ok(value, key):
+        return f"`{dotted}` must be {key.type_name()}, got {shown or _describe(value)}."
+    if key.choices and value not in key.choices:
+        suggestion = closest(str(value), [str(c) for c in key.choices])
+        hint = f" Did you mean `{suggestion}`?" if suggestion else ""
+        choices = ", ".join(str(c) for c in key.choices)
+        return f"`{dotted}` must be one of {choices}; got {shown or repr(value)}.{hint}"
+    if (why := key.range_problem(value)) is not None:
+        nullable = " (or null)" if NoneType in key.types else ""
+        return f"`{dotted}` {why}{nullable}, got {shown or repr(value)}."
+    return None
+
+
 def check_layer(layer: Layer) -> list[Problem]:
     """Unknown keys and wrongly typed values of one layer."""
     problems: list[Problem] = []
@@ -157,15 +187,8 @@ def check_layer(layer: Layer) -> list[Problem]:
         problems.append(Problem(layer.source(dotted), dotted, f"unknown key `{dotted}`.{hint}"))
 
     def check_value(dotted: str, value: Any, key: Key) -> None:
-        if not _type_ok(value, key):
-            problems.append(Problem(layer.source(dotted), dotted,
-                                    f"`{dotted}` must be {key.type_name()}, got {_describe(value)}."))
-        elif key.choices and value not in key.choices:
-            suggestion = closest(str(value), [str(c) for c in key.choices])
-            hint = f" Did you mean `{suggestion}`?" if suggestion else ""
-            choices = ", ".join(str(c) for c in key.choices)
-            problems.append(Problem(layer.source(dotted), dotted,
-                                    f"`{dotted}` must be one of {choices}; got {value!r}.{hint}"))
+        if (problem := value_problem(dotted, value, key)) is not None:
+            problems.append(Problem(layer.source(dotted), dotted, problem))
 
     for section, body in layer.data.items():
         spec = SCHEMA.get(section)
@@ -265,7 +288,7 @@ def _view(value: Any) -> Any:
 
 def _redact(node: Any) -> Any:
     if isinstance(node, dict):
-        return {k: REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else _redact(v)
+        return {k: REDACTED if is_secret_key(str(k)) and v not in (None, "") else _redact(v)
                 for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v) for v in node]

@@ -7,6 +7,8 @@ to a library or plugin (for example ``model.config`` overrides of the HF config)
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,13 +17,25 @@ NoneType = type(None)
 
 @dataclass(frozen=True)
 class Key:
-    """One configuration key."""
+    """One configuration key.
+
+    ``ge``/``gt``/``le``/``lt`` bound a numeric value: a number outside its range would train
+    the wrong thing or fail deep inside torch, so it is refused with the other config problems.
+    ``check`` is the rule for the few keys a range cannot describe: it returns why a value is
+    wrong, or None; ``check_doc`` states the rule for docs and messages.
+    """
 
     types: tuple[type, ...]
     default: Any
     doc: str
     choices: tuple[Any, ...] | None = None
     open: bool = False  # a mapping whose sub-keys are not checked
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    check: Callable[[Any], str | None] | None = None
+    check_doc: str | None = None
 
     def type_name(self) -> str:
         names = {
@@ -32,9 +46,56 @@ class Key:
             return " | ".join(repr(c) if not isinstance(c, str) else c for c in self.choices)
         return " or ".join(names.get(t, t.__name__) for t in self.types)
 
+    def range_text(self) -> str | None:
+        """The valid range in words (">= 1", "0 <= x < 1"), or None for an unbounded key."""
+        if self.check_doc:
+            return self.check_doc
+        low = (">=", self.ge) if self.ge is not None else (">", self.gt) if self.gt is not None else None
+        high = ("<=", self.le) if self.le is not None else ("<", self.lt) if self.lt is not None else None
+        if low and high:
+            return f"{_num(low[1])} {low[0].replace('>', '<')} x {high[0]} {_num(high[1])}"
+        if low or high:
+            op, bound = low or high
+            return f"{op} {_num(bound)}"
+        return None
+
+    def range_problem(self, value: Any) -> str | None:
+        """Why ``value`` (already of a valid type) is out of range, or None when it is fine."""
+        if value is None or isinstance(value, bool):
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        if isinstance(value, (int, float)) and not (
+                (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)):
+            return f"must be {self.range_text()}"
+        return self.check(value) if self.check is not None else None
+
+
+def _num(value: float) -> str:
+    """A bound as written in docs: 1 rather than 1.0."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
 
 def _k(types: type | tuple[type, ...], default: Any, doc: str, **kw: Any) -> Key:
     return Key(types if isinstance(types, tuple) else (types,), default, doc, **kw)
+
+
+def _eval_size_problem(value: Any) -> str | None:
+    if (isinstance(value, float) and not 0 <= value < 1) or (isinstance(value, int) and value < 0):
+        return "must be a sample count (an integer >= 0) or a fraction 0 <= x < 1"
+    return None
+
+
+def _betas_problem(value: Any) -> str | None:
+    numbers = [b for b in value if isinstance(b, (int, float)) and not isinstance(b, bool)]
+    if len(value) != 2 or len(numbers) != 2 or not all(0 <= b < 1 for b in numbers):
+        return "must be two numbers 0 <= b < 1, e.g. [0.9, 0.999]"
+    return None
+
+
+def _dp_shard_problem(value: Any) -> str | None:
+    return None if value == -1 or value >= 1 else "must be -1 (the rest of the world size) or >= 1"
 
 
 OPT_STR = (str, NoneType)
@@ -60,54 +121,55 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
         "split": _k(str, "train", "Split of data.path to train on."),
         "eval_path": _k(OPT_STR, None, "Validation data (same formats as data.path)."),
         "eval_split": _k(OPT_STR, None, "Split used for validation when data.eval_path is a hub dataset or data.path has one."),
-        "eval_size": _k((int, float), 0, "Hold out this many samples (int) or this fraction (float) of the training data for validation."),
+        "eval_size": _k((int, float), 0, "Hold out this many samples (int) or this fraction (float) of the training data for validation.",
+                        check=_eval_size_problem, check_doc="an integer >= 0 or a fraction 0 <= x < 1"),
         "prompt_column": _k(str, "prompt", "Column holding the prompt."),
         "completion_column": _k(str, "completion", "Column holding the completion (the trained tokens)."),
         "messages_column": _k(str, "messages", "Column holding chat messages, rendered with the chat template."),
-        "max_length": _k(int, 2048, "Maximum tokens per sample (longer samples are truncated, with a warning); pretrain: the length of every block."),
+        "max_length": _k(int, 2048, "Maximum tokens per sample (longer samples are truncated, with a warning); pretrain: the length of every block.", ge=2),
         "packing": _k(bool, False, "Pack samples into max_length sequences without cross-document attention."),
         "shuffle": _k(bool, True, "Shuffle the training data each epoch (seeded)."),
         "options": _k(dict, {}, "Extra keyword arguments for the dataset plugin.", open=True),
         "text_column": _k(str, "text", "Column holding the documents for pretrain (.txt files: one document per blank-line-separated paragraph)."),
         "streaming": _k(bool, False, "pretrain: read data.path lazily, in order (datasets streaming); the position is checkpointed."),
-        "num_proc": _k(OPT_INT, None, "Processes tokenising text for pretrain (map-style data; null: one)."),
+        "num_proc": _k(OPT_INT, None, "Processes tokenising text for pretrain (map-style data; null: one).", ge=1),
     },
     "peft": {
         "method": _k(str, "none", "Parameter-efficient method: none (full fine-tuning), lora or dora.",
                      choices=("none", "lora", "dora")),
-        "rank": _k(int, 8, "LoRA rank r."),
-        "alpha": _k((int, float), 16, "LoRA alpha (scaling = alpha / rank)."),
-        "dropout": _k((int, float), 0.0, "Dropout on the LoRA input."),
+        "rank": _k(int, 8, "LoRA rank r.", ge=1),
+        "alpha": _k((int, float), 16, "LoRA alpha (scaling = alpha / rank).", gt=0),
+        "dropout": _k((int, float), 0.0, "Dropout on the LoRA input.", ge=0, lt=1),
         "target_modules": _k((str, list), "all-linear", "Modules to adapt: all-linear (every decoder linear layer) or a list of names."),
         "merge": _k(bool, False, "Also write the base model with the adapter merged into final/merged."),
     },
     "train": {
-        "max_steps": _k(OPT_INT, None, "Optimizer steps to run; overrides train.epochs when set."),
-        "epochs": _k(int, 1, "Passes over the training data (used when train.max_steps is null)."),
-        "global_batch_size": _k(int, 8, "Samples per optimizer step across all devices: the unit of a run."),
-        "micro_batch_size": _k(int, 2, "Samples per forward pass on one device; accumulation is derived."),
-        "seed": _k(int, 42, "Seed for model init, data order and dropout."),
-        "max_grad_norm": _k((int, float, NoneType), 1.0, "Clip gradients to this global norm (null: no clipping)."),
-        "eval_every_steps": _k(OPT_INT, None, "Validate every N optimizer steps (and at the start and end)."),
-        "eval_batches": _k(OPT_INT, None, "Cap on validation batches per evaluation (null: the whole split)."),
+        "max_steps": _k(OPT_INT, None, "Optimizer steps to run; overrides train.epochs when set.", ge=1),
+        "epochs": _k(int, 1, "Passes over the training data (used when train.max_steps is null).", ge=1),
+        "global_batch_size": _k(int, 8, "Samples per optimizer step across all devices: the unit of a run.", ge=1),
+        "micro_batch_size": _k(int, 2, "Samples per forward pass on one device; accumulation is derived.", ge=1),
+        "seed": _k(int, 42, "Seed for model init, data order and dropout.", ge=0, le=2**32 - 1),
+        "max_grad_norm": _k((int, float, NoneType), 1.0, "Clip gradients to this global norm (null: no clipping).", gt=0),
+        "eval_every_steps": _k(OPT_INT, None, "Validate every N optimizer steps (and at the start and end).", ge=1),
+        "eval_batches": _k(OPT_INT, None, "Cap on validation batches per evaluation (null: the whole split).", ge=1),
         "activation_checkpointing": _k((bool, str), False, "Recompute decoder-layer activations in backward to save memory: none (false), full (true: every layer) or selective (every other layer); docs/performance.md has the trade-off.",
                                        choices=(False, True, "none", "full", "selective", "false", "true")),
         "compile": _k(bool, False, "torch.compile each decoder layer (the first steps compile; later ones run faster)."),
         "compile_backend": _k(str, "inductor", "torch.compile backend used by train.compile (inductor, aot_eager, eager, ...)."),
-        "log_every_steps": _k(int, 1, "Update the progress bar and loggers every N steps (metrics.jsonl gets every step)."),
+        "log_every_steps": _k(int, 1, "Update the progress bar and loggers every N steps (metrics.jsonl gets every step).", ge=1),
     },
     "optim": {
-        "lr": _k((int, float, NoneType), None, "Peak learning rate; null: 1e-4 with LoRA/DoRA, 2e-5 for full fine-tuning."),
-        "weight_decay": _k((int, float), 0.0, "AdamW weight decay."),
-        "betas": _k(list, [0.9, 0.999], "AdamW betas."),
-        "eps": _k((int, float), 1e-8, "AdamW epsilon."),
+        "lr": _k((int, float, NoneType), None, "Peak learning rate; null: 1e-4 with LoRA/DoRA, 2e-5 for full fine-tuning.", gt=0),
+        "weight_decay": _k((int, float), 0.0, "AdamW weight decay.", ge=0),
+        "betas": _k(list, [0.9, 0.999], "AdamW betas.", check=_betas_problem, check_doc="two numbers 0 <= b < 1"),
+        "eps": _k((int, float), 1e-8, "AdamW epsilon.", gt=0),
         "scheduler": _k(str, "cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant")),
-        "warmup_steps": _k((int, float), 0, "Warmup steps (int) or fraction of all steps (float < 1)."),
-        "min_lr_ratio": _k((int, float), 0.0, "Final learning rate as a fraction of optim.lr."),
+        "warmup_steps": _k((int, float), 0, "Warmup steps (int) or fraction of all steps (float < 1).", ge=0),
+        "min_lr_ratio": _k((int, float), 0.0, "Final learning rate as a fraction of optim.lr.", ge=0, le=1),
     },
     "loss": {
         "name": _k(str, "masked_ce", "Loss from the loss registry: masked_ce, chunked_ce, linear_ce (fused LM head, for large vocabularies), ... (`automodel list losses`)."),
-        "chunk_size": _k(OPT_INT, None, "Tokens per chunk for chunked_ce and linear_ce; null: about 2**25 logits per chunk (128 MiB in fp32)."),
+        "chunk_size": _k(OPT_INT, None, "Tokens per chunk for chunked_ce and linear_ce; null: about 2**25 logits per chunk (128 MiB in fp32).", ge=1),
     },
     "distill": {
         "teacher_path": _k(OPT_STR, None, "Teacher for `automodel distill`: Hugging Face hub id or local model directory; frozen, never saved. Must share the student's vocabulary."),
@@ -115,21 +177,23 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
         "teacher_tokenizer": _k(OPT_STR, None, "Teacher tokenizer compared with the student's before training; defaults to distill.teacher_path (skipped when that has none)."),
         "teacher_dtype": _k(str, "auto", "Teacher weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
                             choices=("auto", "float32", "bfloat16", "float16")),
-        "temperature": _k((int, float), 1.0, "Softmax temperature T of teacher and student logits in the KL term (> 0)."),
-        "kd_weight": _k((int, float), 0.5, "Weight w of distillation: loss = (1 - w) * CE + w * T^2 * KL_T; 1: distillation only, 0: plain fine-tuning."),
+        "temperature": _k((int, float), 1.0, "Softmax temperature T of teacher and student logits in the KL term.", gt=0),
+        "kd_weight": _k((int, float), 0.5, "Weight w of distillation: loss = (1 - w) * CE + w * T^2 * KL_T; 1: distillation only, 0: plain fine-tuning.", ge=0, le=1),
         "kl": _k(str, "forward", "KL direction: forward KL(teacher||student) (classic KD) or reverse KL(student||teacher) (mode-seeking).",
                  choices=("forward", "reverse")),
     },
     "distributed": {
-        "dp_replicate": _k(int, 1, "Data-parallel replica groups (HSDP when > 1: shard inside a group, replicate across)."),
-        "dp_shard": _k(int, -1, "FSDP2 shard group size (-1: whatever remains of the world size)."),
-        "tp": _k(int, 1, "Tensor-parallel degree (plans from the parallel-plan registry, by model_type)."),
+        "dp_replicate": _k(int, 1, "Data-parallel replica groups (HSDP when > 1: shard inside a group, replicate across).", ge=1),
+        "dp_shard": _k(int, -1, "FSDP2 shard group size (-1: whatever remains of the world size).",
+                       check=_dp_shard_problem, check_doc="-1 or >= 1"),
+        "tp": _k(int, 1, "Tensor-parallel degree (plans from the parallel-plan registry, by model_type).", ge=1),
         "sequence_parallel": _k(bool, False, "Shard norms and dropout along the sequence inside the tensor-parallel group."),
     },
     "checkpoint": {
-        "every_steps": _k(OPT_INT, None, "Save a resumable checkpoint every N optimizer steps."),
-        "keep": _k(int, 2, "How many recent checkpoints to keep."),
+        "every_steps": _k(OPT_INT, None, "Save a resumable checkpoint every N optimizer steps.", ge=1),
+        "keep": _k(int, 2, "How many recent checkpoints to keep.", ge=1),
         "resume": _k((str, bool, NoneType), "off", "auto (latest in output_dir), a checkpoint path, or off."),
+        "allow_changes": _k(bool, False, "On resume, apply changed optimizer and schedule settings (optim.*, train.max_steps, train.epochs, train.max_grad_norm) from the resumed step on; without it such a resume is refused, listing the changes."),
     },
     "logging": {
         "loggers": _k(list, [], "Extra metric loggers (metrics.jsonl is always written): wandb, tensorboard, ..."),
@@ -139,26 +203,26 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
     },
     "launch": {
         "launcher": _k(str, "local", "Launcher from the launcher registry: local, slurm, k8s, ... (also --launcher)."),
-        "nodes": _k(int, 1, "Nodes (machines) for the job; > 1 needs a cluster launcher (also --nodes)."),
-        "nproc_per_node": _k(OPT_INT, None, "Processes per node; > 1 starts torchrun (also --nproc-per-node; --gpus-per-node sets it too)."),
-        "gpus_per_node": _k(OPT_INT, None, "GPUs a cluster launcher requests per node (also --gpus-per-node, which runs one process per GPU)."),
+        "nodes": _k(int, 1, "Nodes (machines) for the job; > 1 needs a cluster launcher (also --nodes).", ge=1),
+        "nproc_per_node": _k(OPT_INT, None, "Processes per node; > 1 starts torchrun (also --nproc-per-node; --gpus-per-node sets it too).", ge=1),
+        "gpus_per_node": _k(OPT_INT, None, "GPUs a cluster launcher requests per node (also --gpus-per-node, which runs one process per GPU).", ge=0),
         "job_name": _k(OPT_STR, None, "Name of the cluster job; default: the output directory's name."),
         "env": _k(dict, {}, "Environment variables set for every process of a cluster job (secrets: pass them through the cluster instead).", open=True),
         "setup": _k(list, [], "Shell commands run on each node before training (module load, source venv, ...)."),
-        "rdzv_port": _k(int, 29500, "TCP port of torchrun's c10d rendezvous on the first node of a multi-node job."),
+        "rdzv_port": _k(int, 29500, "TCP port of torchrun's c10d rendezvous on the first node of a multi-node job.", ge=1, le=65535),
         "slurm": _k(dict, {}, "Slurm options (partition, account, qos, time, ...): see docs/launch.md.", open=True),
         "k8s": _k(dict, {}, "Kubernetes options (image, namespace, kind, volumes, ...): see docs/launch.md.", open=True),
         "options": _k(dict, {}, "Options of launchers added by plugins, one mapping per launcher: launch.options.NAME.KEY.", open=True),
     },
     "recipe": _k(OPT_STR, None, "Recipe this config is for (finetune, pretrain, ...); `automodel launch FILE` reads it."),
     "benchmark": {
-        "warmup_steps": _k(int, 3, "Untimed steps before measuring (allocator, kernel selection, compilation)."),
-        "steps": _k(int, 10, "Timed training steps."),
-        "seq_len": _k(int, 2048, "Tokens per sequence."),
-        "batch_size": _k(int, 1, "Sequences per data-parallel rank per step."),
+        "warmup_steps": _k(int, 3, "Untimed steps before measuring (allocator, kernel selection, compilation).", ge=0),
+        "steps": _k(int, 10, "Timed training steps.", ge=1),
+        "seq_len": _k(int, 2048, "Tokens per sequence.", ge=2),
+        "batch_size": _k(int, 1, "Sequences per data-parallel rank per step.", ge=1),
         "synthetic": _k(bool, True, "Random token ids (no tokenizer or data); false: blocks of data.path text as pretrain reads them."),
         "json": _k(bool, False, "Print exactly one JSON object on stdout and nothing else (--json)."),
-        "peak_tflops": _k((int, float, NoneType), None, "Peak TFLOP/s of one device for MFU (benchmark and pretrain); null: the built-in bf16 table, none on CPU."),
+        "peak_tflops": _k((int, float, NoneType), None, "Peak TFLOP/s of one device for MFU (benchmark and pretrain); null: the built-in bf16 table, none on CPU.", gt=0),
     },
     "output_dir": _k(OPT_STR, None, "Where the run writes final/, metrics.jsonl, checkpoints and its config."),
 }
@@ -215,6 +279,11 @@ def get_dotted(tree: dict[str, Any], dotted: str, default: Any = None) -> Any:
     return node
 
 
+def _range_cell(key: Key) -> str:
+    text = key.range_text()
+    return f" ({text})" if text else ""
+
+
 def markdown_reference() -> str:
     """The key tables of docs/config.md (a test keeps the document equal to this)."""
     import json
@@ -223,7 +292,7 @@ def markdown_reference() -> str:
     for section, body in SCHEMA.items():
         items = [(section, body)] if isinstance(body, Key) else [(f"{section}.{k}", v) for k, v in body.items()]
         lines += ["", f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        lines += [f"| `{dotted}` | {key.type_name()} | `{json.dumps(key.default)}` | {key.doc} |"
+        lines += [f"| `{dotted}` | {key.type_name()}{_range_cell(key)} | `{json.dumps(key.default)}` | {key.doc} |"
                   for dotted, key in items]
     return "\n".join(lines) + "\n"
 

@@ -311,3 +311,16 @@ def test_consolidate_memory_stays_near_the_largest_tensor(tmp_path):
     grown = (usage["after_kib"] - usage["before_kib"]) * 1024
     assert (tmp_path / "out" / "model.safetensors").stat().st_size > total
     assert grown < 3 * largest and grown < total / 2, f"peak grew by {grown / 2**20:.1f} MiB, total {total / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["consolidate", "--out", "exported"]])
+def test_a_run_without_checkpoints_is_explained(automodel, tmp_path, command):
+    run = tmp_path / "run"
+    assert automodel("finetune", "demo", "-o", run, "train.max_steps=1", "train.eval_every_steps=null",
+                     "data.eval_split=null", "logging.progress=false").exit_code == 0
+    args = [a if a != "exported" else tmp_path / "exported" for a in command]
+    result = automodel("checkpoint", args[0], run, *args[1:])
+    assert result.exit_code == 2
+    assert "is a run directory without checkpoints" in result.stderr
+    assert f"model.path={run / 'final'}" in result.stderr and "checkpoint.every_steps=N" in result.stderr
+    assert not (tmp_path / "exported").exists()

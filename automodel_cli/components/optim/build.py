@@ -66,3 +66,23 @@ def build_scheduler(optimizer: Any, optim_cfg: Any, total_steps: int) -> Any:
         min_ratio=float(optim_cfg.min_lr_ratio),
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def apply_new_settings(optimizer: Any, scheduler: Any, optim_cfg: Any, lr: float, step: int) -> float:
+    """After a resume that changed optimizer or schedule settings (``checkpoint.allow_changes``):
+    the restored optimizer takes the new hyperparameters, and the schedule continues at ``step``
+    with the rate the new settings give there, as if they had been used from the start. The
+    scheduler's multiplier was built from the new settings; loading the checkpoint restored only
+    its step and old peak rate. Returns the learning rate of the next step."""
+    decay_group = optimizer.param_groups[0]  # build_optimizer's order: decayed weights first
+    decay_group["weight_decay"] = float(optim_cfg.weight_decay)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["betas"] = tuple(float(b) for b in optim_cfg.betas)
+        group["eps"] = float(optim_cfg.eps)
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    scheduler.last_epoch = step
+    for group, multiplier in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * multiplier(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return scheduler._last_lr[0]

@@ -34,13 +34,19 @@ def processes(cfg: Any, stream: TextIO | None = None) -> tuple[Any, Any, Callabl
 
 
 def claim_output_dir(cfg: Any, recipe: str, env: Any) -> Path:
-    """The run's directory (``output_dir``, recorded in the config); one that holds another run
-    is refused before anything loads. Every rank has vetted it when this returns."""
+    """The run's directory (``output_dir``, recorded in the config), created, writable and locked
+    for this run (``run_lock``); one that holds another run, or is in use, is refused before
+    anything loads. Every rank has vetted it when this returns."""
+    from automodel_cli.components.checkpoint import collective
+    from automodel_cli.components.training import run_lock
     from automodel_cli.components.training.run_dir import prepare_output_dir
 
     output_dir = prepare_output_dir(cfg, recipe)
     cfg.tree["output_dir"] = str(output_dir)
-    barrier(env)
+    # Global rank 0 locks the directory for the whole job; every rank learns if it could not.
+    lock = collective.run_agreed(lambda: run_lock.acquire(output_dir, recipe) if env.is_main else None)
+    if lock is not None and (note := run_lock.stale_note(lock)):
+        print(note, flush=True)
     return output_dir
 
 
@@ -103,17 +109,32 @@ def any_rank(flag: bool, env: Any) -> bool:
 
 
 def resume(cfg: Any, output_dir: Path, *, model: Any, optimizer: Any, scheduler: Any,
-           say: Any) -> dict[str, Any]:
+           say: Any, is_main: bool = True) -> dict[str, Any]:
     """Restore the checkpoint that ``checkpoint.resume`` names; its train state, or
-    ``{"step": 0}`` for a fresh start."""
+    ``{"step": 0}`` for a fresh start. Settings changed since the checkpoint's run are refused
+    or, with ``checkpoint.allow_changes``, applied; either way they are said and recorded."""
     from automodel_cli.components.checkpoint import find_checkpoint, load_checkpoint
+    from automodel_cli.components.optim.build import apply_new_settings, peak_lr
+    from automodel_cli.components.training import run_dir
     from automodel_cli.components.training.run_dir import resume_requested
 
     checkpoint = find_checkpoint(cfg.checkpoint.resume, output_dir) if resume_requested(cfg) else None
     if checkpoint is None:
         return {"step": 0}
+    changes = run_dir.changes_since_checkpoint(cfg, checkpoint)
+    run_dir.check_resume_changes(cfg, changes)  # an explicit path was not checked before loading
     state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-    say(f"resumed from {checkpoint} at step {int(state['step'])}")
+    step = int(state["step"])
+    say(f"resumed from {checkpoint} at step {step}")
+    if changes:
+        if changes.schedule:
+            lr = apply_new_settings(optimizer, scheduler, cfg.optim, peak_lr(cfg.optim, cfg.peft.method), step)
+            say(f"applied changed settings from step {step + 1} on (checkpoint.allow_changes): "
+                f"the schedule is recomputed for them; next learning rate {lr:.4g}")
+        for line in changes.lines():
+            say(f"  changed on resume: {line}")
+        if is_main:
+            run_dir.record_resume_changes(output_dir, step, changes)
     return state
 
 

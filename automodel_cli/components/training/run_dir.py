@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from automodel_cli.components.training import run_lock
 from automodel_cli.config.yaml_io import load_yaml_file, write_text_atomic
 from automodel_cli.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", "checkpoints", "final")
 
-#: Settings a resumed run must share with the run it continues (max_steps may grow).
+HISTORY_FILE = "config_history.jsonl"
+
+#: Settings a resumed run must share with the run it continues.
 IDENTITY_KEYS = (
     "model.path", "model.from_scratch", "model.config", "model.dtype",
     "data.name", "data.path", "data.max_length", "data.packing", "data.prompt_column",
@@ -26,6 +30,19 @@ IDENTITY_KEYS = (
     "peft.method", "peft.rank", "peft.alpha", "peft.target_modules",
     "train.global_batch_size", "train.seed", "loss.name",
 )
+
+
+#: Optimizer and schedule settings. A checkpoint restores its optimizer and schedule, so a new
+#: value here would be silently ignored: changing one on resume must be asked for.
+SCHEDULE_KEYS = (
+    "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "optim.scheduler", "optim.warmup_steps",
+    "optim.min_lr_ratio", "train.max_steps", "train.epochs", "train.max_grad_norm",
+)
+#: The run's length: it shapes the schedule unless the rate is constant (with warmup in steps).
+LENGTH_KEYS = ("train.max_steps", "train.epochs")
+#: Not compared on resume: where the run is, how it was asked to resume, how it is launched.
+NOT_COMPARED = ("output_dir", "recipe", "checkpoint.resume", "checkpoint.allow_changes")
+NOT_COMPARED_SECTIONS = ("launch.",)
 
 
 def default_output_dir(recipe: str, target: str | None) -> Path:
@@ -51,6 +68,8 @@ def prepare_output_dir(cfg: Any, recipe: str) -> Path:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir `{output_dir}` exists and is not a directory.",
                         "Choose another --output-dir.")
+    if (record := run_lock.holder(output_dir)) is not None:  # a live run: say so, whatever is asked
+        raise run_lock.in_use(output_dir, record)
     holds_run = output_dir.is_dir() and any((output_dir / m).exists() for m in RUN_MARKERS)
     if not holds_run:
         return output_dir
@@ -73,7 +92,108 @@ def prepare_output_dir(cfg: Any, recipe: str) -> Path:
                 f"these settings ({'; '.join(differences)}).",
                 "Resume with the original settings, or start a new run in another --output-dir.",
             )
+        if cfg.checkpoint.resume == "auto" and _has_checkpoint(output_dir):
+            check_resume_changes(cfg, changes_since(cfg, saved))
     return output_dir
+
+
+def _has_checkpoint(output_dir: Path) -> bool:
+    from automodel_cli.components.checkpoint import layout
+
+    return bool(layout.list_checkpoints(layout.checkpoints_root(output_dir)))
+
+
+# -------------------------------------------------------------------- resuming with changes
+@dataclass
+class ResumeChanges:
+    """What a resumed run changes against the config its checkpoint was trained with:
+    ``schedule`` changes alter the optimizer or the learning-rate schedule (explicit only),
+    ``other`` ones change how the run is carried out (logging, cadence, layout) and are logged.
+    Each maps a dotted key to (saved value, new value)."""
+
+    schedule: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    other: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.schedule or self.other)
+
+    def lines(self) -> list[str]:
+        return [f"{key}: {old!r} -> {new!r}" for key, (old, new) in {**self.schedule, **self.other}.items()]
+
+
+def changes_since(cfg: Any, saved: dict[str, Any]) -> ResumeChanges:
+    """Compare the resolved config with the ``saved`` one (secrets compared redacted, as saved)."""
+    now = _leaves(cfg.redacted())
+    then = {key: _get(saved, key) for key in now}
+    changes = ResumeChanges()
+    for key, value in now.items():
+        old = then[key]
+        if _normalise(old) == _normalise(value) or key in NOT_COMPARED or key.startswith(NOT_COMPARED_SECTIONS) \
+                or any(key == k or key.startswith(k + ".") for k in IDENTITY_KEYS):
+            continue
+        (changes.schedule if key in SCHEDULE_KEYS else changes.other)[key] = (old, value)
+    if not _length_shapes_schedule(cfg, saved):  # a constant rate: more steps change no step's lr
+        for key in LENGTH_KEYS:
+            if key in changes.schedule:
+                changes.other[key] = changes.schedule.pop(key)
+    return changes
+
+
+def changes_since_checkpoint(cfg: Any, checkpoint: Path) -> ResumeChanges:
+    """Changes against the config of the run that wrote ``checkpoint`` (RUN/checkpoints/step_N);
+    none when that run left no config."""
+    saved_path = Path(checkpoint).parent.parent / CONFIG_FILE
+    if not saved_path.is_file():
+        return ResumeChanges()
+    saved, _ = load_yaml_file(saved_path)
+    return changes_since(cfg, saved)
+
+
+def check_resume_changes(cfg: Any, changes: ResumeChanges) -> None:
+    """Refuse optimizer or schedule changes on resume unless ``checkpoint.allow_changes`` asks
+    for them: the checkpoint carries the old schedule, which would otherwise silently win."""
+    if changes.schedule and not cfg.checkpoint.allow_changes:
+        listed = "; ".join(f"{key}: saved {old!r}, now {new!r}" for key, (old, new) in changes.schedule.items())
+        raise UserError(
+            f"This resume changes optimizer or schedule settings the checkpoint was trained with ({listed}); "
+            f"the checkpoint's optimizer and learning-rate schedule would otherwise continue unchanged.",
+            "Resume with the saved values, or add checkpoint.allow_changes=true to apply the new values from the "
+            "resumed step on (the schedule is recomputed for the new settings, as if they had been used from "
+            "the start; the change is logged and recorded in config_history.jsonl), or start a new run in "
+            "another --output-dir.",
+        )
+
+
+def record_resume_changes(output_dir: Path, step: int, changes: ResumeChanges) -> None:
+    """Append what a resume changed to ``config_history.jsonl``: config.yaml holds the settings in
+    force now, the history which steps ran with which values."""
+    import json
+
+    entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "changed": {key: {"before": old, "after": new}
+                         for key, (old, new) in {**changes.schedule, **changes.other}.items()}}
+    with open(output_dir / HISTORY_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, default=str) + "\n")
+
+
+def _length_shapes_schedule(cfg: Any, saved: dict[str, Any]) -> bool:
+    """Whether the run's length changes its learning rates (decay, or warmup given as a fraction)."""
+    for tree_get in (cfg.get, lambda key: _get(saved, key)):
+        warmup = tree_get("optim.warmup_steps")
+        if tree_get("optim.scheduler") != "constant" or (isinstance(warmup, float) and warmup < 1):
+            return True
+    return False
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in tree.items():
+        dotted = f"{prefix}.{name}" if prefix else str(name)
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, dotted))
+        else:
+            out[dotted] = value
+    return out
 
 
 def _get(tree: dict, dotted: str) -> Any:
