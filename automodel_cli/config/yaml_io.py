@@ -76,6 +76,10 @@ def load_yaml_text(text: str, name: str) -> tuple[dict[str, Any], dict[str, int]
         mark = exc.problem_mark or exc.context_mark
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = exc.problem or exc.context or "invalid YAML"
+        opened = exc.context_mark
+        if exc.context and opened is not None and mark is not None and opened.line != mark.line:
+            # an unclosed bracket or quote is found where the file ends: say where it began
+            problem += f"; {exc.context} that starts at line {opened.line + 1}, column {opened.column + 1}"
         raise UserError(
             f"{name}{where}: this is not valid YAML ({problem}).",
             "Fix the syntax there (indentation, a missing ':' or an unclosed quote or bracket).",

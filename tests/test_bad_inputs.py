@@ -1,0 +1,247 @@
+"""A corpus of bad inputs: config, data, model, checkpoint, launcher and plugin mistakes.
+
+Every case must exit with code 2, print no traceback, name the problem (the fragments), and
+leave an existing run directory byte-identical; a new output directory named by the command
+must not be left behind. The cases run in-process through the real CLI, and most stop in the
+cheap checks that run before any model loads, so the whole corpus stays fast.
+
+Placeholders in the arguments: ``{run}`` a finished run with a checkpoint (shared by all cases,
+compared byte for byte after each), ``{new}`` an output directory that must not appear,
+``{tmp}`` the case's scratch directory, ``{data}`` a valid instruction data file, ``{ckpt}``
+the run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from automodel_cli import hookimpl
+from automodel_cli.assets import demo_dir
+from automodel_cli.errors import UserError
+
+FAST = ["train.max_steps=1", "train.global_batch_size=4", "train.micro_batch_size=4", "train.eval_every_steps=null",
+        "data.eval_split=null", "logging.progress=false"]
+
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]
+    fragments: list[str]
+    setup: Callable[[Path], None] | None = None
+    plugin: object | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- setups
+def write(relative: str, text: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        path = tmp / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return setup
+
+
+def jsonl(relative: str, rows: list[dict]) -> Callable[[Path], None]:
+    return write(relative, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def model_dir(relative: str, *, config: bool = True, weights: bool = False) -> Callable[[Path], None]:
+    """A copy of the demo model directory, with or without config.json and weights."""
+    def setup(tmp: Path) -> None:
+        target = tmp / relative
+        shutil.copytree(demo_dir(), target, ignore=shutil.ignore_patterns("*.jsonl", "*.py"))
+        if not config:
+            (target / "config.json").unlink()
+        if weights:
+            (target / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    return setup
+
+
+def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        for each in setups:
+            each(tmp)
+    return setup
+
+
+ROWS = [{"prompt": f"reverse: ab{i}", "completion": f"{i}ba"} for i in range(8)]
+
+
+# ----------------------------------------------------------------------------- plugins
+class FailingDataset:
+    """A plugin dataset whose factory reports a user error through the documented type."""
+
+    @hookimpl
+    def register_datasets(self, registry):
+        def build(path, split, options):
+            raise UserError("corpus-dataset needs data.options.split_ratio.", "Set data.options.split_ratio=0.9.")
+        registry.add("corpus-dataset", build, description="fails with a UserError")
+
+
+class ShadowingLoss:
+    """A second plugin registering an existing loss name without override=True."""
+
+    @hookimpl
+    def register_losses(self, registry):
+        registry.add("corpus-loss", "automodel_cli.components.loss.masked_ce:masked_ce")
+
+
+class ShadowingLossAgain:
+    @hookimpl
+    def register_losses(self, registry):
+        registry.add("corpus-loss", "automodel_cli.components.loss.masked_ce:masked_ce")
+
+
+# ------------------------------------------------------------------------------- cases
+FT = ["finetune", "demo"]
+
+CASES = [
+    # config: keys, types, choices, ranges, files
+    Case("key-typo", [*FT, "train.max_step=5"], ["unknown key `train.max_step`", "Did you mean `train.max_steps`?"]),
+    Case("section-typo", [*FT, "traing.seed=1"], ["unknown key `traing`", "Did you mean `train`?"]),
+    Case("wrong-type", [*FT, "train.max_steps=abc"], ["`train.max_steps` must be an integer or null", "'abc'"]),
+    Case("choice-typo", [*FT, "optim.scheduler=cosin"], ["must be one of cosine, linear, constant", "`cosine`"]),
+    Case("peft-typo", [*FT, "--peft", "lorra"], ["`peft.method` must be one of none, lora, dora", "`lora`"]),
+    Case("max-steps-negative", [*FT, "train.max_steps=-1"], ["`train.max_steps` must be >= 1 (or null), got -1"]),
+    Case("micro-batch-zero", [*FT, "train.micro_batch_size=0"], ["`train.micro_batch_size` must be >= 1, got 0"]),
+    Case("global-batch-zero", [*FT, "train.global_batch_size=0"], ["`train.global_batch_size` must be >= 1, got 0"]),
+    Case("lr-negative", [*FT, "optim.lr=-1"], ["`optim.lr` must be > 0 (or null), got -1"]),
+    Case("lr-nan", [*FT, "optim.lr=.nan"], ["`optim.lr` must be a finite number"]),
+    Case("betas-one", [*FT, "optim.betas=[0.9]"], ["`optim.betas` must be two numbers 0 <= b < 1"]),
+    Case("lora-rank-zero", [*FT, "peft.rank=0"], ["`peft.rank` must be >= 1"]),
+    Case("dp-shard-zero", [*FT, "distributed.dp_shard=0"], ["`distributed.dp_shard` must be -1"]),
+    Case("keep-zero", [*FT, "checkpoint.keep=0"], ["`checkpoint.keep` must be >= 1"]),
+    Case("seed-negative", [*FT, "train.seed=-1"], ["`train.seed` must be 0 <= x <= 4294967295"]),
+    Case("many-at-once", [*FT, "train.max_steps=0", "optim.lr=0", "peft.rank=0"], ["3 problems"]),
+    Case("yaml-syntax", [*FT, "-c", "{tmp}/bad.yaml"], ["bad.yaml line 4", "not valid YAML", "starts at line 3"],
+         setup=write("bad.yaml", "train:\n  max_steps: 3\n  seed: [1, 2\n")),
+    Case("yaml-not-mapping", [*FT, "-c", "{tmp}/list.yaml"], ["must be a mapping of sections"],
+         setup=write("list.yaml", "- train\n- optim\n")),
+    Case("yaml-missing", [*FT, "-c", "{tmp}/nope.yaml"], ["nope.yaml` does not exist"]),
+    Case("yaml-directory", [*FT, "-c", "{tmp}"], ["is a directory"]),
+    Case("yaml-key-line", [*FT, "-c", "{tmp}/run.yaml"], ["run.yaml:4: unknown key `optim.learning_rate`"],
+         setup=write("run.yaml", "train:\n  max_steps: 3\noptim:\n  learning_rate: 0.1\n")),
+    Case("override-no-equals", ["finetune", "train.max_steps"], ["looks like a config override missing `=`"]),
+    Case("override-no-equals-2nd", [*FT, "optim.lr"], ["`optim.lr` looks like a config override missing `=`"]),
+    Case("preset-typo", ["finetune", "llama4"], ["Unknown model preset `llama4`", "Did you mean `llama3`?"]),
+    Case("two-targets", [*FT, "qwen3"], ["Unexpected argument `qwen3`"]),
+    Case("recipe-mismatch", [*FT, "-c", "{tmp}/p.yaml"], ["this config is for the `pretrain` recipe"],
+         setup=write("p.yaml", "recipe: pretrain\n")),
+    # registry names
+    Case("loss-unknown", [*FT, "loss.name=nope"], ["unknown loss `nope`"]),
+    Case("dataset-typo", [*FT, "data.name=sqaud"], ["Did you mean `squad`?"]),
+    Case("logger-typo", [*FT, "logging.loggers=[tensorbord]"], ["unknown logger `tensorbord`", "`tensorboard`"]),
+    Case("launcher-typo", [*FT, "--launcher", "slurmm"], ["unknown launcher `slurmm`", "`slurm`"]),
+    # output directory
+    Case("output-proc", [*FT, "-o", "/proc/automodel-corpus", *FAST], ["cannot be created or written"]),
+    Case("output-under-file", [*FT, "-o", "{tmp}/file/run", *FAST], ["Not a directory"], setup=write("file", "x")),
+    Case("output-is-file", [*FT, "-o", "{tmp}/file", *FAST], ["exists and is not a directory"], setup=write("file", "x")),
+    Case("run-exists", [*FT, "-o", "{run}", *FAST], ["already holds a run", "checkpoint.resume=auto"]),
+    Case("resume-other-run", [*FT, "-o", "{run}", "checkpoint.resume=auto", *FAST, "train.seed=7"],
+         ["holds a different run", "train.seed"]),
+    Case("resume-changed-lr", [*FT, "-o", "{run}", "checkpoint.resume=auto", *FAST, "optim.lr=1e-2"],
+         ["optim.lr: saved 0.003, now 0.01", "checkpoint.allow_changes=true"]),
+    Case("resume-auto-no-dir", [*FT, "checkpoint.resume=auto", *FAST], ["needs the output_dir"]),
+    # data
+    Case("data-missing", ["finetune", "demo", "data.name=auto", "data.path={tmp}/nope.jsonl", "-o", "{new}", *FAST],
+         ["nope.jsonl"]),
+    Case("data-malformed", [*FT, "data.name=instruction", "data.path={tmp}/d.jsonl", "-o", "{new}", *FAST],
+         ["d.jsonl line 2"], setup=write("d.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": \n')),
+    Case("data-columns", [*FT, "data.name=instruction", "data.path={tmp}/d.jsonl", "-o", "{new}", *FAST],
+         ["question", "data.prompt_column"], setup=jsonl("d.jsonl", [{"question": "a", "answer": "b"}] * 4)),
+    Case("data-empty", [*FT, "data.name=instruction", "data.path={tmp}/d.jsonl", "-o", "{new}", *FAST], ["empty"],
+         setup=write("d.jsonl", "")),
+    Case("data-all-masked", [*FT, "data.name=instruction", "data.path={tmp}/d.jsonl", "data.max_length=8", "-o",
+                             "{new}", *FAST], ["data.max_length"],
+         setup=jsonl("d.jsonl", [{"prompt": "reverse: abcdefghij" * 3, "completion": "x"}] * 4)),
+    Case("batch-not-multiple", [*FT, "train.global_batch_size=6", "train.micro_batch_size=4", "train.max_steps=1",
+                                "-o", "{new}"], ["multiple of"]),
+    # model
+    Case("model-missing", ["finetune", "model.path={tmp}/nope", "data.path={data}", "-o", "{new}", *FAST],
+         ["does not exist", "model.path"]),
+    Case("model-config-field", [*FT, "model.config.not_a_field=1", "-o", "{new}", *FAST],
+         ["`model.config.not_a_field` is not a field of the llama config"]),
+    Case("model-no-weights", ["finetune", "model.path={tmp}/m", "data.path={data}", "-o", "{new}", *FAST],
+         ["no weights", "model.from_scratch=true"], setup=model_dir("m")),
+    # checkpoints
+    Case("resume-path-missing", [*FT, "-o", "{new}", "checkpoint.resume={tmp}/nope", *FAST], ["does not exist"]),
+    Case("resume-not-checkpoint", [*FT, "-o", "{new}", "checkpoint.resume={tmp}", *FAST], ["is not a checkpoint"]),
+    Case("inspect-not-checkpoint", ["checkpoint", "inspect", "{tmp}"], ["is not a checkpoint"]),
+    Case("consolidate-out-not-empty", ["checkpoint", "consolidate", "{ckpt}", "--out", "{tmp}/out"],
+         ["{tmp}/out already exists and is not empty; nothing was written"],
+         setup=write("out/keep.txt", "mine")),
+    Case("consolidate-bad-size", ["checkpoint", "consolidate", "{ckpt}", "--out", "{new}", "--max-shard-size", "big"],
+         ["--max-shard-size 'big' is not a size"]),
+    # launchers
+    Case("nodes-local", [*FT, "--nodes", "2", "-o", "{new}"], ["--launcher slurm"]),
+    Case("gpus-nproc-disagree", [*FT, "--gpus-per-node", "2", "--nproc-per-node", "4"], ["disagree"]),
+    Case("mesh-does-not-fit", [*FT, "--nproc-per-node", "2", "distributed.tp=3", "-o", "{new}", "--dry-run"],
+         ["distributed.tp=3 does not fit 2 process(es)"]),
+    Case("slurm-option-typo", [*FT, "--launcher", "slurm", "launch.slurm.partitoin=gpu", "-o", "{new}", "--dry-run"],
+         ["unknown option `launch.slurm.partitoin`", "`partition`"]),
+    Case("k8s-option-type", [*FT, "--launcher", "k8s", "launch.k8s.image=[1]", "-o", "{new}", "--dry-run"],
+         ["`launch.k8s.image` must be a string or null, got [1]"]),
+    # other recipes
+    Case("distill-no-teacher-dir", ["distill", "demo", "distill.teacher_path={tmp}/none", "-o", "{new}", *FAST],
+         ["Teacher directory `{tmp}/none` does not exist (distill.teacher_path)"]),
+    Case("distill-temperature", ["distill", "demo", "distill.temperature=0"], ["`distill.temperature` must be > 0"]),
+    Case("benchmark-seq-len", ["benchmark", "demo", "benchmark.seq_len=1"], ["`benchmark.seq_len` must be >= 2"]),
+    # plugins
+    Case("plugin-user-error", [*FT, "data.name=corpus-dataset", "-o", "{new}", *FAST],
+         ["corpus-dataset needs data.options.split_ratio"], plugin=FailingDataset()),
+    Case("plugin-collision", [*FT, "loss.name=corpus-loss", "-o", "{new}", *FAST],
+         ["corpus-loss", "registered by both"], plugin=(ShadowingLoss(), ShadowingLossAgain())),
+]
+
+
+# ------------------------------------------------------------------------------ harness
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory) -> Path:
+    """A finished run with one checkpoint, the directory every case must leave untouched."""
+    from automodel_cli.cli import main
+
+    run = tmp_path_factory.mktemp("existing") / "run"
+    assert main(["finetune", "demo", "-o", str(run), *FAST, "train.max_steps=2", "checkpoint.every_steps=2"]) == 0
+    return run
+
+
+def test_the_corpus_is_large_and_covers_every_area():
+    assert len(CASES) >= 50
+    assert len({case.id for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input(case, cli, existing_run, automodel_plugin, tmp_path, monkeypatch):
+    before = snapshot(existing_run)
+    new = tmp_path / "new-output"
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    if case.setup:
+        case.setup(tmp_path)
+    for plugin in case.plugin if isinstance(case.plugin, tuple) else [case.plugin] if case.plugin else []:
+        automodel_plugin(plugin)
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    places = {"run": existing_run, "new": new, "tmp": tmp_path, "data": data,
+              "ckpt": existing_run / "checkpoints" / "step_00000002"}
+    result = cli(*[arg.format(**places) for arg in case.args])
+
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    message = " ".join(result.stderr.split())
+    for fragment in case.fragments:
+        assert " ".join(fragment.format(**places).split()) in message, message
+    assert snapshot(existing_run) == before
+    assert not new.exists(), sorted(p.name for p in new.iterdir())
