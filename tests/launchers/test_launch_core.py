@@ -178,7 +178,7 @@ def test_plugin_launcher_runs_tracks_and_cancels_jobs(automodel_plugin, cli, tmp
 def test_launch_file_runs_the_recipe_it_names(automodel_plugin, cli, tmp_path):
     automodel_plugin(PLUGIN)
     job = tmp_path / "job.yaml"
-    job.write_text("recipe: finetune\nmodel:\n  path: demo-model\nlaunch:\n  launcher: background\n"
+    job.write_text("recipe: finetune\nmodel:\n  path: demo-model\ndata:\n  name: demo\nlaunch:\n  launcher: background\n"
                    "  nodes: 2\n  nproc_per_node: 2\n  options:\n    background:\n      log_name: train.log\n")
     result = cli("launch", str(job), "--dry-run", "-o", str(tmp_path / "run"), "train.seed=3")
     assert result.exit_code == 0, result.stderr

@@ -55,7 +55,7 @@ def written(tmp_path: Path) -> list[str]:
 def test_dry_run_prints_a_multi_node_batch_script_and_writes_nothing(tmp_path, state_dir):
     run = tmp_path / "run"
     result = cli("finetune", "llama3", "--peft", "lora", "--nodes", "4", "--gpus-per-node", "8",
-                 "--launcher", "slurm", "--dry-run", "-o", str(run),
+                 "--launcher", "slurm", "--dry-run", "-o", str(run), "data.path=acme/sft-mix",
                  "launch.slurm.partition=gpu", "launch.slurm.account=proj42", "launch.slurm.qos=high",
                  "launch.slurm.time=1-12:00:00", "launch.slurm.cpus_per_task=64", "launch.slurm.mem=480G",
                  "launch.slurm.exclusive=true", "launch.slurm.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
@@ -218,9 +218,9 @@ def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("slurm-jobs")
 
 
-def submit(cluster, home: Path, run: Path, *args: str):
+def submit(cluster, home: Path, run: Path, *args: str, env: dict[str, str] | None = None):
     return cli("finetune", "demo", *SLURM_FLAGS, "-o", str(run), *SMALL, *args,
-               state=home / "state", cwd=home, env=cluster.env)
+               state=home / "state", cwd=home, env={**cluster.env, **(env or {})})
 
 
 def job_id_of(result) -> str:
@@ -252,15 +252,37 @@ def steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+#: A credential exported in the submitting shell and handed to the job by reference.
+TOKEN = "hf_" + "SlurmJobTokenValue0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
 def finished(cluster, home):
-    """A 2-process LoRA-free fine-tune submitted through sbatch and followed to its end."""
+    """A 2-process LoRA-free fine-tune submitted through sbatch and followed to its end; its
+    HF_TOKEN comes from the submitting shell by reference (launch.env), and each node's setup
+    prints a hash of what it received."""
     run = home / "finished"
     result = submit(cluster, home, run, "train.max_steps=6", "checkpoint.every_steps=3",
-                    "launch.setup=['echo setup ran on $(hostname) for job $SLURM_JOB_ID']")
+                    "launch.env.HF_TOKEN=${AUTOMODEL_TEST_TOKEN}",
+                    "launch.setup=['echo setup ran on $(hostname) for job $SLURM_JOB_ID',"
+                    " 'echo token-hash=$(printf %s \"$HF_TOKEN\" | sha256sum | cut -c1-16)']",
+                    env={"AUTOMODEL_TEST_TOKEN": TOKEN})
     job_id = job_id_of(result)
     logs = follow(cluster, home, job_id)
     return {"run": run, "job_id": job_id, "submit": result, "logs": logs.stdout}
+
+
+def test_a_token_passed_by_reference_reaches_the_nodes_and_is_written_nowhere(finished, home):
+    import hashlib
+
+    assert f"token-hash={hashlib.sha256(TOKEN.encode()).hexdigest()[:16]}" in finished["logs"]
+    launch = finished["run"] / "launch"
+    assert 'export HF_TOKEN="${AUTOMODEL_TEST_TOKEN}"' in (launch / "job.sbatch").read_text()
+    assert "HF_TOKEN: ${AUTOMODEL_TEST_TOKEN}" in (launch / "config.yaml").read_text()
+    written = [p for p in home.rglob("*") if p.is_file()]
+    assert launch / "job.json" in written and any(p.name.startswith("slurm-") for p in written)
+    assert [p for p in written if TOKEN.encode() in p.read_bytes()] == []
+    assert TOKEN not in finished["submit"].stdout + finished["submit"].stderr + finished["logs"]
 
 
 def test_submitted_job_trains_and_writes_a_loadable_model(finished, cluster):
@@ -332,16 +354,19 @@ def test_warning_signal_checkpoints_requeues_and_resumes(cluster, home):
 
 
 def test_a_user_error_in_a_rank_is_shown_by_status_and_logs(cluster, home):
+    # A missing file is refused at submission; a file that exists but is broken is found by the ranks.
     run = home / "bad-data"
-    missing = home / "missing.jsonl"
-    job_id = job_id_of(submit(cluster, home, run, "data.name=auto", f"data.path={missing}", "train.max_steps=2"))
+    broken = home / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n')
+    job_id = job_id_of(submit(cluster, home, run, "data.name=auto", f"data.path={broken}", "train.max_steps=2"))
     logs = follow(cluster, home, job_id).stdout
-    assert f"Data file `{missing}` does not exist" in logs
+    error = f"{broken} line 2: not valid JSON"
+    assert error in logs, logs[-4000:]
     assert "training exited with status" in logs and "requeuing" not in logs
-    assert f"is no longer in the queue: failed: Data file `{missing}` does not exist" in logs
+    assert f"is no longer in the queue: failed: {error}" in logs
     status = cli("launch", "status", job_id, state=home / "state", cwd=home, env=cluster.env)
     assert status.exit_code == 0, status.stderr
-    assert f"error reported by a rank: Data file `{missing}` does not exist" in status.stdout
+    assert "error reported by a rank: " in status.stdout and error in status.stdout
     assert re.search(r"state: (FAILED|not in Slurm's queue any more; from the job directory: failed)", status.stdout)
     assert not (run / "final").exists()
 

@@ -56,6 +56,7 @@ class LaunchSpec:
     options: dict[str, Any]
     run_here: Callable[[], int]
     job_dir: Path | None = None
+    mesh: Any = None  # the resolved MeshShape (set by build_spec)
 
     @property
     def world_size(self) -> int:
@@ -83,6 +84,8 @@ class LaunchSpec:
         ``auto`` a restart continues from the latest checkpoint and a first start begins fresh.
         An explicit ``checkpoint.resume`` path is kept as given.
         """
+        from automodel_cli.config.yaml_io import dump_yaml
+
         tree = self.config.tree
         saved = {"output_dir": tree.get("output_dir"), "resume": tree["checkpoint"].get("resume"),
                  "recipe": tree.get("recipe")}
@@ -91,7 +94,14 @@ class LaunchSpec:
         if saved["resume"] in (None, False, "off", "none", ""):
             tree["checkpoint"]["resume"] = "auto"
         try:
-            return self.config.to_yaml(with_sources=False)
+            frozen = self.config.redacted()
+            # launch.env holds no credential (build_spec refused them), only references such as
+            # ${HF_TOKEN}: keep them, so resubmitting this file runs the same job.
+            env = (tree.get("launch") or {}).get("env") or {}
+            frozen_env = (frozen.get("launch") or {}).get("env") or {}
+            for name in frozen_env:
+                frozen_env[name] = env.get(name, frozen_env[name])
+            return dump_yaml(frozen)
         finally:
             tree["output_dir"], tree["recipe"] = saved["output_dir"], saved["recipe"]
             tree["checkpoint"]["resume"] = saved["resume"]
@@ -115,7 +125,15 @@ class LaunchSpec:
         return command + ["-m", "automodel_cli", self.recipe, config_path]
 
     def describe(self) -> str:
-        return (f"{self.recipe}, {self.nodes} node{'s' if self.nodes != 1 else ''} x "
+        return f"{self.recipe}, {self._layout()}"
+
+    def describe_mesh(self) -> str:
+        """``dp_replicate=1 dp_shard=8 tp=1 (world size 8 = 1 node x 8 processes)``."""
+        sizes = " ".join(f"{name}={size}" for name, size in self.mesh.as_dict().items())
+        return f"{sizes} (world size {self.world_size} = {self._layout()})"
+
+    def _layout(self) -> str:
+        return (f"{self.nodes} node{'s' if self.nodes != 1 else ''} x "
                 f"{self.nproc_per_node} process{'es' if self.nproc_per_node != 1 else ''}")
 
 
@@ -134,12 +152,37 @@ class Launcher:
     #: the options of several launchers and switch between them by ``launch.launcher`` alone.
     options_key: ClassVar[str | None] = None
 
+    #: False for launchers whose processes do not see this machine's files (k8s pods read the
+    #: image and cluster volumes): then paths in the config are not checked here.
+    shared_filesystem: ClassVar[bool] = True
+    #: The launcher asks a scheduler for GPUs (``launch.gpus_per_node``): without
+    #: ``--gpus-per-node`` a GPU-sized model is refused and a small one gets a warning.
+    requests_gpus: ClassVar[bool] = False
+    #: ``launch.env`` passes through a shell when the job starts (Slurm's batch script), so a value
+    #: may be a reference, ``$NAME`` or ``${NAME}``, to a variable of that shell, e.g. a token
+    #: exported before submitting. False: values reach the processes as written, so a
+    #: credential-named variable is refused whatever its value (docs/launch.md, Secrets).
+    shell_env: ClassVar[bool] = False
+
     @property
     def options_path(self) -> str:
         return self.options_key or f"launch.options.{self.name}"
-    #: False for launchers that need the job directory on this machine only (k8s keeps the
-    #: run's outputs on a cluster volume).
-    shared_filesystem: ClassVar[bool] = True
+
+    def secret_hint(self, name: str) -> str:
+        """How to give the job the credential ``name`` with this launcher (the fix printed when
+        a credential is refused)."""
+        return (f"Give {name} to the job through the environment its processes start with (how depends "
+                f"on the {self.name} launcher), not in the config. docs/launch.md (section Secrets).")
+
+    def uses_frozen_config(self, spec: LaunchSpec) -> bool:
+        """The job's processes run elsewhere, from the frozen config (``spec.freeze``): then the
+        job is checked before it starts (no data, missing paths, credentials in the config)."""
+        return True
+
+    def local_path(self, spec: LaunchSpec, path: str) -> str | None:
+        """Where the job's processes find ``path`` on this machine, or None when they read it
+        somewhere this machine cannot look (then it is not checked before submitting)."""
+        return path if self.shared_filesystem else None
 
     def check(self, spec: LaunchSpec) -> None:
         """Refuse what this launcher cannot run, before anything is written."""

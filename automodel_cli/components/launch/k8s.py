@@ -2,7 +2,8 @@
 
 ``--launcher k8s`` turns the resolved recipe config into a multi-document manifest:
 
-* a **ConfigMap** ``NAME-config`` holding the frozen config every pod reads (secrets redacted,
+* a **ConfigMap** ``NAME-config`` holding the frozen config every pod reads (credentials are
+  refused before anything is rendered: they come from Secrets, see launch/secrets.py;
   ``output_dir`` set to a path on the shared volume, ``checkpoint.resume=auto`` so a restarted
   pod continues from the latest checkpoint);
 * with ``launch.k8s.kind: pytorchjob`` (default) a Kubeflow **PyTorchJob** (one ``Master`` and
@@ -140,9 +141,6 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: A resource quantity: a number with an optional binary (Ki..Ei), decimal (m, k, M..E) or
 #: exponent suffix (Kubernetes' resource.Quantity grammar, without a sign).
 QUANTITY_RE = re.compile(r"(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][+-]?\d+)?")
-#: Environment variable names that carry credentials; they belong in a Secret, not a manifest.
-SECRET_ENV_NAME = re.compile(r"(^|_)(TOKEN|API_?KEY|PASSWORD|PASSWD|SECRET|CREDENTIALS?|ACCESS_KEY)(_|$)",
-                             re.IGNORECASE)
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 TOLERATION_KEYS = ("key", "operator", "value", "effect", "tolerationSeconds")
 
@@ -328,6 +326,12 @@ class KubernetesLauncher(Launcher):
     options = OPTIONS
     options_key = "launch.k8s"
     shared_filesystem = False
+    requests_gpus = True
+
+    def secret_hint(self, name: str) -> str:
+        return (f"Store it in a Kubernetes Secret (`kubectl create secret generic NAME --from-literal={name}=...`) "
+                f"and name the Secret in launch.k8s.env_from_secrets (all its keys become variables), or map one "
+                f"key with launch.k8s.secret_env={{{name}: NAME/KEY}}. docs/launch.md (section Secrets).")
 
     # -------------------------------------------------------------------- describe
     def check(self, spec: LaunchSpec) -> None:
@@ -343,10 +347,9 @@ class KubernetesLauncher(Launcher):
         cfg, opts = spec.config, spec.options
         problems: list[str] = []
 
-        def problem(dotted: str, message: str, secret: str | None = None) -> None:
+        def problem(dotted: str, message: str) -> None:
             source = cfg.source_of(dotted) or _first_source(cfg, dotted)
-            text = f"{source}: {message}" if source else message
-            problems.append(text.replace(secret, "<redacted>") if secret else text)
+            problems.append(f"{source}: {message}" if source else message)
 
         kind = opts["kind"]
         if not opts.get("image"):
@@ -470,14 +473,6 @@ class KubernetesLauncher(Launcher):
             else:
                 tolerations.append(toleration)
 
-        # the environment: plain values only; credentials come from Secrets
-        for var in spec.env:
-            if SECRET_ENV_NAME.search(var):
-                problem(f"launch.env.{var}", f"launch.env.{var} looks like a credential; the k8s launcher does "
-                        "not put secrets into manifests (they are readable by anyone who can read the job). "
-                        f"Store it in a Secret (`kubectl create secret generic NAME --from-literal={var}=...`) "
-                        "and name it in launch.k8s.env_from_secrets, or map it with launch.k8s.secret_env.",
-                        secret=spec.env[var] if len(spec.env[var]) >= 4 else None)
         if problems:
             count = len(problems)
             head = ("The k8s launch settings have a problem:" if count == 1 else

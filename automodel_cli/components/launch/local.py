@@ -14,6 +14,19 @@ from automodel_cli.errors import UserError
 
 class LocalLauncher(Launcher):
     name = "local"
+    #: launch.env is for cluster jobs: the processes started here inherit this shell's
+    #: environment, where a reference such as ${HF_TOKEN} names the same variable.
+    shell_env = True
+
+    def secret_hint(self, name: str) -> str:
+        return (f"Export {name} in this shell instead (`export {name}=...`, or from a file: "
+                f"`export {name}=$(cat ~/.secrets/{name.lower()})`): the processes started here inherit "
+                "its environment. docs/launch.md (section Secrets).")
+
+    def uses_frozen_config(self, spec: LaunchSpec) -> bool:
+        """Only torchrun's processes read the frozen config; one process runs the recipe here,
+        which checks its own settings as it starts."""
+        return spec.nproc_per_node > 1
 
     def check(self, spec: LaunchSpec) -> None:
         if spec.nodes > 1:

@@ -7,8 +7,9 @@ node sees) and submits ``launch/job.sbatch``:
   qos, time, cpus, memory, exclusive, extra lines), the log ``launch/slurm-%j.out`` (appended to
   across restarts), ``--signal=B:USR1@GRACE`` (a warning to the batch shell GRACE seconds before
   the time limit) and ``--requeue``;
-* ``launch.env`` exports and ``launch.setup`` commands, run by the batch shell on the first node
-  (``srun`` passes the resulting environment to every node);
+* ``launch.env`` exports, run by the batch shell on the first node (``$NAME``/``${NAME}``
+  references expand there, when the job starts; ``srun`` passes the environment to every node),
+  and ``launch.setup`` commands, run by each node's task before torchrun;
 * ``srun --ntasks-per-node=1 ...``: one ``torchrun`` per node, ``--standalone`` on one node,
   c10d rendezvous on the first node of the allocation (rendezvous id = job id) on several;
   with ``container_image`` pyxis starts it inside the container;
@@ -50,6 +51,7 @@ from automodel_cli.components.launch.base import (
     require_binary,
     run_tool,
 )
+from automodel_cli.components.launch.secrets import REFERENCE, references
 from automodel_cli.components.launch.torchrun import ERROR_FILE_ENV
 from automodel_cli.config.schema import OPT_INT, OPT_STR, Key, NoneType, _k
 from automodel_cli.config.yaml_io import write_text_atomic
@@ -131,6 +133,24 @@ def _sbatch_line(item: str) -> str:
     return text
 
 
+def env_word(value: str) -> str:
+    """A ``launch.env`` value as a bash word: ``$NAME`` and ``${NAME}`` expand when the job starts,
+    ``$$`` is a literal ``$``, and nothing else is special (no command substitution, no globbing)."""
+    if "$" not in value:
+        return shlex.quote(value)
+    parts, position = [], 0
+    for match in re.finditer(r"\$\$|" + REFERENCE.pattern, value):
+        parts.append(_double_quoted(value[position:match.start()]))
+        parts.append("\\$" if match.group(0) == "$$" else "${" + (match.group(1) or match.group(2)) + "}")
+        position = match.end()
+    parts.append(_double_quoted(value[position:]))
+    return '"' + "".join(parts) + '"'
+
+
+def _double_quoted(text: str) -> str:
+    return re.sub(r'([\\"$`])', r"\\\1", text)
+
+
 def _shell(args: list[str]) -> str:
     """Quote a command for bash, turning the placeholders into variable expansions."""
     return " ".join(shlex.quote(arg).replace(_HEAD, '"${AUTOMODEL_HEAD_NODE}"').replace(_JOB_ID, '"${SLURM_JOB_ID}"')
@@ -141,6 +161,31 @@ class SlurmLauncher(Launcher):
     name = "slurm"
     options = OPTIONS
     options_key = "launch.slurm"
+    requests_gpus = True
+    shell_env = True  # the batch shell exports launch.env: ${NAME} references expand on the node
+
+    def secret_hint(self, name: str) -> str:
+        return (f"Export {name} in the shell you submit from (`export {name}=...`, or from a file: "
+                f"`export {name}=$(cat ~/.secrets/{name.lower()})`): sbatch passes that environment to the job "
+                f"(--export=ALL, Slurm's default) and srun passes it to every node, so launch.env need not name "
+                f"it. To take it from a variable when the job starts write a reference, "
+                f"launch.env.{name}='${{{name}}}' (expanded by the batch shell on the node); to read a file on "
+                f"the node, a launch.setup line such as 'export {name}=$(cat /shared/secrets/{name.lower()})'. "
+                f"docs/launch.md (section Secrets).")
+
+    def local_path(self, spec: LaunchSpec, path: str) -> str | None:
+        """The nodes see this machine's filesystem (the job directory is shared too); inside a
+        container only what ``container_mounts`` maps, so a path there is found at its source."""
+        if not spec.options.get("container_image"):
+            return path
+        if not os.path.isabs(path):
+            return None  # the container's working directory is the image's
+        for mount in _mounts(spec.options.get("container_mounts")):
+            source, _, rest = mount.partition(":")
+            target = rest.split(":")[0] or source
+            if path == target or path.startswith(target.rstrip("/") + "/"):
+                return source.rstrip("/") + path[len(target.rstrip("/")):]
+        return None  # inside the image
 
     # ------------------------------------------------------------------------ checks
     def check(self, spec: LaunchSpec) -> None:
@@ -202,6 +247,12 @@ class SlurmLauncher(Launcher):
             problems.append(("launch.job_name", f"`launch.job_name` must not contain spaces, got {spec.job_name!r}."))
         if problems:
             raise self._problems(cfg, problems)
+        for name, value in spec.env.items():
+            for reference in references(value):
+                if not reference.startswith("SLURM") and reference not in os.environ:
+                    print(f"warning: launch.env.{name} refers to ${reference}, which is not set in this shell; "
+                          f"the job's batch shell stops on an unset variable unless the cluster sets it.",
+                          file=sys.stderr)
 
     def _problems(self, cfg: Any, problems: list[tuple[str, str]]) -> UserError:
         lines = []
@@ -296,7 +347,7 @@ class SlurmLauncher(Launcher):
                 "",
                 "# Environment of every process (launch.env); srun passes it to every node.",
                 f'export {ERROR_FILE_ENV}="$LAUNCH_DIR/{ERROR_FILE}"  # a rank writes its user error here']
-        out += [f"export {name}={q(value)}" for name, value in env.items()]
+        out += [f"export {name}={env_word(value)}" for name, value in env.items()]
         out += [
             "",
             f'rm -f "${ERROR_FILE_ENV}"',

@@ -9,8 +9,12 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
+from automodel_cli.components.distributed.mesh import MeshShape
 from automodel_cli.components.launch.base import Launcher, LaunchSpec, check_options
+from automodel_cli.components.launch.preflight import job_problems
+from automodel_cli.components.launch.secrets import refuse_credentials
 from automodel_cli.components.launch.torchrun import inside_torchrun
+from automodel_cli.config.resolve import ConfigError
 from automodel_cli.errors import UserError
 from automodel_cli.registry import Entry, Registries
 
@@ -50,17 +54,20 @@ def build_spec(entry: Entry, cfg: Any, launcher: Launcher) -> LaunchSpec:
         setup=[str(line) for line in launch.setup], rdzv_port=launch.rdzv_port, options=options,
         run_here=lambda: entry.load()(cfg),
     )
-    _check_mesh(cfg, spec.world_size)
+    refuse_credentials(cfg, spec, launcher)  # first: nothing below may print a credential
+    spec.mesh = _check_mesh(cfg, spec.world_size)
     launcher.check(spec)
+    if launcher.uses_frozen_config(spec):  # what would otherwise fail in the queue
+        problems = job_problems(entry.name, cfg, spec, launcher)
+        if problems:
+            raise ConfigError(problems)
     return spec
 
 
-def _check_mesh(cfg: Any, world_size: int) -> None:
+def _check_mesh(cfg: Any, world_size: int) -> MeshShape:
     """The mesh must fit the job's processes: refuse before submitting, not on the cluster."""
-    from automodel_cli.components.distributed.mesh import MeshShape
-
     dist = cfg.distributed
-    MeshShape.resolve(dist.dp_replicate, dist.dp_shard, dist.tp, world_size=world_size)
+    return MeshShape.resolve(dist.dp_replicate, dist.dp_shard, dist.tp, world_size=world_size)
 
 
 def _launch_error(cfg: Any, dotted: str, message: str) -> UserError:
@@ -79,6 +86,7 @@ def start(entry: Entry, cfg: Any, registries: Registries, *, dry_run: bool,
     if dry_run:
         rendered = launcher.render(spec)
         echo(f"# resolved config ({spec.describe()}, launcher {launcher.name})\n")
+        echo(f"# mesh: {spec.describe_mesh()}\n")
         echo(cfg.to_yaml(with_sources=True))
         if rendered:
             echo(f"\n# ---- {launcher.name}: what would be submitted (nothing was) ----\n")

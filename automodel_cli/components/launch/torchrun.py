@@ -3,8 +3,9 @@
 The parent resolves the config once and freezes it (with the output directory fixed, so every
 rank agrees on it) into ``OUTPUT_DIR/launch/config.yaml``; each rank then runs
 ``python -m automodel_cli RECIPE FROZEN.yaml``. SIGINT/SIGTERM are forwarded to torchrun, which
-passes them to the ranks so they checkpoint and stop cleanly. Secrets are redacted from the
-frozen file: give tokens and API keys through environment variables.
+passes them to the ranks so they checkpoint and stop cleanly. A credential in the config is
+refused before anything is frozen (launch/secrets.py): the ranks inherit this shell's
+environment, so export tokens and API keys there.
 """
 
 from __future__ import annotations

@@ -1,0 +1,174 @@
+"""What can be known on the submitting machine is checked there, not in the queue.
+
+A cluster job that fails on its first step because ``data.path`` was never set, or points at a
+file that is not there, costs a queue wait and a node allocation to learn what this machine
+knew at submission. So before a launcher prints or submits a job whose processes run elsewhere
+(a cluster launcher, or the local launcher starting torchrun), ``job_problems`` collects every
+such problem at once, each with where its key was set:
+
+* the recipe has no data: finetune, distill and pretrain (and benchmark with
+  ``benchmark.synthetic=false``) need ``data.path``, unless ``data.name`` names a registered
+  dataset that brings its own (``demo``, ``squad``, ...);
+* no model, or no teacher for distill;
+* a *local* path that does not exist: ``model.path``, ``model.tokenizer``, ``data.path``,
+  ``data.eval_path``, ``distill.teacher_path``, ``distill.teacher_tokenizer``. A hub id is left
+  to the cluster. Paths are checked as the launcher's processes will see them
+  (``Launcher.local_path``: the same path on a shared filesystem, mapped through container
+  mounts, or not at all for pods), and a path named by a ``launch.setup`` line is left alone
+  (setup may create it on the node);
+* a GPU-sized model on a cluster launcher that would request no GPUs (``gpus_problem``).
+
+No torch, no transformers, no network: this runs on a login node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from automodel_cli.config.resolve import Problem
+from automodel_cli.config.yaml_io import Source
+
+#: Recipes whose processes read training data.
+DATA_RECIPES = ("finetune", "distill", "pretrain")
+#: ``data.name`` values that read ``data.path`` and have nothing to fall back on.
+PATH_DATASETS = ("auto", "instruction", "text")
+MODEL_KEYS = ("model.path", "model.tokenizer")
+TEACHER_KEYS = ("distill.teacher_path", "distill.teacher_tokenizer")
+DATA_KEYS = ("data.path", "data.eval_path")
+#: A model at least this large needs GPUs (the demo model has 0.03M parameters, the smallest
+#: preset, Qwen2.5-0.5B, about 490M).
+GPU_SIZED_PARAMETERS = 100_000_000
+BUILTIN_RECIPES = ("finetune", "distill", "pretrain", "benchmark")
+
+
+def job_problems(recipe: str, cfg: Any, spec: Any, launcher: Any) -> list[Problem]:
+    """Every problem with the job that this machine can see; [] when there is none."""
+    problems: list[Problem] = []
+
+    def add(dotted: str, message: str) -> None:
+        problems.append(Problem(_source(cfg, dotted), dotted, message))
+
+    if recipe in BUILTIN_RECIPES and not cfg.get("model.path"):
+        add("model.path", "no model: model.path is not set. Pass a preset as TARGET (`automodel list models`) "
+                          "or set model.path=HUB_ID_OR_DIR.")
+    if recipe == "distill" and not cfg.get("distill.teacher_path"):
+        add("distill.teacher_path", "automodel distill needs a teacher model, and distill.teacher_path is not "
+                                    "set. Set it to a model directory or hub id that uses the student's tokenizer.")
+    if _needs_data(recipe, cfg) and cfg.get("data.name") in PATH_DATASETS and not cfg.get("data.path"):
+        add("data.path", f"no training data: data.path is not set (data.name={cfg.get('data.name')} reads "
+                         "data.path). Set data.path to a local file or directory or a hub dataset id, or "
+                         "data.name to a registered dataset (`automodel list datasets`).")
+    for dotted in MODEL_KEYS + TEACHER_KEYS + DATA_KEYS:
+        value = cfg.get(dotted)
+        if not isinstance(value, str) or not value or not _is_local(dotted, value):
+            continue
+        if _named_by_setup(value, spec.setup):
+            continue
+        seen_as = launcher.local_path(spec, value)
+        if seen_as is not None and not Path(seen_as).expanduser().exists():
+            shown = value if seen_as == value else f"{value} (here: {seen_as})"
+            add(dotted, f"`{dotted}` is the local path `{shown}`, which does not exist on this machine; the "
+                        f"{launcher.name} job's processes would fail on it. Check the path (relative paths "
+                        f"resolve from {os.getcwd()}), or give a hub id.")
+    gpus, warning = gpus_problem(cfg, spec, launcher)
+    if gpus:
+        add("launch.launcher", gpus)
+    if warning and not problems:
+        print(f"warning: {warning}", file=sys.stderr)
+    return problems
+
+
+def gpus_problem(cfg: Any, spec: Any, launcher: Any) -> tuple[str | None, str | None]:
+    """(problem, warning): a cluster launcher without ``--gpus-per-node`` requests no GPUs, which
+    is refused for a GPU-sized model and worth a warning for a small one. ``--gpus-per-node 0``
+    says "CPUs on purpose" and silences both."""
+    if not launcher.requests_gpus or cfg.get("launch.gpus_per_node") is not None:
+        return None, None
+    size = estimated_parameters(cfg)
+    what = (f"the model {cfg.get('model.path')}" + (f" ({size / 1e6:,.0f}M parameters)" if size else ""))
+    if size is None or size >= GPU_SIZED_PARAMETERS:
+        known = "" if size else " (its size is not known here, so it is taken to be GPU-sized)"
+        return (f"--gpus-per-node is not set, so the {launcher.name} job would request no GPUs and train "
+                f"{what}{known} on CPUs, {spec.nproc_per_node} process(es) per node. Pass --gpus-per-node N "
+                f"(launch.gpus_per_node: GPUs requested per node, one process each), or --gpus-per-node 0 to "
+                f"run on CPUs on purpose."), None
+    return None, (f"--gpus-per-node is not set: the {launcher.name} job requests no GPUs and runs "
+                  f"{spec.nproc_per_node} CPU process(es) per node (pass --gpus-per-node N for GPUs, "
+                  f"--gpus-per-node 0 to silence this).")
+
+
+def estimated_parameters(cfg: Any) -> int | None:
+    """Parameters of the configured model from its config.json (a local one, or the bundled
+    copy of a preset's), with ``model.config`` overrides; None when no config is at hand."""
+    from automodel_cli.assets import bundled_config
+
+    path = cfg.get("model.path")
+    if not path:
+        return None
+    local = Path(path).expanduser()
+    candidates = [local, local / "config.json", bundled_config(path)]
+    file = next((c for c in candidates if c is not None and c.is_file() and c.suffix == ".json"), None)
+    if file is None:
+        return None
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = {**config.get("text_config", {}), **config} if isinstance(config.get("text_config"), dict) else config
+    overrides = cfg.get("model.config") or {}
+    return transformer_parameters({**config, **overrides})
+
+
+def transformer_parameters(config: dict[str, Any]) -> int | None:
+    """Parameter count of a decoder-only transformer from its HF config fields (embeddings,
+    attention and gated-MLP matrices; norms and biases are too small to matter)."""
+    try:
+        vocab, hidden, layers = int(config["vocab_size"]), int(config["hidden_size"]), int(config["num_hidden_layers"])
+        heads = int(config.get("num_attention_heads") or 1)
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        mlp = int(config.get("intermediate_size") or 4 * hidden)
+        experts = int(config.get("num_local_experts") or config.get("num_experts") or 1)
+    except (KeyError, TypeError, ValueError):
+        return None
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    return embeddings + layers * (attention + 3 * hidden * mlp * experts)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _needs_data(recipe: str, cfg: Any) -> bool:
+    return recipe in DATA_RECIPES or (recipe == "benchmark" and cfg.get("benchmark.synthetic") is False)
+
+
+def _is_local(dotted: str, value: str) -> bool:
+    """Whether the recipe would read ``value`` as a local path (the loaders' own rules)."""
+    if dotted in DATA_KEYS:
+        from automodel_cli.components.data.loading import _looks_local
+
+        return Path(value).expanduser().exists() or _looks_local(value)
+    from automodel_cli.components.models.loading import looks_like_local_path
+
+    return looks_like_local_path(value)
+
+
+def _named_by_setup(path: str, setup: list[str]) -> bool:
+    """A ``launch.setup`` line names the path or the directory holding it (setup may create it
+    on the node, e.g. by unpacking data to local disk). Only whole paths count: a setup line
+    that merely mentions ``/shared`` does not excuse ``/shared/data/train.jsonl``."""
+    candidates = {path}
+    for form in (Path(path), Path(os.path.abspath(os.path.expanduser(path)))):
+        candidates.add(str(form))
+        if len([part for part in form.parent.parts if part != form.anchor]) >= 2:  # not `/tmp`, `data`
+            candidates.add(str(form.parent))
+    patterns = [re.compile(r"(?<![\w./~-])" + re.escape(c.rstrip("/")) + r"(?![\w.-])") for c in candidates]
+    return any(pattern.search(line) for pattern in patterns for line in setup)
+
+
+def _source(cfg: Any, dotted: str) -> Source:
+    return cfg.source_of(dotted) or Source("defaults")
