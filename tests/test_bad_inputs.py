@@ -37,6 +37,7 @@ class Case:
     setup: Callable[[Path], None] | None = None
     plugin: object | None = None
     env: dict[str, str] = field(default_factory=dict)
+    secret: str | None = None  # a credential in the arguments that must be printed nowhere
 
 
 # ----------------------------------------------------------------------------- setups
@@ -188,6 +189,15 @@ CASES = [
          ["unknown option `launch.slurm.partitoin`", "`partition`"]),
     Case("k8s-option-type", [*FT, "--launcher", "k8s", "launch.k8s.image=[1]", "-o", "{new}", "--dry-run"],
          ["`launch.k8s.image` must be a string or null, got [1]"]),
+    Case("slurm-option-range", [*FT, "--launcher", "slurm", "launch.slurm.max_requeues=-1", "-o", "{new}", "--dry-run"],
+         ["`launch.slurm.max_requeues` must be >= 0, got -1"]),
+    Case("slurm-token-literal", [*FT, "--launcher", "slurm", "launch.env.HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyz0123456789",
+                                 "-o", "{new}", "--dry-run"], ["`launch.env.HF_TOKEN`", "holds a credential"],
+         secret="hf_abcdefghijklmnopqrstuvwxyz0123456789"),
+    Case("cluster-no-data", ["finetune", "model.path={tmp}/m", "--launcher", "slurm", "--gpus-per-node", "1",
+                             "-o", "{new}", "--dry-run"], ["data.path"], setup=model_dir("m", weights=True)),
+    Case("cluster-gpu-sized-no-gpus", ["finetune", "llama3.1-8b", "data.path={data}", "--launcher", "slurm", "--nodes",
+                                       "4", "-o", "{new}", "--dry-run"], ["--gpus-per-node"]),
     # other recipes
     Case("distill-no-teacher-dir", ["distill", "demo", "distill.teacher_path={tmp}/none", "-o", "{new}", *FAST],
          ["Teacher directory `{tmp}/none` does not exist (distill.teacher_path)"]),
@@ -240,6 +250,7 @@ def test_bad_input(case, cli, existing_run, automodel_plugin, tmp_path, monkeypa
 
     assert result.exit_code == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout
+    assert case.secret is None or case.secret not in result.stderr + result.stdout
     message = " ".join(result.stderr.split())
     for fragment in case.fragments:
         assert " ".join(fragment.format(**places).split()) in message, message

@@ -231,3 +231,15 @@ def test_an_override_without_equals_says_so(args):
     missing = args[-1]
     assert f"`{missing}` looks like a config override missing `=`" in result.stderr
     assert f"{missing}=VALUE" in result.stderr and "Unknown model preset" not in result.stderr
+
+
+def test_only_whole_credential_words_are_redacted():
+    """`model.tokenizer` is a path, not a token: launched jobs read it from the saved config."""
+    cfg = resolve([defaults_layer(), layer_from_overrides([
+        "model.tokenizer=org/tok", "distill.teacher_tokenizer=org/teacher-tok", "logging.wandb.api_key=k1",
+        "launch.env.HF_TOKEN=t1", "launch.env.TOKENIZERS_PARALLELISM=false", "data.options.auth_token=t2"])])
+    saved = cfg.redacted()
+    assert saved["model"]["tokenizer"] == "org/tok" and saved["distill"]["teacher_tokenizer"] == "org/teacher-tok"
+    assert saved["launch"]["env"]["TOKENIZERS_PARALLELISM"] is False
+    assert saved["logging"]["wandb"]["api_key"] == saved["launch"]["env"]["HF_TOKEN"] == "<redacted>"
+    assert saved["data"]["options"]["auth_token"] == "<redacted>"

@@ -6,28 +6,21 @@ command-line override) that caused it; all problems are collected and reported t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from automodel_cli.config import schema
 from automodel_cli.config.schema import SCHEMA, Key, NoneType
+from automodel_cli.config.secrets import REDACTED, is_secret_name
 from automodel_cli.config.yaml_io import Source, dump_yaml, load_yaml_file, parse_scalar
 from automodel_cli.errors import UserError, closest
 
 COMMAND_LINE = "command line"
-SECRET_KEY = re.compile(r"(token|api[_-]?key|password|secret|credential)", re.IGNORECASE)
-REDACTED = "<redacted>"
-
-
-def is_secret_key(dotted: str) -> bool:
-    """Whether a key's value is a credential (token, API key, password, ...), never to be shown."""
-    return SECRET_KEY.search(dotted) is not None
 
 
 def redact_override(dotted: str, text: str) -> str:
     """A ``key=value`` argument as it may be printed: a secret key's value is replaced."""
-    if not is_secret_key(dotted):
+    if not is_secret_name(dotted):
         return text
     name, sep, _ = text.partition("=")
     return f"{name}{sep}{REDACTED}" if sep else text
@@ -163,7 +156,7 @@ def _describe(value: Any) -> str:
 def value_problem(dotted: str, value: Any, key: Key) -> str | None:
     """What is wrong with ``value`` for ``key`` (type, choice or range), or None. Secret values
     are never repeated in the message."""
-    shown = REDACTED if is_secret_key(dotted) else None
+    shown = REDACTED if is_secret_name(dotted) else None
     if not _type_ok(value, key):
         return f"`{dotted}` must be {key.type_name()}, got {shown or _describe(value)}."
     if key.choices and value not in key.choices:
@@ -288,7 +281,7 @@ def _view(value: Any) -> Any:
 
 def _redact(node: Any) -> Any:
     if isinstance(node, dict):
-        return {k: REDACTED if is_secret_key(str(k)) and v not in (None, "") else _redact(v)
+        return {k: REDACTED if is_secret_name(str(k)) and v not in (None, "") else _redact(v)
                 for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v) for v in node]

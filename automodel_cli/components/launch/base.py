@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from automodel_cli.config.resolve import ConfigError, Problem, _describe, _type_ok
+from automodel_cli.config.resolve import ConfigError, Problem, value_problem
 from automodel_cli.config.schema import Key
 from automodel_cli.config.yaml_io import Source, write_text_atomic
 from automodel_cli.errors import UserError, did_you_mean
@@ -218,12 +218,8 @@ def check_options(cfg: Any, options_key: str, table: dict[str, Key]) -> dict[str
             valid = ", ".join(table) or "none"
             problems.append(Problem(source, dotted, f"unknown option `{dotted}`."
                                     f"{did_you_mean(name, table)} Valid options: {valid}."))
-        elif not _type_ok(value, key):
-            problems.append(Problem(source, dotted, f"`{dotted}` must be {key.type_name()}, got {_describe(value)}."))
-        elif key.choices and value not in key.choices:
-            problems.append(Problem(source, dotted, f"`{dotted}` must be one of "
-                                    f"{', '.join(map(str, key.choices))}; got {value!r}."
-                                    f"{did_you_mean(str(value), map(str, key.choices))}"))
+        elif (problem := value_problem(dotted, value, key)) is not None:  # type, choice, range
+            problems.append(Problem(source, dotted, problem))
     if problems:
         raise ConfigError(problems)
     return {name: given.get(name, _copy(key.default)) for name, key in table.items()}

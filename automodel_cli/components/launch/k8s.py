@@ -122,12 +122,12 @@ OPTIONS: dict[str, Key] = {
                          "replaces a failed one) or ExitCode (pytorchjob only: restart on exit codes 128+).",
                          choices=("OnFailure", "Never", "ExitCode")),
     "backoff_limit": _k(int, 3, "Restarts allowed before the job is marked failed (each resumes from the latest "
-                        "checkpoint)."),
+                        "checkpoint).", ge=0),
     "ttl_seconds_after_finished": _k(OPT_INT, None, "Delete the job (not the volume) this long after it ends; "
-                                     "default: keep it so its status and logs stay readable."),
-    "active_deadline_seconds": _k(OPT_INT, None, "Stop the job after this many seconds of running."),
+                                     "default: keep it so its status and logs stay readable.", ge=0),
+    "active_deadline_seconds": _k(OPT_INT, None, "Stop the job after this many seconds of running.", ge=1),
     "termination_grace_period_seconds": _k(int, 300, "Time a pod gets after SIGTERM (preemption, cancel) to "
-                                           "save a checkpoint before it is killed."),
+                                           "save a checkpoint before it is killed.", ge=0),
 }
 
 

@@ -34,11 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-#: Names of variables and keys that carry credentials. Word parts only, so ``TOKENIZERS_PARALLELISM``
-#: and ``model.tokenizer`` are not credentials but ``HF_TOKEN`` and ``api_key`` are.
-SECRET_NAME = re.compile(
-    r"(^|[_.-])(TOKEN|AUTH_?TOKEN|API_?KEY|PASSWORD|PASSWD|SECRET|SECRET_?KEY|CREDENTIALS?|ACCESS_?KEY"
-    r"|PRIVATE_?KEY)([_.-]|$)", re.IGNORECASE)
+from automodel_cli.config.secrets import REDACTED, is_secret_name
+
 #: Token formats recognised by their value alone (what each one is, for the message).
 TOKEN_FORMATS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("a Hugging Face token", re.compile(r"\bhf_[A-Za-z0-9]{30,}")),
@@ -54,7 +51,6 @@ WANDB_KEY = re.compile(r"[0-9a-f]{40}")
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 #: ``NAME=value`` assignments in a shell line (``export NAME=value`` included).
 ASSIGNMENT = re.compile(r"(?:^|[\s;&|(])([A-Za-z_][A-Za-z0-9_]*)=(\S*)")
-REDACTED = "<redacted>"
 
 
 @dataclass(frozen=True)
@@ -64,10 +60,6 @@ class Secret:
     key: str
     why: str
     value: str  # only for taking it out of messages (sources can quote the command line)
-
-
-def is_secret_name(name: str) -> bool:
-    return SECRET_NAME.search(str(name)) is not None
 
 
 def is_reference(value: str) -> bool:

@@ -78,16 +78,16 @@ OPTIONS: dict[str, Key] = {
     "account": _k(OPT_STR, None, "Account charged for the job (`--account`)."),
     "qos": _k(OPT_STR, None, "Quality of service (`--qos`)."),
     "time": _k((str, int, NoneType), None, "Time limit (`--time`): minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS; default: the partition's."),
-    "cpus_per_task": _k(OPT_INT, None, "CPUs per node for torchrun and its ranks (`--cpus-per-task`, one task per node)."),
+    "cpus_per_task": _k(OPT_INT, None, "CPUs per node for torchrun and its ranks (`--cpus-per-task`, one task per node).", ge=1),
     "mem": _k((str, int, NoneType), None, "Memory per node (`--mem`): an integer with an optional K, M, G or T suffix (default unit M); 0: all of it."),
     "exclusive": _k(bool, False, "Whole nodes for the job (`--exclusive`)."),
     "container_image": _k(OPT_STR, None, "Run torchrun inside this container with pyxis/enroot (`srun --container-image`)."),
     "container_mounts": _k((list, str, NoneType), None, "Extra pyxis mounts (`SRC:DST[:FLAGS]`, list or comma-separated); the job directory is always mounted at its own path."),
     "extra_sbatch": _k(list, [], "More `#SBATCH` lines, each `--flag=value` (or a whole `#SBATCH ...` line): `--constraint=a100`, `--reservation=...`."),
     "python": _k(OPT_STR, None, "Interpreter that runs torchrun on the nodes; default: this one (`sys.executable`), or `python` inside a container."),
-    "signal_grace": _k(int, 300, "Seconds before the time limit at which Slurm warns the job (USR1) so it can checkpoint and requeue; 0: no warning."),
+    "signal_grace": _k(int, 300, "Seconds before the time limit at which Slurm warns the job (USR1) so it can checkpoint and requeue; 0: no warning.", ge=0),
     "requeue": _k(bool, True, "Requeue the job after it stopped on the warning signal or SIGTERM and saved a checkpoint (`--requeue`, `scontrol requeue`)."),
-    "max_requeues": _k(int, 20, "Most restarts the job asks for itself (counted by SLURM_RESTART_COUNT)."),
+    "max_requeues": _k(int, 20, "Most restarts the job asks for itself (counted by SLURM_RESTART_COUNT).", ge=0),
 }
 
 _TIME = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"

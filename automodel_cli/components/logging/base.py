@@ -7,12 +7,11 @@ No torch, wandb or tensorboard imports here: loggers pull those in when they are
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-#: Config keys never sent to a tracking service (the caller redacts too; this is the backstop).
-SECRET_KEY = re.compile(r"token|api[_-]?key|password|passwd|secret", re.IGNORECASE)
+from automodel_cli.config.secrets import is_secret_name
+
 
 
 @runtime_checkable
@@ -47,9 +46,10 @@ def scalar_items(metrics: Mapping[str, Any]) -> Iterable[tuple[str, float]]:
 
 
 def redact(config: Any) -> Any:
-    """A copy of a nested config with every secret-looking key removed."""
+    """A copy of a nested config with every secret-looking key removed (never sent to a tracking
+    service; the caller redacts too, this is the backstop)."""
     if isinstance(config, Mapping):
-        return {k: redact(v) for k, v in config.items() if not SECRET_KEY.search(str(k))}
+        return {k: redact(v) for k, v in config.items() if not is_secret_name(str(k))}
     if isinstance(config, (list, tuple)):
         return [redact(v) for v in config]
     return config
