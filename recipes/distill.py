@@ -31,6 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from automodel_cli.components.models.model_files import Role
 from automodel_cli.components.training.run_dir import CONFIG_FILE, resume_requested
 from automodel_cli.errors import UserError
 
@@ -39,6 +40,12 @@ RECIPE = "distill"
 TEACHER_IDENTITY_KEYS = ("distill.teacher_path", "distill.teacher_revision", "distill.temperature",
                          "distill.kd_weight", "distill.kl")
 DEMO_TEACHER = "runs/demo-teacher"
+#: Messages about the teacher name the distill keys. Custom code is allowed by the one
+#: model.trust_remote_code key, which covers both models.
+TEACHER = Role(name="teacher", path_key="distill.teacher_path", tokenizer_key="distill.teacher_tokenizer",
+               trust_note=" (the teacher has no key of its own: model.trust_remote_code applies to the student "
+                          "and the teacher)",
+               from_scratch_key=None)
 
 
 def run(cfg: Any) -> int:
@@ -306,40 +313,18 @@ def check_same_distillation(cfg: Any, output_dir: Path) -> None:
 
 
 def teacher_model_config(cfg: Any) -> Any:
-    """The teacher as a ``model`` section for ``load_model``; its path is checked here so that
-    errors name ``distill.teacher_path``."""
-    from automodel_cli.components.models.loading import has_weights, looks_like_local_path
+    """The teacher as a ``model`` section for ``load_model``, checked here (directory, config,
+    custom code, weight files, or the hub for a hub id) so that errors name
+    ``distill.teacher_path`` and come before any data or model is loaded."""
+    from automodel_cli.components.models.loading import check_model_source
 
-    path = cfg.distill.teacher_path
-    expanded = Path(path).expanduser()
-    if looks_like_local_path(path):
-        if expanded.is_file():
-            raise UserError(
-                f"Teacher `{path}` is a file; the teacher must be a model directory with weights "
-                f"(distill.teacher_path).",
-                "Point distill.teacher_path at a directory written by save_pretrained (a finetune run's RUN_DIR/final).",
-            )
-        if not expanded.is_dir():
-            raise UserError(
-                f"Teacher directory `{path}` does not exist (distill.teacher_path).",
-                "Check the path (a finetune run's model is RUN_DIR/final), or pass a Hugging Face hub id.",
-            )
-        if (expanded / "adapter_config.json").exists() and not (expanded / "config.json").exists():
-            raise UserError(
-                f"Teacher directory `{path}` holds a LoRA/DoRA adapter, not a full model (distill.teacher_path).",
-                f"Merge it into its base first (`automodel convert merge-lora {path} --out DIR`) and set "
-                f"distill.teacher_path=DIR, or train the teacher with peft.merge=true and use final/merged.",
-            )
-        if not has_weights(str(expanded)):
-            raise UserError(
-                f"Teacher directory `{path}` has no weights (*.safetensors or *.bin) (distill.teacher_path).",
-                "Point distill.teacher_path at a directory written by save_pretrained (a finetune run's RUN_DIR/final).",
-            )
-    return SimpleNamespace(
-        path=path, revision=cfg.distill.teacher_revision, from_scratch=False, config={},
+    teacher_cfg = SimpleNamespace(
+        path=cfg.distill.teacher_path, revision=cfg.distill.teacher_revision, from_scratch=False, config={},
         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
-        tokenizer=cfg.distill.teacher_tokenizer, chat_template=None,
+        tokenizer=cfg.distill.teacher_tokenizer, chat_template=None, role=TEACHER,
     )
+    check_model_source(teacher_cfg, weights=True)
+    return teacher_cfg
 
 
 def _teacher_tokenizer(teacher_cfg: Any) -> Any:
@@ -347,15 +332,17 @@ def _teacher_tokenizer(teacher_cfg: Any) -> Any:
     ``distill.teacher_path`` holds (None when it has no tokenizer)."""
     from transformers import AutoTokenizer
 
-    from automodel_cli.components.models.loading import looks_like_local_path
+    from automodel_cli.components.models.loading import looks_like_local_path, source_access
 
     explicit = teacher_cfg.tokenizer is not None
     source = teacher_cfg.tokenizer if explicit else teacher_cfg.path
+    revision = None if explicit else teacher_cfg.revision
     if looks_like_local_path(source):
         source = str(Path(source).expanduser())
+    key = teacher_cfg.role.tokenizer_key if explicit else teacher_cfg.role.path_key
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=teacher_cfg.trust_remote_code,
-                                             revision=None if explicit else teacher_cfg.revision)
+                                             revision=revision, **source_access(source, revision, key))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         if not explicit:
             return None
@@ -378,15 +365,7 @@ def check_vocabularies(student_config: Any, tokenizer: Any, teacher_cfg: Any, sa
     e.g. Qwen2.5 7B vs 0.5B). Returns the number of logits to compare."""
     from automodel_cli.components.models.loading import load_config
 
-    try:
-        teacher_config = load_config(teacher_cfg)
-    except UserError as error:
-        raise UserError(
-            f"Teacher (distill.teacher_path): {error.message}",
-            "If it is a hub id, check the spelling and that this machine can reach the Hugging Face hub "
-            "(and HF_TOKEN for gated models); without network, download it elsewhere "
-            f"(`hf download {teacher_cfg.path} --local-dir DIR`) and set distill.teacher_path=DIR.",
-        ) from None
+    teacher_config = load_config(teacher_cfg)  # its errors name distill.teacher_path
     student_vocab, teacher_vocab = _vocab_size(student_config), _vocab_size(teacher_config)
     teacher_tokenizer = _teacher_tokenizer(teacher_cfg)
     if teacher_tokenizer is not None:

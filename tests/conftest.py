@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -29,6 +30,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file and directory under ``root``: relative path -> sha256 ("dir" for a directory).
+    Equal before and after a command means it left ``root`` byte-identical (nothing changed,
+    added or removed)."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture

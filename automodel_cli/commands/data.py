@@ -39,6 +39,7 @@ def pretokenize_command(
     from automodel_cli.components.data.text import (load_text, require_text_column, save_pretokenized,
                                                     tokenize_corpus, tokenizer_fingerprint)
     from automodel_cli.components.models.loading import load_tokenizer
+    from automodel_cli.components.models.model_files import Role
     from automodel_cli.errors import UserError
     from automodel_cli.plugin_host import get_registries
 
@@ -50,10 +51,13 @@ def pretokenize_command(
         if not sep or not key:
             raise UserError(f"--option {item!r} is not KEY=VALUE.", "Write it like --option sample_by=line.")
         options[key] = value
+    # Messages name this command's own options, not config keys.
+    option_names = Role(name="tokenizer", path_key="--tokenizer", tokenizer_key="--tokenizer",
+                        trust_setting="--trust-remote-code", from_scratch_key=None)
     presets = get_registries().models
     source = presets.get(tokenizer).metadata["path"] if tokenizer in presets else tokenizer
     tok = load_tokenizer(SimpleNamespace(tokenizer=source, path=source, revision=None, chat_template=None,
-                                         trust_remote_code=trust_remote_code))
+                                         trust_remote_code=trust_remote_code, role=option_names))
     table = load_text(path, split, options)
     require_text_column(table, text_column, path)
     arrays = tokenize_corpus(table, tok, text_column, num_proc)

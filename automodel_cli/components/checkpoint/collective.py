@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from automodel_cli.components.checkpoint.storage import storage_error
 from automodel_cli.errors import UserError
 
 T = TypeVar("T")
@@ -58,10 +59,13 @@ class RankFailed(RuntimeError):
     """Raised on the ranks that did not fail when another rank did."""
 
 
-def _describe(exc: BaseException) -> tuple[str, str, str | None]:
+def _describe(exc: BaseException) -> tuple[Any, ...]:
     if isinstance(exc, UserError):
         return ("user", exc.message, exc.hint)
-    return ("error", f"{type(exc).__name__}: {exc}", None)
+    disk = storage_error(exc)
+    if disk is not None:
+        return ("disk", disk.errno, disk.strerror, disk.filename)
+    return ("error", f"{type(exc).__name__}: {exc}")
 
 
 def agree(error: BaseException | None) -> None:
@@ -69,7 +73,9 @@ def agree(error: BaseException | None) -> None:
 
     A rank that failed re-raises its own exception (keeping its traceback); the others raise
     the first failing rank's ``UserError`` as a ``UserError`` (so the CLI prints it the same way
-    everywhere) or a ``RankFailed`` naming the rank and its error.
+    everywhere), its disk error (``storage.storage_error``: a full disk, a read-only directory)
+    as an ``OSError`` with the same errno and file name (so every rank reports it alike), or a
+    ``RankFailed`` naming the rank and its error.
     """
     if not active():
         if error is not None:
@@ -81,10 +87,12 @@ def agree(error: BaseException | None) -> None:
         return
     if error is not None:
         raise error
-    first_rank, (kind, message, hint) = failed[0]
+    first_rank, (kind, *details) = failed[0]
     if kind == "user":
-        raise UserError(message, hint)
-    raise RankFailed(f"rank {first_rank} failed: {message}")
+        raise UserError(*details)
+    if kind == "disk":
+        raise OSError(*details)
+    raise RankFailed(f"rank {first_rank} failed: {details[0]}")
 
 
 def run_agreed(fn: Callable[[], T]) -> T:

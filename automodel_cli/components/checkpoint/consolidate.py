@@ -47,6 +47,7 @@ from automodel_cli.components.checkpoint.safetensors_stream import (
     plan_shards,
     write_index,
 )
+from automodel_cli.components.models.hub import cached_snapshot
 from automodel_cli.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -106,18 +107,6 @@ def _local_dir(value: Any, run_dir: Path | None) -> Path | None:
         if option.is_dir():
             return option.resolve()
     return None
-
-
-def _hub_cache_dir(repo_id: Any) -> Path | None:
-    """A hub model already in the local Hugging Face cache (never downloads)."""
-    if not isinstance(repo_id, str) or not repo_id or repo_id.count("/") > 1:
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:
-        return None
 
 
 # ------------------------------------------------------------------------ base weights
@@ -385,7 +374,7 @@ def _find_base(ckpt: _Checkpoint, run_dir: Path | None, cfg: dict[str, Any],
         options.append(("run base_model/", run_dir / "base_model"))
     options += [("adapter base_model_name_or_path", _local_dir((adapter_config or {}).get("base_model_name_or_path"), run_dir)),
                 ("model.path", _local_dir(model_cfg.get("path"), run_dir)),
-                ("hub cache", _hub_cache_dir(recorded))]
+                ("hub cache", cached_snapshot(recorded))]
     for label, directory in options:
         if directory is not None and directory.is_dir() and any(directory.glob("*.safetensors")):
             return BaseWeights(directory), f"{label} ({directory})"

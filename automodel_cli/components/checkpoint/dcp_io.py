@@ -47,9 +47,20 @@ _PATH_CLASSES = {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath",
 _BUILTINS = {"set", "frozenset", "tuple", "list", "dict", "slice", "complex"}
 
 
-def damaged(path: Path, detail: str, hint: str | None = None) -> UserError:
-    return UserError(f"Checkpoint file {path} is corrupted or truncated ({detail}).",
-                     hint or "Delete the checkpoint or resume from another one.")
+_DAMAGED_HINT = "Delete the checkpoint or resume from another one."
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint file is missing, truncated or corrupted: the checkpoint cannot be used, but
+    an older one may (``checkpoint.resume=auto`` falls back to it)."""
+
+
+def damaged(path: Path, detail: str, hint: str | None = None) -> DamagedCheckpoint:
+    return DamagedCheckpoint(f"Checkpoint file {path} is corrupted or truncated ({detail}).", hint or _DAMAGED_HINT)
+
+
+def missing(path: Path, hint: str | None = None) -> DamagedCheckpoint:
+    return DamagedCheckpoint(f"Checkpoint file {path} is missing; the checkpoint is incomplete.", hint or _DAMAGED_HINT)
 
 
 def first_line(exc: BaseException) -> str:
@@ -84,8 +95,7 @@ def read_metadata(directory: Path) -> Metadata:
     file when it is missing, damaged, or holds anything but DCP metadata."""
     path = Path(directory) / METADATA_FILE
     if not path.is_file():
-        raise UserError(f"Checkpoint file {path} is missing; the checkpoint is incomplete.",
-                        "Delete the checkpoint or resume from another one.")
+        raise missing(path)
     try:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
@@ -138,13 +148,41 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _disk_errors_surfaced(directory: Any) -> Iterator[None]:
+    """Re-raise a disk error (``storage.storage_error``) hidden inside another exception as a
+    plain ``OSError`` naming the file (or ``directory``): DCP sends each rank's failure to the
+    others pickled, which drops ``__context__``, and ``torch.save`` reports a full disk as a
+    ``RuntimeError`` whose context is the ``OSError``."""
+    from automodel_cli.components.checkpoint.storage import storage_error
+
+    try:
+        yield
+    except Exception as exc:
+        disk = storage_error(exc)
+        if disk is None or disk is exc and disk.filename:
+            raise
+        raise OSError(disk.errno, disk.strerror, disk.filename or str(directory)) from exc
+
+
+class SafeWriter(FileSystemWriter):
+    """``FileSystemWriter`` whose disk errors reach every rank with their errno."""
+
+    def write_data(self, *args: Any, **kwargs: Any) -> Any:
+        with _disk_errors_surfaced(self.path):
+            return super().write_data(*args, **kwargs)
+
+    def finish(self, *args: Any, **kwargs: Any) -> None:
+        with _disk_errors_surfaced(self.path):
+            return super().finish(*args, **kwargs)
+
+
 def save(state: dict[str, Any], directory: Path, *, distributed: bool) -> None:
     """``dcp.save`` of ``state`` into ``directory`` (collective when ``distributed``)."""
     import torch.distributed.checkpoint as dcp
 
     with _quiet():
-        dcp.save(state, storage_writer=FileSystemWriter(str(directory), sync_files=True),
-                 no_dist=not distributed)
+        dcp.save(state, storage_writer=SafeWriter(str(directory), sync_files=True), no_dist=not distributed)
 
 
 def load(state: dict[str, Any], directory: Path, *, distributed: bool,
@@ -183,8 +221,7 @@ def check_files(directory: Path, metadata: Metadata) -> None:
     for name, size in sorted(referenced_files(metadata).items()):
         path = Path(directory) / name
         if not path.is_file():
-            raise UserError(f"Checkpoint file {path} is missing; the checkpoint is incomplete.",
-                            "Delete the checkpoint or resume from another one.")
+            raise missing(path)
         actual = path.stat().st_size
         if actual < size:
             raise damaged(path, f"{actual} bytes, but the index refers to {size}")
@@ -204,8 +241,7 @@ def verify_digests(root: Path, files: dict[str, dict[str, Any]], names: Iterable
         expected = files[name]
         path = root / name
         if not path.is_file():
-            raise UserError(f"Checkpoint file {path} is missing; the checkpoint is incomplete.",
-                            "Delete the checkpoint or resume from another one.")
+            raise missing(path)
         size = path.stat().st_size
         if size != expected.get("size"):
             raise damaged(path, f"{size} bytes, expected {expected.get('size')}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 _OFF = {"off", "none", "no", "false", ""}
 _AUTO = {"auto", "latest", "true", "yes"}
 _RESUME_HINT = "Set checkpoint.resume to auto, off, or the path of a checkpoint or run directory."
+_DAMAGED_HINT = ("Resume from another checkpoint (checkpoint.resume=PATH, or checkpoint.resume=auto for the newest "
+                 "intact one of a run directory), or delete this one.")
+
+
+def resume_is_auto(spec: str | Path | bool | None) -> bool:
+    """``checkpoint.resume`` asks for the run's newest checkpoint (``auto``, ``latest``, true)."""
+    return spec is True or isinstance(spec, str) and spec.strip().lower() in _AUTO
 
 
 def find_checkpoint(spec: str | Path | bool | None, run_dir: Path) -> Path | None:
@@ -47,11 +55,9 @@ def find_checkpoint(spec: str | Path | bool | None, run_dir: Path) -> Path | Non
     """
     if spec is None or spec is False:
         return None
-    if spec is True:
-        spec = "auto"
     if isinstance(spec, str) and spec.strip().lower() in _OFF:
         return None
-    if isinstance(spec, str) and spec.strip().lower() in _AUTO:
+    if resume_is_auto(spec):
         return layout.resolve_latest(layout.checkpoints_root(run_dir))
     if not isinstance(spec, (str, Path)):
         raise UserError(f"checkpoint.resume must be auto, off or a path, got {spec!r}.", _RESUME_HINT)
@@ -83,7 +89,7 @@ def _read_json(path: Path, missing_message: str) -> Any:
     except FileNotFoundError:
         raise UserError(missing_message, _RESUME_HINT) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"Checkpoint file {path} is corrupted or truncated ({exc}).", _RESUME_HINT) from None
+        raise dcp_io.damaged(path, str(exc), _DAMAGED_HINT) from None
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:
@@ -91,7 +97,8 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
     path = Path(checkpoint) / layout.META_FILE
     meta = _read_json(path, f"{checkpoint} is not a checkpoint: {path.name} is missing.")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise UserError(f"Checkpoint file {path} is not an automodel checkpoint description.", _RESUME_HINT)
+        raise dcp_io.DamagedCheckpoint(f"Checkpoint file {path} is not an automodel checkpoint description.",
+                                       _DAMAGED_HINT)
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(
@@ -106,29 +113,86 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
             "Start fresh with checkpoint.resume=off, or use the run's final/ directory as model.path.",
         )
     if not isinstance(meta.get("files"), dict) or not isinstance(meta.get("world_size"), int):
-        raise UserError(f"Checkpoint file {path} is incomplete (no file list or world size).", _RESUME_HINT)
+        raise dcp_io.DamagedCheckpoint(f"Checkpoint file {path} is incomplete (no file list or world size).",
+                                       _DAMAGED_HINT)
     return meta
+
+
+def _check_files(checkpoint: Path, meta: dict[str, Any], *, digests: bool) -> None:
+    """This rank's share of ``verify_files``: every size, and the digests of its own files."""
+    files: dict[str, dict[str, Any]] = meta["files"]
+    rank, world = collective.rank(), collective.world_size()
+    for name in sorted(files):  # sizes first: cheap, and names the truncated file
+        path = checkpoint / name
+        if not path.is_file():
+            raise dcp_io.missing(path, _DAMAGED_HINT)
+        if path.stat().st_size != files[name].get("size"):
+            raise dcp_io.damaged(path, f"{path.stat().st_size} bytes, expected {files[name].get('size')}",
+                                 _DAMAGED_HINT)
+    if digests:
+        mine = [n for n in sorted(files) if file_owner(n) % world == rank]
+        dcp_io.verify_digests(checkpoint, files, mine)
 
 
 def verify_files(checkpoint: Path, meta: dict[str, Any], *, digests: bool = True) -> None:
     """Collective: every file in meta.json exists with its recorded size and (``digests``)
     sha256. Each rank hashes a share of the files; any failure is raised on every rank."""
-    files: dict[str, dict[str, Any]] = meta["files"]
-    rank, world = collective.rank(), collective.world_size()
+    collective.run_agreed(lambda: _check_files(checkpoint, meta, digests=digests))
 
-    def check() -> None:
-        for name in sorted(files):  # sizes first: cheap, and names the truncated file
-            path = checkpoint / name
-            if not path.is_file():
-                raise UserError(f"Checkpoint file {path} is missing; the checkpoint is incomplete.", _RESUME_HINT)
-            if path.stat().st_size != files[name].get("size"):
-                raise dcp_io.damaged(path, f"{path.stat().st_size} bytes, expected {files[name].get('size')}",
-                                     _RESUME_HINT)
-        if digests:
-            mine = [n for n in sorted(files) if file_owner(n) % world == rank]
-            dcp_io.verify_digests(checkpoint, files, mine)
 
-    collective.run_agreed(check)
+def damage(checkpoint: Path, *, digests: bool = True) -> str | None:
+    """Collective: what is damaged in ``checkpoint`` (meta.json, a missing or truncated file, a
+    digest that does not match, on any rank), or None when it is intact. The same answer on
+    every rank; problems that are not damage (a newer format) are raised on every rank."""
+    def mine() -> str | None:
+        try:
+            _check_files(checkpoint, read_meta(checkpoint), digests=digests)
+        except dcp_io.DamagedCheckpoint as error:
+            return error.message.rstrip(".")
+        return None
+
+    return next((problem for problem in collective.gather(collective.run_agreed(mine)) if problem), None)
+
+
+def _resume_candidates(root: Path) -> list[Path]:
+    """What ``checkpoint.resume=auto`` may use, best first: ``latest``'s checkpoint, then the
+    older finished ones, newest first."""
+    first = layout.resolve_latest(root)
+    if first is None:
+        return []
+    first_step = layout.parse_step(first.name)
+    older = [path for step, path in reversed(layout.list_checkpoints(root)) if step < first_step]
+    return [first, *older]
+
+
+def find_intact_checkpoint(run_dir: Path, *, digests: bool = True,
+                           note: Callable[[str], None] | None = None) -> Path | None:
+    """Collective: the checkpoint ``checkpoint.resume=auto`` resumes from: ``latest``'s, or when
+    that one is damaged the newest older one that is intact (sizes, and sha256 with
+    ``digests``). Skipping is reported in one line through ``note`` (rank 0's printer; default:
+    a warning on rank 0). None when the run has no checkpoint; a ``UserError`` when it has only
+    damaged ones."""
+    root = layout.checkpoints_root(run_dir)
+    skipped: list[str] = []
+    for path in _resume_candidates(root):
+        problem = damage(path, digests=digests)
+        if problem is None:
+            if skipped:
+                line = (f"checkpoint.resume=auto: {'; '.join(skipped)}; resuming from {path.name}, the newest "
+                        f"intact checkpoint")
+                if note is not None:
+                    note(line)
+                elif collective.rank() == 0:
+                    log.warning(line)
+            return path.resolve()
+        skipped.append(f"{path.name} is damaged ({problem})")
+    if skipped:
+        raise UserError(
+            f"checkpoint.resume=auto found no intact checkpoint in {root}: {'; '.join(skipped)}.",
+            "Move the damaged checkpoints out of the way (or delete them), and the same command trains this "
+            "run again from step 0; or start a new run in another --output-dir.",
+        )
+    return None
 
 
 def read_train_state(checkpoint: Path) -> dict[str, Any]:
@@ -228,5 +292,5 @@ def _read_rng(path: Path, rank: int) -> dict[str, Any]:
     file = path / layout.rng_file(rank)
     state = safe_torch_load(file)
     if not isinstance(state, dict) or "torch" not in state or "python" not in state:
-        raise UserError(f"Checkpoint file {file} does not hold RNG states.", _RESUME_HINT)
+        raise dcp_io.DamagedCheckpoint(f"Checkpoint file {file} does not hold RNG states.", _DAMAGED_HINT)
     return state

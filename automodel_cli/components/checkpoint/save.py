@@ -16,6 +16,8 @@ The sequence, each step durable before the next (every rank calls ``save_checkpo
 Until step 3 nothing visible changed; between 3 and 4 ``latest`` still names the previous
 checkpoint, which is whole; pruning never touches the new checkpoint or ``latest``'s target.
 An error on any rank is raised on every rank (``collective.agree``), so no rank waits forever.
+A write that fails because of the disk (full, over quota, read-only, not writable) is a
+``UserError`` on every rank naming the intact previous checkpoint (``storage.py``).
 Without a process group the same code runs as a single rank.
 """
 
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from automodel_cli.components.checkpoint import collective, dcp_io, hf_files, layout
+from automodel_cli.components.checkpoint import collective, dcp_io, hf_files, layout, storage
 from automodel_cli.components.checkpoint.fsio import fsync_dir, remove_tree, write_bytes_durably
 from automodel_cli.components.checkpoint.rng import capture_rng_state
 from automodel_cli.components.checkpoint.state import (
@@ -90,6 +92,7 @@ def save_checkpoint(
     root = layout.checkpoints_root(run_dir)
     final = root / layout.step_dir_name(step)
     is_main = collective.rank() == 0
+    published = False
 
     def prepare() -> str | None:
         if not is_main:
@@ -101,24 +104,42 @@ def save_checkpoint(
         tmp.mkdir()
         return str(tmp)
 
-    tmp = Path(collective.broadcast(collective.run_agreed(prepare)))
-    try:
-        write_payload(tmp, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                      state_json=state_json, generators=generators, tokenizer=tokenizer,
-                      extra_files=extra_files)
-        collective.run_agreed(lambda: publish(tmp, final) if is_main else None)
-    except BaseException:
-        if is_main:
-            remove_tree(tmp)  # best effort; a SIGKILL leaves it for the next save to clean
-        raise
-
     def point_and_prune() -> None:
         if is_main:
             layout.write_latest(root, final.name)
             prune(root, keep, protect={final.name})
 
-    collective.run_agreed(point_and_prune)
+    try:
+        tmp = Path(collective.broadcast(collective.run_agreed(prepare)))
+        try:
+            write_payload(tmp, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                          state_json=state_json, generators=generators, tokenizer=tokenizer,
+                          extra_files=extra_files)
+            collective.run_agreed(lambda: publish(tmp, final) if is_main else None)
+        except BaseException:
+            if is_main:
+                remove_tree(tmp)  # best effort; a SIGKILL leaves it for the next save to clean
+            raise
+        published = True
+        collective.run_agreed(point_and_prune)
+    except BaseException as exc:  # every rank gets here together (DCP raises a BaseException)
+        error = storage.storage_error(exc)
+        if error is None:
+            raise
+        previous = layout.resolve_latest(root)  # what checkpoint.resume=auto would use now
+        needed = storage.checkpoint_bytes(previous) or state_bytes(model, optimizer)
+        raise storage.checkpoint_write_failed(error, run_dir=Path(run_dir), step_name=final.name,
+                                              previous=previous, needed=needed, published=published) from None
     return final
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of the trainable parameters and the optimizer's tensors (global sizes for sharded
+    ones): about what a checkpoint holds, for messages when there is no checkpoint to measure."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    for state in (optimizer.state.values() if optimizer is not None else ()):
+        total += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    return total
 
 
 def _train_state_json(train_state: dict[str, Any], step: int) -> str:

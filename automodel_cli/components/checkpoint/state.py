@@ -39,19 +39,17 @@ def safe_torch_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``; missing or damaged files become a
     ``UserError`` naming the file instead of a pickle traceback."""
     if not path.is_file():
-        raise UserError(f"Checkpoint file {path} is missing; the checkpoint is incomplete.", _FRESH_START_HINT)
+        raise dcp_io.missing(path, _FRESH_START_HINT)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(
+        raise dcp_io.DamagedCheckpoint(
             f"Checkpoint file {path} is damaged or holds objects that are not plain tensors and "
             f"containers, which are never unpickled for safety ({_first_line(exc)}).",
             _FRESH_START_HINT,
         ) from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
-        raise UserError(
-            f"Checkpoint file {path} is corrupted or truncated ({_first_line(exc)}).", _FRESH_START_HINT
-        ) from None
+        raise dcp_io.damaged(path, _first_line(exc), _FRESH_START_HINT) from None
 
 
 _first_line = dcp_io.first_line

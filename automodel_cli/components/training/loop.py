@@ -111,19 +111,27 @@ def any_rank(flag: bool, env: Any) -> bool:
 def resume(cfg: Any, output_dir: Path, *, model: Any, optimizer: Any, scheduler: Any,
            say: Any, is_main: bool = True) -> dict[str, Any]:
     """Restore the checkpoint that ``checkpoint.resume`` names; its train state, or
-    ``{"step": 0}`` for a fresh start. Settings changed since the checkpoint's run are refused
-    or, with ``checkpoint.allow_changes``, applied; either way they are said and recorded."""
+    ``{"step": 0}`` for a fresh start. With ``auto``, a damaged newest checkpoint is skipped for
+    the newest intact one (said in one line); a checkpoint named by path must be intact.
+    Settings changed since the checkpoint's run are refused or, with
+    ``checkpoint.allow_changes``, applied; either way they are said and recorded."""
     from automodel_cli.components.checkpoint import find_checkpoint, load_checkpoint
+    from automodel_cli.components.checkpoint.load import find_intact_checkpoint, resume_is_auto
     from automodel_cli.components.optim.build import apply_new_settings, peak_lr
     from automodel_cli.components.training import run_dir
     from automodel_cli.components.training.run_dir import resume_requested
 
-    checkpoint = find_checkpoint(cfg.checkpoint.resume, output_dir) if resume_requested(cfg) else None
+    if not resume_requested(cfg):
+        return {"step": 0}
+    auto = resume_is_auto(cfg.checkpoint.resume)
+    checkpoint = (find_intact_checkpoint(output_dir, note=say) if auto
+                  else find_checkpoint(cfg.checkpoint.resume, output_dir))
     if checkpoint is None:
         return {"step": 0}
     changes = run_dir.changes_since_checkpoint(cfg, checkpoint)
     run_dir.check_resume_changes(cfg, changes)  # an explicit path was not checked before loading
-    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+    # find_intact_checkpoint has verified every digest already; sizes are always checked.
+    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, verify=not auto)
     step = int(state["step"])
     say(f"resumed from {checkpoint} at step {step}")
     if changes:
@@ -220,15 +228,18 @@ def save_outputs(model: Any, tokenizer: Any, cfg: Any, env: Any, output_dir: Pat
                  base_path: Any, summary: dict[str, Any]) -> None:
     """Gather the model from every rank, write ``final/`` and ``summary.json`` (rank 0), wait for
     every rank and close the process group."""
+    from automodel_cli.components.checkpoint.collective import run_agreed
     from automodel_cli.components.distributed import env as dist_env
     from automodel_cli.components.distributed.parallelize import gather_full_state_dict
     from automodel_cli.components.models.saving import save_final
 
     state_dict = (gather_full_state_dict(model, trainable_only=cfg.peft.method != "none")
                   if env.distributed else None)
+    # Rank 0 writes; a failure there (a full disk) is raised on every rank instead of leaving
+    # the others waiting at the barrier.
+    final_dir = run_agreed(lambda: save_final(model, tokenizer, output_dir, merge=cfg.peft.merge, base_path=base_path,
+                                              state_dict=state_dict) if env.is_main else None)
     if env.is_main:
-        final_dir = save_final(model, tokenizer, output_dir, merge=cfg.peft.merge,
-                               base_path=base_path, state_dict=state_dict)
         summary = {"steps": summary.pop("steps", None), "output_dir": str(output_dir), "final": str(final_dir),
                    **summary}
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -2,10 +2,14 @@
 
     torchrun --standalone --nproc-per-node N dist_worker.py train  RUN_DIR OUT.json
     torchrun --standalone --nproc-per-node N dist_worker.py resume RUN_DIR OUT.json
+    torchrun --standalone --nproc-per-node 2 dist_worker.py recover RUN_DIR OUT.json
     torchrun --standalone --nproc-per-node 1 dist_worker.py cuda   RUN_DIR OUT.json   (NCCL, GPU)
 
 ``cuda`` saves from a CUDA FSDP2 model and loads into a fresh one in the same job (exact
-state and CUDA RNG), for the GPU test. ``train`` runs SAVE_AT steps, saves a checkpoint, writes the full (gathered) model and
+state and CUDA RNG), for the GPU test. ``recover`` saves two checkpoints, then: a full disk on
+rank 1 during a third save (every rank must raise the same UserError); damage only rank 1
+can see (a flipped byte in its own shard of the latest checkpoint: every rank must fall back to
+the older one); both damaged (every rank must raise the same UserError). ``train`` runs SAVE_AT steps, saves a checkpoint, writes the full (gathered) model and
 optimizer state to RUN_DIR/reference.pt, then runs two more steps and records their losses
 and the random numbers each rank draws right after the save. ``resume`` builds the model from
 a different seed, loads the checkpoint on its own world size, compares the gathered state
@@ -105,6 +109,67 @@ def failing_save(run_dir: Path, model, optimizer, scheduler) -> str:
     return "no error"
 
 
+def recover(run_dir: Path, mesh) -> dict:
+    """Disk errors and damaged checkpoints, decided alike on every rank (see the module doc)."""
+    import errno
+
+    from automodel_cli.components.checkpoint import load_checkpoint, save_checkpoint
+    from automodel_cli.components.checkpoint import save as save_module
+    from automodel_cli.components.checkpoint.load import find_intact_checkpoint
+    from automodel_cli.errors import UserError
+
+    rank = dist.get_rank()
+    model, optimizer, scheduler = build(0, mesh)
+    result: dict = {}
+
+    def save(step: int) -> None:
+        save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, train_state={},
+                        keep=3)
+
+    for step in (1, 2):
+        train_step(model, optimizer, scheduler, step)
+        save(step)
+
+    def full_disk(generators=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "rng" / "rank_1.pt"))
+
+    real = save_module.capture_rng_state
+    if rank == 1:
+        save_module.capture_rng_state = full_disk
+    try:
+        save(3)
+        result["disk"] = "no error"
+    except Exception as exc:
+        result["disk"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        save_module.capture_rng_state = real
+    dist.barrier()  # rank 0 removes the unfinished checkpoint before it raises
+    result["entries"] = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+    def flip(relative: str) -> None:
+        dist.barrier()
+        if rank == 0:
+            path = run_dir / "checkpoints" / relative
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+        dist.barrier()
+
+    flip("step_00000002/model/__1_0.distcp")  # same size: only rank 1 (which hashes it) can tell
+    notes: list[str] = []
+    chosen = find_intact_checkpoint(run_dir, note=notes.append)
+    result["chosen"], result["notes"] = chosen.name, notes
+    result["loaded_step"] = load_checkpoint(chosen, model=model, optimizer=optimizer, scheduler=scheduler,
+                                            verify=False)["step"]
+    flip("step_00000001/optim/__1_0.distcp")
+    try:
+        find_intact_checkpoint(run_dir)
+        result["none_intact"] = "no error"
+    except UserError as exc:
+        result["none_intact"] = exc.message
+    return result
+
+
 def lora(run_dir: Path, mesh) -> None:
     """LoRA on an FSDP2-sharded model: only the adapter is saved; logits for the tests."""
     from peft import LoraConfig, get_peft_model
@@ -152,7 +217,9 @@ def main() -> None:
     mesh = init_device_mesh(DEVICE, (world,), mesh_dim_names=("dp_shard",))
     data_order = torch.Generator().manual_seed(7)
     result: dict = {"world": world}
-    if mode == "train":
+    if mode == "recover":
+        result.update(recover(run_dir, mesh))
+    elif mode == "train":
         model, optimizer, scheduler = build(0, mesh)
         result["losses"] = [train_step(model, optimizer, scheduler, 0)]
         result["failed_save"] = failing_save(run_dir, model, optimizer, scheduler)

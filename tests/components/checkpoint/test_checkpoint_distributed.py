@@ -149,3 +149,19 @@ def test_fsdp_lora_checkpoint_loads_in_one_process_and_consolidates(trained, tmp
     result = consolidate(run_dir, tmp_path / "merged", merge_lora=True)
     assert result.kind == "merged" and "base_model" in result.base_source
     check(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), 1e-5)
+
+
+@pytest.mark.slow
+def test_disk_errors_and_damaged_checkpoints_are_decided_alike_on_every_rank(tmp_path):
+    """A full disk on rank 1 is the same UserError on both ranks; damage only rank 1 can see
+    makes both fall back to the older checkpoint; with none intact both raise the same error."""
+    ranks = torchrun(2, "recover", str(tmp_path / "run"))
+    for rank in ranks:
+        assert rank["disk"].startswith("UserError: Could not save checkpoint step_00000003"), rank["disk"]
+        assert "the previous checkpoint, step_00000002, is intact" in rank["disk"]
+        assert rank["entries"] == ["latest", "step_00000001", "step_00000002"]
+        assert rank["chosen"] == "step_00000001" and rank["loaded_step"] == 1
+        assert rank["none_intact"].startswith("checkpoint.resume=auto found no intact checkpoint")
+    assert "__1_0.distcp" in ranks[0]["none_intact"] and ranks[0]["none_intact"] == ranks[1]["none_intact"]
+    assert len(ranks[0]["notes"]) == 1 and "step_00000002 is damaged" in ranks[0]["notes"][0]
+    assert "sha256" in ranks[0]["notes"][0] and "resuming from step_00000001" in ranks[0]["notes"][0]
