@@ -21,6 +21,8 @@ from typing import Callable
 
 import pytest
 
+from model_dirs import remote_code_model, save_model
+
 from automodel_cli import hookimpl
 from automodel_cli.assets import demo_dir
 from automodel_cli.errors import UserError
@@ -63,6 +65,34 @@ def model_dir(relative: str, *, config: bool = True, weights: bool = False) -> C
         if weights:
             (target / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     return setup
+
+
+def saved_model(relative: str, damage: str | None = None) -> Callable[[Path], None]:
+    """A real save_pretrained model directory, then damaged the way copies get damaged."""
+    def setup(tmp: Path) -> None:
+        directory = tmp / relative
+        if damage == "remote-code":
+            remote_code_model(directory)
+            return
+        if damage == "unsafe-pickle":
+            save_model(directory, bin_state={"weight": RunsCode()})
+            return
+        save_model(directory)
+        weights = directory / "model.safetensors"
+        if damage == "truncated":
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        elif damage == "no-config":
+            (directory / "config.json").unlink()
+    return setup
+
+
+class RunsCode:
+    """Unpickling this would run a shell command: what a refused pickle carries."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch /tmp/automodel-corpus-pickle-ran",)
 
 
 def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
@@ -171,6 +201,20 @@ CASES = [
          ["`model.config.not_a_field` is not a field of the llama config"]),
     Case("model-no-weights", ["finetune", "model.path={tmp}/m", "data.path={data}", "-o", "{new}", *FAST],
          ["no weights", "model.from_scratch=true"], setup=model_dir("m")),
+    Case("model-truncated-weights", ["finetune", "model.path={tmp}/m", "data.path={data}", "-o", "{new}", *FAST],
+         ["model.safetensors` (model.path) is corrupt or truncated"], setup=saved_model("m", "truncated")),
+    Case("model-unsafe-pickle", ["finetune", "model.path={tmp}/m", "data.path={data}", "-o", "{new}", *FAST],
+         ["pytorch_model.bin` (model.path): unsafe pickle refused"], setup=saved_model("m", "unsafe-pickle")),
+    Case("model-no-config", ["finetune", "model.path={tmp}/m", "data.path={data}", "-o", "{new}", *FAST],
+         ["config.json"], setup=saved_model("m", "no-config")),
+    Case("model-remote-code", ["finetune", "model.path={tmp}/m", "data.path={data}", "-o", "{new}", *FAST],
+         ["model.trust_remote_code=true"], setup=saved_model("m", "remote-code")),
+    Case("model-data-dir", ["finetune", "model.path={tmp}", "data.path={data}", "-o", "{new}", *FAST],
+         ["config.json"]),
+    Case("hub-offline", ["finetune", "model.path=someorg/not-cached-anywhere", "data.path={data}", "-o", "{new}", *FAST],
+         ["someorg/not-cached-anywhere", "HF_HUB_OFFLINE"], env={"HF_HUB_OFFLINE": "1"}),
+    Case("teacher-truncated", ["distill", "demo", "distill.teacher_path={tmp}/t", "-o", "{new}", *FAST],
+         ["distill.teacher_path", "corrupt or truncated"], setup=saved_model("t", "truncated")),
     # checkpoints
     Case("resume-path-missing", [*FT, "-o", "{new}", "checkpoint.resume={tmp}/nope", *FAST], ["does not exist"]),
     Case("resume-not-checkpoint", [*FT, "-o", "{new}", "checkpoint.resume={tmp}", *FAST], ["is not a checkpoint"]),
@@ -256,3 +300,4 @@ def test_bad_input(case, cli, existing_run, automodel_plugin, tmp_path, monkeypa
         assert " ".join(fragment.format(**places).split()) in message, message
     assert snapshot(existing_run) == before
     assert not new.exists(), sorted(p.name for p in new.iterdir())
+    assert not Path("/tmp/automodel-corpus-pickle-ran").exists()  # no pickle payload ever runs
