@@ -223,13 +223,16 @@ class ModelRegistry(Registry):
         family: str,
         description: str = "",
         defaults: dict[str, Any] | None = None,
+        recipe_defaults: dict[str, dict[str, Any]] | None = None,
         override: bool = False,
     ) -> Entry:
         """Register a preset: ``path`` is a hub id or local directory, ``family`` the model
-        family (llama, qwen, ...), ``defaults`` config values applied when the preset is used."""
+        family (llama, qwen, ...), ``defaults`` config values applied when the preset is used,
+        ``recipe_defaults`` recipe name -> config values applied on top when the preset runs
+        with that recipe (the demo's distillation student is smaller than the demo model)."""
         return self._add(
             name, path, description=description, override=override,
-            path=path, family=family, defaults=defaults or {},
+            path=path, family=family, defaults=defaults or {}, recipe_defaults=recipe_defaults or {},
         )
 
 

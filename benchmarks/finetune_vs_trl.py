@@ -5,7 +5,7 @@ Usage::
     python benchmarks/finetune_vs_trl.py                 # 40 steps, 3 repeats (full settings)
     python benchmarks/finetune_vs_trl.py --quick         # smoke run: 12 steps, 1 repeat, 400 samples
     python benchmarks/finetune_vs_trl.py --runs ours-lora,trl-lora --repeats 5
-    python benchmarks/finetune_vs_trl.py --runs ours-full-packed,trl-full-packed,trl-full   # issue 7
+    python benchmarks/finetune_vs_trl.py --runs ours-full-packed,trl-full-packed,trl-full   # both packed
 
 What is compared, and why the comparison is fair
 ------------------------------------------------

@@ -10,7 +10,7 @@ from automodel_cli import hookimpl
 from automodel_cli.assets import demo_dir
 
 #: The bundled demo: a tiny Llama-architecture model initialised at random from a bundled config
-#: and trained on a bundled string-reversal task, so it runs offline on a CPU in about a minute.
+#: and trained on a bundled string-reversal task, so it runs offline on a CPU in well under a minute.
 DEMO_DEFAULTS = {
     "model": {"from_scratch": True},
     "data": {"name": "demo", "eval_split": "validation", "max_length": 64},
@@ -18,6 +18,11 @@ DEMO_DEFAULTS = {
               "eval_every_steps": 100},
     "optim": {"lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.01},
     "benchmark": {"seq_len": 128},  # the demo model's max_position_embeddings
+}
+#: What the demo preset sets for one recipe only: `automodel distill demo` distils the trained
+#: demo model (two decoder layers, the teacher) into a student with one.
+DEMO_RECIPE_DEFAULTS = {
+    "distill": {"model": {"config": {"num_hidden_layers": 1}}},
 }
 
 # name -> (hub id, family, description, defaults)
@@ -45,6 +50,7 @@ PRESETS: dict[str, tuple[str, str, str, dict]] = {
 @hookimpl
 def register_models(registry):
     registry.add("demo", path=str(demo_dir()), family="llama", defaults=DEMO_DEFAULTS,
+                 recipe_defaults=DEMO_RECIPE_DEFAULTS,
                  description="Bundled tiny Llama (random init) + string-reversal data; offline, CPU")
     for name, (path, family, description, defaults) in PRESETS.items():
         registry.add(name, path=path, family=family, description=description, defaults=defaults)

@@ -13,10 +13,12 @@ teacher and student distributions (``distill.kl``: forward ``KL(teacher || stude
 reverse), both over the trained (completion) tokens only and normalised by the step's
 label-token count (``components/loss/kd.py``), so losses match on 1 or N processes.
 
-The teacher is loaded from ``distill.teacher_path``, frozen (``requires_grad=False``, eval mode),
-has no optimizer and is never checkpointed or saved; on N processes it is parallelised on the
-student's mesh (TP plan, then FSDP2 with parameters resharded after every forward). Before any
-data, model or file is touched, the teacher's vocabulary is checked against the student's.
+The teacher is loaded from ``distill.teacher_path`` (for the demo student, when none is given,
+the cached demo teacher: ``components/training/demo_teacher.py``), frozen
+(``requires_grad=False``, eval mode), has no optimizer and is never checkpointed or saved; on N
+processes it is parallelised on the student's mesh (TP plan, then FSDP2 with parameters
+resharded after every forward). Before any data, model or file is touched, the teacher's
+vocabulary is checked against the student's.
 
 Memory: with a fused ``loss.name`` (``linear_ce``) the student's logits are never materialised:
 the teacher yields its logits at the trained positions only, and CE and KL are computed chunk by
@@ -39,7 +41,6 @@ RECIPE = "distill"
 #: Settings a resumed distillation must share with the run it continues (besides finetune's).
 TEACHER_IDENTITY_KEYS = ("distill.teacher_path", "distill.teacher_revision", "distill.temperature",
                          "distill.kd_weight", "distill.kl")
-DEMO_TEACHER = "runs/demo-teacher"
 #: Messages about the teacher name the distill keys. Custom code is allowed by the one
 #: model.trust_remote_code key, which covers both models.
 TEACHER = Role(name="teacher", path_key="distill.teacher_path", tokenizer_key="distill.teacher_tokenizer",
@@ -72,6 +73,7 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.training.evaluation import format_eval
 
     # 1. Settings, processes and mesh: checked before anything is read or written.
+    demo_teacher = use_demo_teacher(cfg)
     check_distill_settings(cfg)
     env, shape, say = processes(cfg)
 
@@ -79,6 +81,8 @@ def run(cfg: Any) -> int:
     if resume_requested(cfg) and cfg.output_dir:
         check_same_distillation(cfg, Path(cfg.output_dir))
     output_dir = claim_output_dir(cfg, RECIPE, env)
+    if demo_teacher is not None:
+        provide_demo_teacher(demo_teacher, env, say)
     mesh, dp_size, dp_index = data_parallel(shape, env)
     registries = get_registries()
     loss_spec = build_loss(cfg, registries, env.device)  # the CE term: loss.name
@@ -270,26 +274,42 @@ def _is_demo_student(cfg: Any) -> bool:
     return bool(cfg.model.path) and Path(cfg.model.path).resolve() == demo_dir() and cfg.model.from_scratch
 
 
+def use_demo_teacher(cfg: Any) -> Path | None:
+    """For the demo student without a teacher, ``distill.teacher_path`` becomes the cached demo
+    teacher (``automodel finetune demo``, trained on first use by ``provide_demo_teacher``), so
+    ``automodel distill demo`` runs by itself; returns its cache entry, else None."""
+    from automodel_cli.components.training import demo_teacher
+    from automodel_cli.config.yaml_io import Source
+
+    if cfg.distill.teacher_path or not _is_demo_student(cfg):
+        return None
+    entry = demo_teacher.cache_entry()
+    cfg.tree["distill"]["teacher_path"] = str(demo_teacher.model_dir(entry))
+    cfg.sources["distill.teacher_path"] = Source("the cached demo teacher")
+    return entry
+
+
+def provide_demo_teacher(entry: Path, env: Any, say: Any) -> None:
+    """Train the demo teacher unless it is cached: once per machine (the first process of each
+    node; the others wait here)."""
+    from automodel_cli.components.training import demo_teacher
+    from automodel_cli.components.training.loop import barrier
+
+    if env.local_rank == 0:
+        demo_teacher.ensure_teacher(entry, say)
+    barrier(env)
+
+
 def check_distill_settings(cfg: Any) -> None:
-    """The distill section makes sense (the schema checks types and choices)."""
+    """A teacher is given (the schema checks types, choices and ranges)."""
     settings = cfg.distill
     if not settings.teacher_path:
-        demo = (f" For the demo, train a teacher first: `automodel finetune demo -o {DEMO_TEACHER}`, then "
-                f"`automodel distill demo distill.teacher_path={DEMO_TEACHER}/final model.config.num_hidden_layers=1` "
-                f"(a student with one decoder layer instead of two)."
-                if _is_demo_student(cfg) else "")
         raise UserError(
             "automodel distill needs a teacher model, and distill.teacher_path is not set.",
             "Set distill.teacher_path to a Hugging Face model directory or hub id that uses the "
-            f"student's tokenizer (a finetune run's model is RUN_DIR/final).{demo}",
+            "student's tokenizer (a finetune run's model is RUN_DIR/final). `automodel distill demo` "
+            "brings its own teacher.",
         )
-    if not settings.temperature > 0:
-        raise UserError(f"distill.temperature={settings.temperature} must be greater than 0.",
-                        "Use 1.0 (the distributions as they are) or a value such as 2.0 to soften them.")
-    if not 0 <= settings.kd_weight <= 1:
-        raise UserError(f"distill.kd_weight={settings.kd_weight} must be between 0 and 1 "
-                        f"(loss = (1 - w) * CE + w * T^2 * KL).",
-                        "Use 0.5 to mix equally, 1.0 for distillation only.")
 
 
 def check_same_distillation(cfg: Any, output_dir: Path) -> None:

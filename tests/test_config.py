@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from automodel_cli import hookimpl
 from automodel_cli.config import ConfigError, layer_from_file, layer_from_overrides, resolve
 from automodel_cli.config.assemble import build_layers, resolve_command
 from automodel_cli.config.resolve import Layer, defaults_layer
@@ -36,6 +37,33 @@ def test_layers_later_wins_and_sources_are_recorded(tmp_path):
     assert "command line `train.max_steps=30`" in str(cfg.source_of("train.max_steps"))
     assert str(cfg.source_of("train.epochs")) == "recipe test"
     assert str(cfg.source_of("model.path")).startswith("preset qwen3 (automodel-cli")
+
+
+
+class PresetWithRecipeDefaults:
+    @staticmethod
+    @hookimpl
+    def register_models(registry):
+        registry.add("tiny-test", path="org/tiny", family="llama",
+                     defaults={"data": {"max_length": 64}, "train": {"seed": 7}},
+                     recipe_defaults={"pretrain": {"data": {"max_length": 256}, "model": {"config": {"num_hidden_layers": 1}}}})
+
+
+def test_preset_recipe_defaults_apply_with_that_recipe_only(automodel_plugin, tmp_path):
+    registries = automodel_plugin(PresetWithRecipeDefaults(), name="preset-with-recipe-defaults")
+    config_file = write(tmp_path / "run.yaml", "model:\n  config:\n    hidden_size: 32\n")
+
+    def resolved(recipe: str, overrides: list[str]):
+        return resolve_command(registries, recipe=registries.recipes.get(recipe), target="tiny-test",
+                               config_files=[config_file], overrides=overrides)
+
+    pretrain = resolved("pretrain", [])
+    assert pretrain.data.max_length == 256 and pretrain.train.seed == 7  # on top of the preset's defaults
+    assert pretrain.model.config.to_dict() == {"num_hidden_layers": 1, "hidden_size": 32}  # merged with the file
+    assert str(pretrain.source_of("data.max_length")).startswith("preset tiny-test for pretrain (")
+    assert resolved("pretrain", ["data.max_length=128"]).data.max_length == 128  # overrides still win
+    finetune = resolved("finetune", [])
+    assert finetune.data.max_length == 64 and finetune.model.config.to_dict() == {"hidden_size": 32}
 
 
 def test_override_values_are_typed():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ def recipe_layer(recipe: Entry) -> Layer | None:
     return Layer(label=f"recipe {recipe.name}", data=defaults)
 
 
-def preset_layer(name: str, registries: Registries) -> Layer:
+def preset_layers(name: str, registries: Registries, recipe: Entry | None = None) -> list[Layer]:
+    """The preset's defaults and ``model.path``, then what the preset sets for ``recipe``."""
     if name not in registries.models and _looks_like_key(name):
         raise _missing_equals(name)
     preset = registries.models.get(name)
@@ -64,7 +66,11 @@ def preset_layer(name: str, registries: Registries) -> Layer:
     for section, values in preset.metadata.get("defaults", {}).items():
         data[section] = dict(values) if isinstance(values, dict) else values
     data.setdefault("model", {})["path"] = preset.metadata["path"]
-    return Layer(label=f"preset {name} ({preset.provider})", data=data)
+    layers = [Layer(label=f"preset {name} ({preset.provider})", data=data)]
+    for_recipe = preset.metadata.get("recipe_defaults", {}).get(recipe.name) if recipe is not None else None
+    if for_recipe:
+        layers.append(Layer(label=f"preset {name} for {recipe.name} ({preset.provider})", data=deepcopy(for_recipe)))
+    return layers
 
 
 def _looks_like_key(text: str) -> bool:
@@ -113,7 +119,7 @@ def build_layers(
         if is_yaml_target(target):
             files.insert(0, target)
         else:
-            layers.append(preset_layer(target, registries))
+            layers.extend(preset_layers(target, registries, recipe))
     layers.extend(layer_from_file(str(path)) for path in files)
     if flags:
         layers.append(flags_layer(flags))

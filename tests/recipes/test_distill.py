@@ -1,5 +1,6 @@
 """End-to-end tests of `automodel distill`: a tiny teacher (the demo model fine-tuned briefly)
-distilled into a smaller student (one decoder layer instead of two), with real HF I/O and peft."""
+distilled into a smaller student (one decoder layer instead of two), with real HF I/O and peft;
+and `automodel distill demo`, which trains and caches its own teacher."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from automodel_cli import __version__
+from automodel_cli.components.training import demo_teacher
 from conftest import REPO
 
 FAST = ["logging.progress=false", "model.dtype=float32", "train.eval_batches=2"]
-SMALLER = "model.config.num_hidden_layers=1"  # the demo model has 2
+SMALLER = "model.config.num_hidden_layers=1"  # the demo model has 2 (the demo preset's distill default too)
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -23,8 +26,8 @@ def read_metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
-    """`automodel finetune demo -o runs/demo-teacher` (as docs/distill.md), 50 steps instead of
-    300; returns the directory holding runs/."""
+    """A teacher of our own, `automodel finetune demo -o runs/demo-teacher` with 50 steps instead
+    of 300; returns the directory holding runs/."""
     from automodel_cli.cli import main
 
     root = tmp_path_factory.mktemp("teacher")
@@ -177,11 +180,11 @@ def test_teacher_with_another_vocabulary_is_refused_before_anything_is_written(c
 
 
 @pytest.mark.parametrize("args, fragments", [
-    ([], ["distill.teacher_path is not set", "automodel finetune demo -o runs/demo-teacher",
-          "distill.teacher_path=runs/demo-teacher/final"]),
+    (["model.from_scratch=false"], ["distill.teacher_path is not set", "a finetune run's model is RUN_DIR/final",
+                                    "`automodel distill demo` brings its own teacher"]),
     (["distill.teacher_path=./nowhere/teacher"], ["Teacher directory `./nowhere/teacher` does not exist"]),
-    (["distill.teacher_path=x", "distill.kd_weight=1.5"], ["distill.kd_weight=1.5 must be between 0 and 1"]),
-    (["distill.teacher_path=x", "distill.temperature=0"], ["distill.temperature=0 must be greater than 0"]),
+    (["distill.teacher_path=x", "distill.kd_weight=1.5"], ["`distill.kd_weight` must be 0 <= x <= 1, got 1.5"]),
+    (["distill.teacher_path=x", "distill.temperature=0"], ["`distill.temperature` must be > 0, got 0"]),
 ])
 def test_bad_settings_are_clear_errors(cli, tmp_path, args, fragments):
     run = tmp_path / "run"
@@ -193,19 +196,98 @@ def test_bad_settings_are_clear_errors(cli, tmp_path, args, fragments):
     assert not run.exists()
 
 
-def test_demo_command_from_the_docs(cli, teacher, monkeypatch):
-    """The copy-paste command of docs/distill.md, run where the teacher fixture ran its first
-    half (`automodel finetune demo -o runs/demo-teacher`), with fewer steps."""
+# --------------------------------------------------------------------------- the demo
+#: The demo teacher as these tests train it: the real mechanism (`automodel finetune demo` in a
+#: child process, the cache, the atomic rename), with 30 steps instead of 300 to keep the suite
+#: fast; the full teacher is the finetune demo, tested in test_finetune.py.
+SHORT_TEACHER = (*demo_teacher.TEACHER_ARGS, "train.max_steps=30", "data.eval_split=null")
+TINY_TEACHER = (*demo_teacher.TEACHER_ARGS, "train.max_steps=2", "data.eval_split=null")
+
+
+@pytest.fixture
+def demo_cache(monkeypatch, tmp_path) -> Path:
+    """An empty AUTOMODEL_CACHE_DIR and the short demo teacher."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(demo_teacher.CACHE_ENV, str(cache))
+    monkeypatch.setattr(demo_teacher, "TEACHER_ARGS", SHORT_TEACHER)
+    return cache
+
+
+def leftovers(entry: Path) -> list[Path]:
+    return list(entry.parent.glob(f".{entry.name}.tmp-*"))
+
+
+def test_the_demo_preset_gives_distill_a_smaller_student(cli):
+    distill = cli("config", "show", "demo", "--recipe", "distill")
+    assert "num_hidden_layers: 1  # from preset demo for distill" in distill.stdout
+    finetune = cli("config", "show", "demo", "--recipe", "finetune")
+    assert "num_hidden_layers" not in finetune.stdout
+    overridden = cli("config", "show", "demo", "--recipe", "distill", "model.config.num_hidden_layers=2")
+    assert "num_hidden_layers: 2  # from command line" in overridden.stdout
+
+
+@pytest.mark.slow
+def test_demo_command_from_the_docs_trains_its_teacher_once(cli, demo_cache, monkeypatch, tmp_path):
+    """`automodel distill demo` as docs/distill.md shows it, fewer steps: the first run trains
+    the teacher into the cache (clearing a killed run's leftovers), the second reuses it."""
     doc = (REPO / "docs" / "distill.md").read_text()
     block = doc.split("<!-- distill-demo-command -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    commands = [shlex.split(part) for part in block.strip().split("&&")]
-    assert commands[-2] == ["automodel", "finetune", "demo", "-o", "runs/demo-teacher"]
-    assert commands[-1][:2] == ["automodel", "distill"]
-    monkeypatch.chdir(teacher)
-    result = cli(*commands[-1][1:], "-o", "runs/demo-student", "train.max_steps=20", "train.eval_every_steps=null",
-                 *FAST)
-    assert result.exit_code == 0, result.stderr
-    lines = re.findall(r"(before|after) training: .*KL to teacher (\d+\.\d+)", result.stdout)
+    command = shlex.split(block.strip().split("&&")[-1])
+    assert command == ["automodel", "distill", "demo"]
+    monkeypatch.chdir(tmp_path)
+    entry = demo_teacher.cache_entry()
+    assert entry.parent == demo_cache and entry.name.startswith(f"demo-teacher-{__version__}-")
+    (entry.parent / f".{entry.name}.tmp-killed" / "final").mkdir(parents=True)  # a first run killed mid-way
+
+    first = cli(*command[1:], "-o", "runs/first", "train.max_steps=20", "train.eval_every_steps=null", *FAST)
+    assert first.exit_code == 0, first.stderr
+    assert f"demo teacher: none cached yet, training it once (`automodel finetune demo`) and caching it in {entry}" \
+        in first.stdout
+    assert demo_teacher.is_complete(entry) and not leftovers(entry)
+    lines = re.findall(r"(before|after) training: .*KL to teacher (\d+\.\d+)", first.stdout)
     assert [name for name, _ in lines] == ["before", "after"]
     assert float(lines[1][1]) < float(lines[0][1])
-    assert (teacher / "runs" / "demo-student" / "final" / "model.safetensors").exists()
+    student = json.loads((tmp_path / "runs" / "first" / "final" / "config.json").read_text())
+    teacher = json.loads((entry / "final" / "config.json").read_text())
+    assert student["num_hidden_layers"] == 1 and teacher["num_hidden_layers"] == 2
+    assert f"teacher_path: {entry / 'final'}" in (tmp_path / "runs" / "first" / "config.yaml").read_text()
+
+    weights = entry / "final" / "model.safetensors"
+    trained_at = weights.stat().st_mtime_ns
+    second = cli(*command[1:], "-o", "runs/second", "train.max_steps=2", "data.eval_split=null", *FAST)
+    assert second.exit_code == 0, second.stderr
+    assert f"demo teacher: using the cached {entry / 'final'}" in second.stdout
+    assert "training it once" not in second.stdout
+    assert weights.stat().st_mtime_ns == trained_at
+
+
+@pytest.mark.slow
+def test_concurrent_first_runs_train_the_demo_teacher_once(monkeypatch, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv(demo_teacher.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(demo_teacher, "TEACHER_ARGS", TINY_TEACHER)
+    entry = demo_teacher.cache_entry()
+    said: list[str] = []
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: demo_teacher.ensure_teacher(entry, said.append), range(2)))
+    assert paths == [entry / "final"] * 2
+    assert sum("training it once" in line for line in said) == 1, said
+    assert sum("trained meanwhile by another run" in line for line in said) == 1, said
+    assert demo_teacher.is_complete(entry) and not leftovers(entry)
+
+
+@pytest.mark.slow
+def test_a_failed_teacher_training_caches_nothing(cli, monkeypatch, tmp_path):
+    """The child `automodel finetune demo` fails (a mesh that needs 2 processes): one clear
+    error, no cache entry, no temporary directory, no run directory."""
+    monkeypatch.setenv(demo_teacher.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(demo_teacher, "TEACHER_ARGS", (*TINY_TEACHER, "distributed.tp=2"))
+    entry = demo_teacher.cache_entry()
+    run = tmp_path / "run"
+    result = cli("distill", "demo", "-o", str(run), *FAST)
+    assert result.exit_code == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Training the distill demo's teacher (`automodel finetune demo`) failed with exit code 2" in result.stderr
+    assert "Nothing was cached" in result.stderr
+    assert not entry.exists() and not leftovers(entry) and not run.exists()

@@ -165,3 +165,25 @@ def test_tensorboard_logger(cli, tmp_path):
     result = cli("finetune", "demo", "-o", str(run), "train.max_steps=2", "logging.loggers=[tensorboard]", *TINY)
     assert result.exit_code == 0, result.stderr
     assert list(run.rglob("events.out.tfevents.*"))
+
+
+def test_the_generation_snippet_of_the_docs_runs_on_a_demo_run(cli, tmp_path, monkeypatch, capsys):
+    """docs/finetune.md's Python snippet: its prompt and answer are a row of the demo's
+    validation data written exactly as in training (trailing newline included), and it runs
+    against the final/ of `automodel finetune demo` in its default output directory."""
+    import re
+    import runpy
+
+    from automodel_cli.assets import demo_dir
+    from conftest import REPO
+
+    snippet = (REPO / "docs" / "finetune.md").read_text().split("```python", 1)[1].split("```", 1)[0]
+    prompt = re.search(r'^prompt = "(.*?)"', snippet, re.MULTILINE).group(1).encode().decode("unicode_escape")
+    answer = snippet.strip().rsplit("# ", 1)[1]
+    rows = [json.loads(line) for line in (demo_dir() / "eval.jsonl").read_text().splitlines()]
+    assert {"prompt": prompt, "completion": answer} in rows
+    monkeypatch.chdir(tmp_path)
+    assert cli("finetune", "demo", "train.max_steps=2", *TINY).exit_code == 0  # runs/finetune-demo-<time>/
+    (tmp_path / "snippet.py").write_text(snippet)
+    runpy.run_path(str(tmp_path / "snippet.py"))
+    assert capsys.readouterr().out.endswith("\n")  # it printed the (2-step, so wrong) answer
