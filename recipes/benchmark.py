@@ -47,7 +47,6 @@ def run(cfg: Any) -> int:
     from automodel_cli.plugin_host import get_registries
 
     bench = cfg.benchmark
-    _check_settings(bench)
 
     # 1. Processes and mesh; messages go to stderr when stdout is reserved for the JSON result.
     env, shape, say = processes(cfg, sys.stderr if bench.json else None)
@@ -130,19 +129,6 @@ def run(cfg: Any) -> int:
         print(json.dumps(result, indent=2) if bench.json else _report(result), flush=True)
     dist_env.destroy()
     return 0
-
-
-def _check_settings(bench: Any) -> None:
-    for key in ("steps", "seq_len", "batch_size"):
-        if getattr(bench, key) < 1:
-            raise UserError(f"benchmark.{key}={getattr(bench, key)} must be at least 1.",
-                            f"Set benchmark.{key} to a positive number.")
-    if bench.warmup_steps < 0:
-        raise UserError(f"benchmark.warmup_steps={bench.warmup_steps} cannot be negative.",
-                        "Set benchmark.warmup_steps=0 or more.")
-    if bench.peak_tflops is not None and bench.peak_tflops <= 0:
-        raise UserError(f"benchmark.peak_tflops={bench.peak_tflops} must be positive.",
-                        "Give the device's peak TFLOP/s, or null for the built-in table.")
 
 
 def _batches(cfg: Any, architecture: Any, dp_size: int, say: Any):

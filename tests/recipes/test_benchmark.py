@@ -109,4 +109,4 @@ def test_bad_input_exit_2(cli):
     assert result.exit_code == 2
     assert "benchmark.seq_len=4096" in result.stderr and "max_position_embeddings=128" in result.stderr
     result = cli("benchmark", "demo", "benchmark.steps=0")
-    assert result.exit_code == 2 and "benchmark.steps=0 must be at least 1" in result.stderr
+    assert result.exit_code == 2 and "`benchmark.steps` must be >= 1, got 0" in result.stderr

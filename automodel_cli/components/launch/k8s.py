@@ -388,11 +388,6 @@ class KubernetesLauncher(Launcher):
         gpu_resource = opts["gpu_resource"]
         if (why := label_key_problem(gpu_resource, "launch.k8s.gpu_resource")):
             problem("launch.k8s.gpu_resource", why)
-        for key in ("backoff_limit", "ttl_seconds_after_finished", "active_deadline_seconds",
-                    "termination_grace_period_seconds"):
-            value, least = opts.get(key), 1 if key == "active_deadline_seconds" else 0
-            if value is not None and value < least:
-                problem(f"launch.k8s.{key}", f"launch.k8s.{key} must be at least {least}, got {value}.")
         if kind == "indexed-job" and opts["restart_policy"] == "ExitCode":
             problem("launch.k8s.restart_policy", "launch.k8s.restart_policy ExitCode needs kind pytorchjob; "
                     "a batch/v1 Job takes OnFailure or Never.")

@@ -209,9 +209,6 @@ class SlurmLauncher(Launcher):
             else:
                 if limit == 0:
                     problem("time", f"`{self.options_key}.time` must be longer than 0, got {opts['time']!r}.")
-        cpus = opts.get("cpus_per_task")
-        if cpus is not None and cpus < 1:
-            problem("cpus_per_task", f"`{self.options_key}.cpus_per_task` must be at least 1, got {cpus}.")
         mem = opts.get("mem")
         if mem is not None and (isinstance(mem, bool) or (isinstance(mem, int) and mem < 0)
                                 or not _MEM.match(str(mem).strip())):

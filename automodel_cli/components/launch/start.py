@@ -33,15 +33,7 @@ def make_launcher(registries: Registries, name: str) -> Launcher:
 def build_spec(entry: Entry, cfg: Any, launcher: Launcher) -> LaunchSpec:
     """Check the launch settings and describe the job; nothing is written yet."""
     launch = cfg.launch
-    if launch.nodes < 1:
-        raise _launch_error(cfg, "launch.nodes", f"launch.nodes must be at least 1, got {launch.nodes}.")
-    nproc = launch.nproc_per_node or launch.gpus_per_node or 1
-    if launch.gpus_per_node is not None and launch.gpus_per_node < 0:
-        raise _launch_error(cfg, "launch.gpus_per_node",
-                            f"launch.gpus_per_node must be 0 or more, got {launch.gpus_per_node}.")
-    if nproc < 1:
-        raise _launch_error(cfg, "launch.nproc_per_node",
-                            f"launch.nproc_per_node must be at least 1, got {launch.nproc_per_node}.")
+    nproc = launch.nproc_per_node or launch.gpus_per_node or 1  # ranges: the config schema
     env = launch.env.to_dict() if hasattr(launch.env, "to_dict") else dict(launch.env or {})
     bad_env = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name))]
     if bad_env:
