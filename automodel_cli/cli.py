@@ -19,8 +19,6 @@ from automodel_cli.commands.checkpoint import checkpoint_app
 from automodel_cli.commands.convert import convert_app
 from automodel_cli.commands.data import data_app
 from automodel_cli.commands.launch import launch_app
-from automodel_cli.components.launch.torchrun import report_to_launcher
-from automodel_cli.config.assemble import resolve_command, split_arguments
 from automodel_cli.errors import UserError
 from automodel_cli.plugin_host import PluginHost, get_host
 from automodel_cli.registry import Entry, Registries
@@ -159,6 +157,8 @@ def _config_app(registries: Registries) -> typer.Typer:
         sources: bool = typer.Option(True, "--sources/--no-sources", help="Comment each value with the layer that set it."),
     ) -> None:
         """Print the resolved config and which layer set each value."""
+        from automodel_cli.config.assemble import resolve_command, split_arguments
+
         target, overrides = split_arguments(arguments or [])
         entry = registries.recipes.get(recipe) if recipe else None
         resolved = resolve_command(registries, recipe=entry, target=target,
@@ -171,6 +171,8 @@ def _config_app(registries: Registries) -> typer.Typer:
         recipe: Optional[str] = typer.Option(default_recipe, "--recipe", help="Recipe whose defaults apply."),
     ) -> None:
         """Check config files: unknown keys, wrong types and bad values, all reported at once."""
+        from automodel_cli.config.assemble import resolve_command
+
         entry = registries.recipes.get(recipe) if recipe else None
         resolve_command(registries, recipe=entry, target=None, config_files=files)
         typer.echo(f"OK: {', '.join(files)}")
@@ -220,6 +222,7 @@ def resolve_and_start(registries: Registries, entry: Entry, *, target: Optional[
                       flags: dict[str, tuple[str, Any]], overrides: list[str], dry_run: bool) -> None:
     """Resolve a recipe's config and run, print (--dry-run) or submit it through its launcher."""
     from automodel_cli.components.launch.start import start
+    from automodel_cli.config.assemble import resolve_command
 
     resolved = resolve_command(registries, recipe=entry, target=target, config_files=config_files,
                                flags=flags, overrides=overrides)
@@ -248,6 +251,8 @@ def _recipe_command(entry: Entry, registries: Registries):
         dry_run: bool = DRY_RUN_OPTION,
         as_json: bool = False,
     ) -> None:
+        from automodel_cli.config.assemble import split_arguments
+
         target, overrides = split_arguments(arguments or [])
         flags = launch_flags(peft, nproc_per_node, gpus_per_node, nodes, launcher, output_dir)
         if json_key:
@@ -271,6 +276,9 @@ def _recipe_command(entry: Entry, registries: Registries):
 def build_app(host: PluginHost) -> typer.Typer:
     app = typer.Typer(name="automodel", help=HELP, no_args_is_help=True, add_completion=False,
                       pretty_exceptions_enable=False,
+                      # plain click help: typer's rich formatter imports more than the rest of
+                      # `--help` costs (docs/benchmarks.md; see show_whole_summaries)
+                      rich_markup_mode=None,
                       context_settings={"help_option_names": ["-h", "--help"]})
     registries = host.registries
 
@@ -292,6 +300,21 @@ def build_app(host: PluginHost) -> typer.Typer:
     return app
 
 
+def show_whole_summaries(command: Any) -> None:
+    """Let every command listing show the whole first paragraph of each subcommand's help.
+
+    Help is formatted by click, not rich (``rich_markup_mode=None``): importing typer's rich help
+    costs more than the rest of ``automodel --help`` together. Click shortens each summary in a
+    command list to the terminal width with "..."; an explicit ``short_help`` is shown whole and
+    wrapped instead, as the rich formatter did.
+    """
+    for subcommand in getattr(command, "commands", {}).values():
+        if not subcommand.short_help and subcommand.help:
+            first_paragraph = inspect.cleandoc(subcommand.help).partition("\f")[0].partition("\n\n")[0]
+            subcommand.short_help = " ".join(first_paragraph.split())
+        show_whole_summaries(subcommand)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``automodel`` script; returns (and exits with) the exit code."""
     code = _run(argv)
@@ -305,9 +328,12 @@ def _run(argv: list[str] | None) -> int:
         host = get_host()
         for line in host.warning_lines():
             typer.echo(line, err=True)
-        app = build_app(host)
-        app(args=argv, prog_name="automodel", standalone_mode=True)
+        command = typer.main.get_command(build_app(host))
+        show_whole_summaries(command)
+        command(args=argv, prog_name="automodel", standalone_mode=True)
     except UserError as error:
+        from automodel_cli.components.launch.torchrun import report_to_launcher
+
         typer.echo(f"error: {error.render()}", err=True)
         report_to_launcher(error)
         return error.exit_code

@@ -31,20 +31,39 @@ def test_version():
     assert result.stdout.strip() == "automodel-cli 0.1.0"
 
 
-def test_help_and_plugins_list_do_not_import_torch():
+HEAVY_MODULES = ("torch", "transformers", "datasets", "peft")
+
+
+def imported_after(argvs: list[list[str]], modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after running the CLI with each argv."""
     code = (
-        "import sys\n"
+        "import json, sys\n"
         "from automodel_cli.cli import main\n"
-        "for argv in (['--help'], ['plugins', 'list', '--all'], ['list', 'models']):\n"
-        "    try:\n"
-        "        main(argv)\n"
-        "    except SystemExit:\n"
-        "        pass\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules)\n"
-        "print('HEAVY', heavy)\n"
+        f"for argv in {argvs!r}:\n"
+        "    main(argv)\n"
+        f"print(json.dumps(sorted(m for m in {modules!r} if m in sys.modules)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "HEAVY []" in proc.stdout, proc.stdout
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_help_and_plugins_list_do_not_import_torch():
+    argvs = [["--help"], ["plugins", "list", "--all"], ["list", "models"]]
+    assert imported_after(argvs, HEAVY_MODULES) == []
+
+
+def test_help_imports_neither_rich_nor_the_config_parser():
+    """`--help` is formatted by click, and config parsing waits for a command that reads config."""
+    assert imported_after([["--help"]], ("rich", "ruamel.yaml", *HEAVY_MODULES)) == []
+
+
+def test_help_shows_whole_command_summaries():
+    """Plain click help would cut each summary at the terminal width with "..."."""
+    result = run_cli("--help", env={"COLUMNS": "80"})
+    listing = result.stdout.partition("Commands:")[2]
+    assert listing and "..." not in listing
+    summary = " ".join(listing.split())
+    assert "Measure training throughput: tokens/s, step time, TFLOP/s, MFU and peak memory per device." in summary
 
 
 def test_plugins_list_hides_builtins_unless_all():

@@ -70,8 +70,10 @@ def test_two_processes_match_one(teacher, single, tmp_path, name, extra):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     got = losses(run)
     assert len(got) == STEPS
+    # (loss, CE, KL) along a six-step trajectory: two ranks reduce in another order and each step
+    # carries the last one's differences, so relative (1e-4, as the other multi-process tests)
     for step, (expected, actual) in enumerate(zip(single, got), start=1):
-        assert actual == pytest.approx(expected, abs=1e-4), f"step {step}"
+        assert actual == pytest.approx(expected, rel=1e-4), f"step {step}"
     assert single[-1][2] < single[0][2]  # the KL to the teacher falls
     assert (run / "final" / "model.safetensors").is_file()
     assert "data-parallel rank(s)" in result.stdout

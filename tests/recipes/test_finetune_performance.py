@@ -10,6 +10,10 @@ import pytest
 
 from test_finetune import TINY, read_metrics
 
+# Step losses of three-step runs are trajectories: each step carries the rounding differences of the
+# last, so they are compared relatively (1e-5, about 80 float32 ulps; 1e-4 where torch.compile's
+# decompositions or another process count reorder every reduction).
+
 
 def step_losses(cli, run, *args):
     result = cli("finetune", "demo", "-o", str(run), "train.max_steps=3", *TINY, *args)
@@ -24,20 +28,20 @@ def test_linear_ce_and_chunked_ce_give_the_step_losses_of_masked_ce(cli, tmp_pat
     for name, chunk in (("linear_ce", "null"), ("linear_ce", "7"), ("chunked_ce", "5")):
         losses, _ = step_losses(cli, tmp_path / f"{name}-{chunk}", "--peft", peft,
                                 f"loss.name={name}", f"loss.chunk_size={chunk}")
-        assert losses == pytest.approx(reference, rel=1e-5, abs=1e-5), (name, chunk)
+        assert losses == pytest.approx(reference, rel=1e-5), (name, chunk)
 
 
 def test_packed_run_with_linear_ce(cli, tmp_path):
     reference, _ = step_losses(cli, tmp_path / "masked", "data.packing=true")
     losses, _ = step_losses(cli, tmp_path / "linear", "data.packing=true", "loss.name=linear_ce")
-    assert losses == pytest.approx(reference, rel=1e-5, abs=1e-5)
+    assert losses == pytest.approx(reference, rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["full", "selective", "none"])
 def test_activation_checkpointing_modes_keep_the_losses(cli, tmp_path, mode):
     reference, _ = step_losses(cli, tmp_path / "plain", "train.activation_checkpointing=false")
     losses, _ = step_losses(cli, tmp_path / mode, f"train.activation_checkpointing={mode}", "--peft", "none")
-    assert losses == pytest.approx(reference, rel=1e-6)
+    assert losses == pytest.approx(reference, rel=1e-5)
 
 
 def test_compile_per_layer_runs_and_keeps_the_losses(cli, tmp_path):
@@ -46,7 +50,7 @@ def test_compile_per_layer_runs_and_keeps_the_losses(cli, tmp_path):
     reference, _ = step_losses(cli, tmp_path / "eager")
     losses, _ = step_losses(cli, tmp_path / "compiled", "train.compile=true", "train.compile_backend=aot_eager",
                             "train.activation_checkpointing=selective", "loss.name=linear_ce")
-    assert losses == pytest.approx(reference, rel=1e-4, abs=1e-4)
+    assert losses == pytest.approx(reference, rel=1e-4)
 
 
 def test_padding_fraction_is_reported_and_lower_with_packing(cli, tmp_path):
@@ -84,4 +88,4 @@ def test_linear_ce_on_two_processes_matches_one_process_masked_ce(cli, tmp_path,
                              "--nproc-per-node", "2", "train.max_steps=3", *TINY, "train.micro_batch_size=2",
                              "loss.name=linear_ce", *extra], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert [m["loss"] for m in read_metrics(run)] == pytest.approx(reference, abs=1e-4)
+    assert [m["loss"] for m in read_metrics(run)] == pytest.approx(reference, rel=1e-4)

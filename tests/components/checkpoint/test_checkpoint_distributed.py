@@ -1,7 +1,8 @@
 """Sharded checkpoints from real multi-process FSDP2 jobs (torchrun, gloo, CPU).
 
 One 2-rank job trains a tiny Llama, saves at step 2 and continues; resumes on 1, 2 and 4 ranks
-must restore the same model and optimizer state bit for bit and continue with the same losses.
+must restore the same model and optimizer state bit for bit and continue with the same losses
+(to a relative 1e-5: another world size reduces in another order).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tolerances import assert_close_f32, decoder_rounding
 
 HERE = Path(__file__).parent
 WORKER = HERE / "dist_worker.py"
@@ -78,9 +81,10 @@ def test_resume_on_any_world_size(trained, world):
         assert result["state_keys_equal"] and result["state_mismatches"] == [], result["state_mismatches"]
         assert result["train_state"] == {"epoch": 0, "step": 2}
         assert result["scheduler_epoch"] == 2
-        # The next steps' losses: same model, optimizer moments and schedule -> same numbers.
-        for got, want in zip(result["next"], original[0]["next"]):
-            assert abs(got - want) < 1e-6, (result["next"], original[0]["next"])
+        # The next steps' losses: same model, optimizer moments and schedule -> same numbers, up
+        # to rounding: another world size sums the loss and the gradients in another order, and
+        # the second step carries the first one's differences (relative, as for any trajectory).
+        assert result["next"] == pytest.approx(original[0]["next"], rel=1e-5)
         # The data-order generator continues exactly on every rank.
         assert result["after_load"]["data"] == original[0]["after_save"]["data"]
         # Global RNGs: exact for ranks that existed at save time, fresh for new ones.
@@ -132,23 +136,27 @@ def test_fsdp_lora_checkpoint_loads_in_one_process_and_consolidates(trained, tmp
     assert meta["peft"]["adapter_name"] == "default" and meta["trainable_only"] is True
     assert all("lora_" in name for name in meta["params"]) and len(meta["params"]) == 2 * 3 * 2
 
-    def check(model, atol):
+    # Logits of the same weights in one process and on 2 FSDP ranks: equal to float32 rounding
+    # (tests/tolerances.py), also with the rank-4 adapter merged into the weights.
+    forward = decoder_rounding(layers=2, hidden=64, intermediate=128, positions=16)
+    merged = decoder_rounding(layers=2, hidden=64, intermediate=128, positions=16, merged_rank=4)
+
+    def check(model, rounding):
         with torch.no_grad():
-            torch.testing.assert_close(model.eval()(input_ids=reference["ids"]).logits, reference["logits"],
-                                       rtol=0, atol=atol)
+            assert_close_f32(model.eval()(input_ids=reference["ids"]).logits, reference["logits"], **rounding)
 
     model = lora_model(run_dir / "base_model", seed=9)
     with pytest.raises(AssertionError):
-        check(model, 1e-4)  # a different adapter init: the load below is what makes it pass
+        check(model, forward)  # a different adapter init: the load below is what makes it pass
     load_checkpoint(find_checkpoint("auto", run_dir), model=model, optimizer=None, scheduler=None)
-    check(model, 1e-6)
+    check(model, forward)
 
     assert consolidate(run_dir, tmp_path / "adapter").kind == "adapter"
     check(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run_dir / "base_model"),
-                                    tmp_path / "adapter"), 1e-6)
+                                    tmp_path / "adapter"), forward)
     result = consolidate(run_dir, tmp_path / "merged", merge_lora=True)
     assert result.kind == "merged" and "base_model" in result.base_source
-    check(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), 1e-5)
+    check(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), merged)
 
 
 @pytest.mark.slow

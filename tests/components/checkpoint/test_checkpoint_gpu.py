@@ -21,8 +21,9 @@ def test_cuda_checkpoint_round_trip_and_cpu_load(tmp_path):
     [result] = torchrun(1, "cuda", str(run_dir), cpu_only=False)
     assert result["state_mismatches"] == []
     assert result["after_load"] == result["after_save"]  # the CUDA generator was restored
-    for got, want in zip(result["resumed_next"], result["next"]):
-        assert abs(got - want) < 1e-5
+    # two steps from the same state; CUDA kernels may reduce in another order (relative, as for
+    # any trajectory)
+    assert result["resumed_next"] == pytest.approx(result["next"], rel=1e-5)
 
     reference = torch.load(run_dir / "reference.pt", weights_only=True)
     consolidate(run_dir, tmp_path / "hf")

@@ -16,8 +16,14 @@ import torch
 
 from data_fixtures import demo_tokenizer  # noqa: F401  (fixture)
 from automodel_cli.components.data import SFTCollator, pack_sequences, tokenize_sft
+from tolerances import assert_close_f32, decoder_rounding, f32_tol
 
 IGNORE = -100
+
+
+def rounding(vocab: int = 0, tokens: int = 0) -> dict[str, int]:
+    """float32 rounding of the test model's logits, or of a loss over ``tokens`` (tests/tolerances.py)."""
+    return decoder_rounding(layers=2, hidden=64, intermediate=128, positions=64, vocab=vocab, tokens=tokens)
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -82,10 +88,11 @@ def test_packed_logits_and_loss_equal_unpacked(model, demo_tokenizer, documents,
     total, count = token_loss(out.logits, batch["labels"])
 
     assert count == ref_count == n.item()
-    assert abs(total / count - ref_total / ref_count) < 1e-5
+    loss_rounding = rounding(model.config.vocab_size, count)
+    assert_close_f32(total / count, ref_total / ref_count, **loss_rounding)
     # the model's own loss (sum / num_items_in_batch) agrees too
-    assert abs(out.loss.item() - ref_out.loss.item()) < 1e-5
-    assert abs(out.loss.item() - (ref_total / ref_count).item()) < 1e-5
+    assert_close_f32(out.loss, ref_out.loss, **loss_rounding)
+    assert_close_f32(out.loss, ref_total / ref_count, **loss_rounding)
 
     # every document's logits in the pack equal its logits when run alone (padded)
     checked, flat_offset = 0, 0
@@ -93,9 +100,7 @@ def test_packed_logits_and_loss_equal_unpacked(model, demo_tokenizer, documents,
         row, start = (0, flat_offset) if flatten else (r, 0)
         for n_tokens in pack["seq_lengths"]:
             doc = ids.index(batch["input_ids"][row, start:start + n_tokens].tolist())
-            torch.testing.assert_close(
-                out.logits[row, start:start + n_tokens], ref_out.logits[doc, :n_tokens],
-                atol=1e-5, rtol=1e-5)
+            assert_close_f32(out.logits[row, start:start + n_tokens], ref_out.logits[doc, :n_tokens], **rounding())
             start += n_tokens
             checked += 1
         flat_offset += len(pack["input_ids"])
@@ -113,7 +118,7 @@ def test_without_position_resets_documents_leak_into_each_other(model, demo_toke
     leaky["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
     bad, _ = run(model, leaky)
     first_len = packs[0]["seq_lengths"][0]
-    torch.testing.assert_close(bad.logits[0, :first_len], good.logits[0, :first_len])
+    assert_close_f32(bad.logits[0, :first_len], good.logits[0, :first_len], **rounding())
     assert (bad.logits[0, first_len:sum(packs[0]["seq_lengths"])] - good.logits[0, first_len:sum(packs[0]["seq_lengths"])]).abs().max() > 1e-3
 
 
@@ -131,7 +136,7 @@ def test_boundary_label_masking_is_what_makes_losses_equal(model, demo_tokenizer
     out, _ = run(model, batch)
     total, count = token_loss(out.logits, batch["labels"])
     assert count == ref_count
-    assert abs(total / count - ref_total / ref_count) < 1e-5
+    assert_close_f32(total / count, ref_total / ref_count, **rounding(model.config.vocab_size, count))
 
     # same packs with the raw labels (no boundary masking): extra, cross-document targets
     naive = dict(batch)
@@ -166,7 +171,7 @@ def test_a_kv_cache_silently_disables_packed_masking(model, demo_tokenizer, docu
     finally:
         model.eval()
     first = packs[0]["seq_lengths"][0]
-    torch.testing.assert_close(cached.logits[0, :first], isolated.logits[0, :first])
+    assert_close_f32(cached.logits[0, :first], isolated.logits[0, :first], **rounding())
     assert (cached.logits[0, first:len(packs[0]["input_ids"])]
             - isolated.logits[0, first:len(packs[0]["input_ids"])]).abs().max() > 1e-3
 
@@ -199,4 +204,5 @@ def test_packed_equals_unpacked_on_cuda(demo_tokenizer, documents, attn):
                 losses.append(model(**batch, num_items_in_batch=n, use_cache=False).loss.item())
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    assert abs(losses[0] - losses[1]) < 1e-5
+    rtol, atol = f32_tol(losses[0], **rounding(config.vocab_size, int(unpacked["num_label_tokens"])))
+    assert losses[1] == pytest.approx(losses[0], rel=rtol, abs=atol)

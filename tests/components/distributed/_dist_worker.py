@@ -174,12 +174,13 @@ def run(name: str, env, registry) -> dict:
     ref_state = reference.state_dict()
     missing = sorted(set(ref_state) ^ set(state))
     diff = max(float((state[k].float() - ref_state[k].float()).abs().max()) for k in ref_state if k in state)
+    scale = max(float(ref_state[k].float().abs().max()) for k in ref_state)  # diff is judged against it
     extra = {}
     if adapters is not None:
         extra["adapter_keys_ok"] = bool(adapters) and all("lora_" in k for k in adapters) and all(
             torch.equal(adapters[k], state[k]) for k in adapters)
     return {**extra, "losses": losses, "ref_losses": ref_losses, "grad_norms": norms, "ref_grad_norms": ref_norms,
-            "max_param_diff": diff, "state_key_mismatch": missing[:10], "seconds": elapsed,
+            "max_param_diff": diff, "param_scale": scale, "state_key_mismatch": missing[:10], "seconds": elapsed,
             "trainable": sorted(k for k, p in reference.named_parameters() if p.requires_grad)[:3]}
 
 

@@ -2,8 +2,9 @@
 
 Each torchrun launch runs several scenarios (``_dist_worker.py``) to pay the start-up once; the
 worker's rank 0 replays the same loop without parallelism and reports both curves. Required:
-losses and total gradient norms within 1e-4 on every one of the 10 steps, and the gathered full
-state dict (``gather_full_state_dict``) equal to the single-process weights after training.
+losses and total gradient norms within a relative 1e-4 on every one of the 10 steps, and the
+gathered full state dict (``gather_full_state_dict``) equal to the single-process weights after
+training (within 1e-3 of the largest weight).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import pytest
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
+#: Relative: ten optimizer steps feed each step's rounding differences (ranks reduce in another
+#: order than one process) into the next, so the curves agree to a fraction of their values, not
+#: to an absolute number; 1e-4 is about 800 float32 ulps, far below what a wrong shard, a missed
+#: gradient reduction or a wrong clipping scale would change.
 TOL = 1e-4
 
 TWO_PROCESS = [
@@ -68,7 +73,8 @@ def four_process(tmp_path_factory):
     return _launch(4, FOUR_PROCESS, tmp_path_factory.mktemp("dist4") / "results.json")
 
 
-#: bf16 compute cannot match an fp32 single-process run to 1e-4; it must stay close.
+#: bf16 compute cannot match an fp32 single-process run to 1e-4 (bf16 keeps 8 bits: a relative
+#: 2**-8 per rounding); it must stay close.
 LOOSE = {"fsdp_bf16": 2e-2}
 
 
@@ -76,12 +82,12 @@ def _check(result: dict, tol: float = TOL) -> None:
     steps = len(result["ref_losses"])
     assert steps == 10 and len(result["losses"]) == steps
     for step, (got, want) in enumerate(zip(result["losses"], result["ref_losses"])):
-        assert abs(got - want) <= tol, f"loss at step {step}: {got} vs single process {want}"
+        assert got == pytest.approx(want, rel=tol), f"loss at step {step}: {got} vs single process {want}"
     for step, (got, want) in enumerate(zip(result["grad_norms"], result["ref_grad_norms"])):
-        assert abs(got - want) <= tol, f"grad norm at step {step}: {got} vs single process {want}"
+        assert got == pytest.approx(want, rel=tol), f"grad norm at step {step}: {got} vs single process {want}"
     # Clipping was active (max_norm=1) at least once, so the clipped update was compared too.
     assert result["state_key_mismatch"] == [], "gathered state dict keys differ from the model's"
-    assert result["max_param_diff"] < max(1e-3, tol)
+    assert result["max_param_diff"] < max(1e-3, tol) * result["param_scale"]
     if "adapter_keys_ok" in result:  # LoRA: gather_full_state_dict(trainable_only=True)
         assert result["adapter_keys_ok"]
 

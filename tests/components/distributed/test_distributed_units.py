@@ -245,6 +245,7 @@ def test_single_process_parallelize_clip_and_state_dict():
         gather_full_state_dict,
         parallelize_model,
     )
+    from tolerances import assert_close_f32, decoder_rounding, f32_tol
 
     model = tiny()
     reference = tiny()
@@ -256,9 +257,14 @@ def test_single_process_parallelize_clip_and_state_dict():
         m(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     ours = clip_grad_norm_(model.parameters(), 0.5)
     theirs = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
-    assert ours == pytest.approx(float(theirs), rel=1e-5)
+    # float32 rounding of the gradients (activation checkpointing recomputes the forward), then
+    # of the norm's square, sum and square root over the same values (tests/tolerances.py)
+    rounding = decoder_rounding(layers=2, hidden=64, intermediate=128, positions=8, vocab=128, tokens=16,
+                                gradients=True)
+    rtol, atol = f32_tol(float(theirs), terms=rounding["terms"], depth=rounding["depth"] + 3)
+    assert ours == pytest.approx(float(theirs), rel=rtol, abs=atol)
     for a, b in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(a.grad, b.grad)
+        assert_close_f32(a.grad, b.grad, **rounding)
     state = gather_full_state_dict(model)
     assert set(state) == set(reference.state_dict()) and all(t.device.type == "cpu" for t in state.values())
 

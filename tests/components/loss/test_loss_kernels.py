@@ -19,6 +19,7 @@ from automodel_cli.components.loss import kernels
 from automodel_cli.components.loss.masked_ce import masked_cross_entropy
 from automodel_cli.errors import UserError
 from conftest import run_cli
+from tolerances import f32_tol
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
@@ -130,8 +131,9 @@ LIGER_VS_MASKED_CE = textwrap.dedent("""
             want_h = want[1][:, :-1].reshape(-1, 32)
         else:
             want_h = want[1]
-        result[name] = [float((got[0] - want[0]).abs()), float((got[1] - want_h).abs().max()),
-                        float((got[2] - want[2]).abs().max()), float(want[0])]
+        # (difference, scale of the expected values) for the loss and both gradients
+        result[name] = [[float((g - w).abs().max()), float(w.abs().max())]
+                        for g, w in zip(got, [want[0], want_h, want[2]])]
     print(json.dumps(result))
 """)
 
@@ -147,9 +149,13 @@ def test_liger_linear_ce_matches_masked_ce_in_the_triton_interpreter():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result) == {"batch layout", "rows layout"}
-    for name, (loss_diff, hidden_grad_diff, weight_grad_diff, loss) in result.items():
-        assert loss > 1.0, name  # a real loss (sum over ~38 tokens / 50), not zero
-        assert loss_diff < 1e-5 and hidden_grad_diff < 1e-5 and weight_grad_diff < 1e-5, (name, result[name])
+    for name, compared in result.items():
+        assert compared[0][1] > 1.0, name  # a real loss (sum over ~38 tokens / 50), not zero
+        for what, (difference, scale) in zip(("loss", "hidden grad", "weight grad"), compared):
+            # the head's matmul over H=32, the softmax over V=300, the 48 positions; cross-entropy's
+            # five rounding steps (tests/tolerances.py)
+            rtol, atol = f32_tol(scale, terms=32 + 300 + 48, depth=5)
+            assert difference <= atol + rtol * scale, (name, what, difference, scale)
 
 
 def _losses(run_dir):
@@ -168,6 +174,8 @@ def test_finetune_with_liger_in_the_triton_interpreter_matches_linear_ce(tmp_pat
     assert plain.exit_code == 0, plain.stderr
     got, want = _losses(tmp_path / "liger"), _losses(tmp_path / "plain")
     assert len(got) == len(want) == 3
+    # Three optimizer steps apart from rounding: relative, since each step feeds the last step's
+    # rounding differences forward (the gradient norm, a difference-sensitive sum, gets more room).
     for (loss, grad_norm), (loss_ref, grad_norm_ref) in zip(got, want):
         assert loss == pytest.approx(loss_ref, rel=1e-5) and grad_norm == pytest.approx(grad_norm_ref, rel=1e-4)
     assert (tmp_path / "liger" / "final" / "model.safetensors").exists()
