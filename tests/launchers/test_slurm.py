@@ -153,7 +153,7 @@ launch:
 @pytest.mark.parametrize("args, messages", [
     (["launch.slurm.time=1:2:3:4"], ["launch.slurm.time=1:2:3:4", "must be a Slurm time limit"]),
     (["launch.slurm.time=soon"], ["launch.slurm.time", "must be a Slurm time limit"]),
-    (["launch.slurm.cpus_per_task=-4"], ["launch.slurm.cpus_per_task", "at least 1, got -4"]),
+    (["launch.slurm.cpus_per_task=-4"], ["`launch.slurm.cpus_per_task` must be >= 1 (or null), got -4"]),
     (["launch.slurm.mem=lots"], ["launch.slurm.mem", "memory size", "'lots'"]),
     (["launch.slurm.mem=12GB"], ["launch.slurm.mem", "memory size"]),
     (["launch.slurm.time=10", "launch.slurm.signal_grace=900"], ["signal_grace", "shorter than the time limit"]),
@@ -161,7 +161,8 @@ launch:
     (["launch.slurm.exclusive=maybe"], ["launch.slurm.exclusive", "true or false"]),
     (["launch.slurm.extra_sbatch=[constraint=a100]"], ["extra_sbatch", "--constraint=a100"]),
     (["launch.slurm.container_mounts=[/a:/a]"], ["container_mounts", "needs `launch.slurm.container_image`"]),
-    (["launch.slurm.cpus_per_task=0", "launch.slurm.mem=-1"], ["2 problems", "cpus_per_task", "mem"]),
+    (["launch.slurm.time=soon", "launch.slurm.mem=-1"], ["2 problems", "launch.slurm.time", "mem"]),
+    (["launch.slurm.cpus_per_task=0", "launch.slurm.max_requeues=-1"], ["2 problems", "cpus_per_task", "max_requeues"]),
 ])
 def test_bad_slurm_options_are_clear_errors_before_anything_is_written(tmp_path, state_dir, args, messages):
     result = cli("finetune", "demo", *SLURM_FLAGS, "-o", str(tmp_path / "run"), *args,

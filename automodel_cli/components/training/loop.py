@@ -36,17 +36,23 @@ def processes(cfg: Any, stream: TextIO | None = None) -> tuple[Any, Any, Callabl
 def claim_output_dir(cfg: Any, recipe: str, env: Any) -> Path:
     """The run's directory (``output_dir``, recorded in the config), created, writable and locked
     for this run (``run_lock``); one that holds another run, or is in use, is refused before
-    anything loads. Every rank has vetted it when this returns."""
+    anything loads. Global rank 0 vets and locks it for the whole job (another rank would see
+    rank 0's lock as a second run); every rank learns the outcome and the directory."""
     from automodel_cli.components.checkpoint import collective
     from automodel_cli.components.training import run_lock
     from automodel_cli.components.training.run_dir import prepare_output_dir
 
-    output_dir = prepare_output_dir(cfg, recipe)
+    def vet_and_lock() -> str | None:
+        if not env.is_main:
+            return None
+        output_dir = prepare_output_dir(cfg, recipe)
+        lock = run_lock.acquire(output_dir, recipe)
+        if (note := run_lock.stale_note(lock)) is not None:
+            print(note, flush=True)
+        return str(output_dir)
+
+    output_dir = Path(collective.broadcast(collective.run_agreed(vet_and_lock)))
     cfg.tree["output_dir"] = str(output_dir)
-    # Global rank 0 locks the directory for the whole job; every rank learns if it could not.
-    lock = collective.run_agreed(lambda: run_lock.acquire(output_dir, recipe) if env.is_main else None)
-    if lock is not None and (note := run_lock.stale_note(lock)):
-        print(note, flush=True)
     return output_dir
 
 
@@ -150,11 +156,13 @@ def open_loggers(cfg: Any, registries: Any, output_dir: Path, start_step: int, i
     """On rank 0: write the resolved config, cut metrics.jsonl back to ``start_step`` and
     return the metric loggers (metrics.jsonl first). Other ranks log nothing."""
     from automodel_cli.components.logging import JsonlLogger, truncate_after
+    from automodel_cli.components.training import run_lock
     from automodel_cli.components.training.loggers import build_loggers
     from automodel_cli.components.training.run_dir import save_config
 
     if not is_main:
         return []
+    run_lock.mark_writing(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output_dir)
     metrics_path = output_dir / "metrics.jsonl"

@@ -23,11 +23,13 @@ def adapter_base(model: Any, tokenizer: Any, cfg: Any, output_dir: Any, is_main:
     An adapter needs its base weights: a random base (``model.from_scratch`` with LoRA/DoRA)
     exists nowhere else, so rank 0 saves it as ``OUTPUT_DIR/base_model`` before training."""
     from automodel_cli.components.models.loading import resolve_model_source
+    from automodel_cli.components.training import run_lock
 
     if not (cfg.model.from_scratch and cfg.peft.method != "none"):
         return resolve_model_source(cfg.model.path)
     base_dir = output_dir / "base_model"
     if is_main:
+        run_lock.mark_writing(output_dir)
         model.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
     return str(base_dir.resolve())

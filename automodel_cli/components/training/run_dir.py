@@ -92,15 +92,17 @@ def prepare_output_dir(cfg: Any, recipe: str) -> Path:
                 f"these settings ({'; '.join(differences)}).",
                 "Resume with the original settings, or start a new run in another --output-dir.",
             )
-        if cfg.checkpoint.resume == "auto" and _has_checkpoint(output_dir):
-            check_resume_changes(cfg, changes_since(cfg, saved))
+        if cfg.checkpoint.resume == "auto" and (step := _latest_step(output_dir)) is not None:
+            check_resume_changes(cfg, changes_since(cfg, saved, step))
     return output_dir
 
 
-def _has_checkpoint(output_dir: Path) -> bool:
+def _latest_step(output_dir: Path) -> int | None:
+    """The step of the newest finished checkpoint in ``output_dir``, or None."""
     from automodel_cli.components.checkpoint import layout
 
-    return bool(layout.list_checkpoints(layout.checkpoints_root(output_dir)))
+    finished = layout.list_checkpoints(layout.checkpoints_root(output_dir))
+    return finished[-1][0] if finished else None
 
 
 # -------------------------------------------------------------------- resuming with changes
@@ -121,8 +123,9 @@ class ResumeChanges:
         return [f"{key}: {old!r} -> {new!r}" for key, (old, new) in {**self.schedule, **self.other}.items()]
 
 
-def changes_since(cfg: Any, saved: dict[str, Any]) -> ResumeChanges:
-    """Compare the resolved config with the ``saved`` one (secrets compared redacted, as saved)."""
+def changes_since(cfg: Any, saved: dict[str, Any], step: int) -> ResumeChanges:
+    """Compare the resolved config with the ``saved`` one (secrets compared redacted, as saved)
+    for a resume at ``step``."""
     now = _leaves(cfg.redacted())
     then = {key: _get(saved, key) for key in now}
     changes = ResumeChanges()
@@ -132,7 +135,7 @@ def changes_since(cfg: Any, saved: dict[str, Any]) -> ResumeChanges:
                 or any(key == k or key.startswith(k + ".") for k in IDENTITY_KEYS):
             continue
         (changes.schedule if key in SCHEDULE_KEYS else changes.other)[key] = (old, value)
-    if not _length_shapes_schedule(cfg, saved):  # a constant rate: more steps change no step's lr
+    if not _length_changed_past_rates(cfg, saved, step):  # the new length would have run the same steps
         for key in LENGTH_KEYS:
             if key in changes.schedule:
                 changes.other[key] = changes.schedule.pop(key)
@@ -146,7 +149,9 @@ def changes_since_checkpoint(cfg: Any, checkpoint: Path) -> ResumeChanges:
     if not saved_path.is_file():
         return ResumeChanges()
     saved, _ = load_yaml_file(saved_path)
-    return changes_since(cfg, saved)
+    from automodel_cli.components.checkpoint import layout
+
+    return changes_since(cfg, saved, layout.parse_step(Path(checkpoint).name) or 0)
 
 
 def check_resume_changes(cfg: Any, changes: ResumeChanges) -> None:
@@ -176,13 +181,24 @@ def record_resume_changes(output_dir: Path, step: int, changes: ResumeChanges) -
         handle.write(json.dumps(entry, default=str) + "\n")
 
 
-def _length_shapes_schedule(cfg: Any, saved: dict[str, Any]) -> bool:
-    """Whether the run's length changes its learning rates (decay, or warmup given as a fraction)."""
-    for tree_get in (cfg.get, lambda key: _get(saved, key)):
-        warmup = tree_get("optim.warmup_steps")
-        if tree_get("optim.scheduler") != "constant" or (isinstance(warmup, float) and warmup < 1):
-            return True
-    return False
+def _length_changed_past_rates(cfg: Any, saved: dict[str, Any], step: int) -> bool:
+    """Whether a new run length would have given any of the first ``step`` steps another
+    learning rate. When it would not (a constant rate, or steps still in a warmup given in
+    steps), the resumed run is exactly the run the new length plans from the start, so the
+    change needs no asking; otherwise (a decay already under way) it does."""
+    from automodel_cli.components.optim.build import lr_multiplier, warmup_steps
+
+    old_total, new_total = _get(saved, "train.max_steps"), cfg.get("train.max_steps")
+    if not isinstance(old_total, int) or not isinstance(new_total, int):
+        return True  # a length in epochs depends on the data: not worth guessing
+    from types import SimpleNamespace
+
+    def rates(optim: Any, total: int) -> list[float]:
+        return [lr_multiplier(s, warmup=warmup_steps(optim, total), total=total, kind=optim.scheduler,
+                              min_ratio=float(optim.min_lr_ratio)) for s in range(step)]
+
+    then = SimpleNamespace(**{key: _get(saved, f"optim.{key}") for key in ("warmup_steps", "scheduler", "min_lr_ratio")})
+    return rates(then, old_total) != rates(cfg.optim, new_total)
 
 
 def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

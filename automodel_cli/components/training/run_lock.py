@@ -48,20 +48,28 @@ class RunLock:
     record: dict[str, Any]
     created: list[Path] = field(default_factory=list)  # directories made for the run, outermost first
     previous: dict[str, Any] | None = None  # the record the last holder left
+    before: bytes | None = None  # the lock file's bytes before this run (None: there was none)
+    writing: bool = False  # set by ``mark_writing`` once the run writes its outputs
 
     @property
     def path(self) -> Path:
         return self.directory / LOCK_FILE
 
     def release(self) -> None:
+        """Give the lock up. A run that wrote outputs leaves its record, marked released; one
+        refused before writing anything leaves the directory as it found it: the lock file's
+        old bytes, or no lock file, or no directory at all if it made it."""
         if self.fd < 0:
             return
+        unused = False
         try:
-            unused = self.created and _only_lock_file(self.directory)
-            if not unused:
+            if self.writing:
                 _write_record(self.fd, {**self.record, "released": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            else:  # the run failed before writing anything: leave no empty directory behind
+            elif self.before is None:
                 self.path.unlink(missing_ok=True)
+                unused = bool(self.created) and not any(self.directory.iterdir())
+            else:
+                _write_bytes(self.fd, self.before)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         except OSError:
             pass  # the kernel drops the lock when the descriptor closes anyway
@@ -69,7 +77,7 @@ class RunLock:
             os.close(self.fd)
             self.fd = -1
             _HELD.pop(self.directory, None)
-        if unused:
+        if unused:  # the run failed before writing anything: leave no empty directory behind
             for directory in reversed(self.created):
                 try:
                     directory.rmdir()
@@ -88,7 +96,9 @@ def acquire(directory: Path, recipe: str) -> RunLock:
     created = _make_directory(directory)
     _check_writable(directory)
     for _ in range(3):  # a holder that removes its unused lock file while we open it: try again
+        existed = (directory / LOCK_FILE).exists()
         fd = _open_lock_file(directory)
+        before = os.pread(fd, 1 << 20, 0) if existed else None
         previous = _read_record(fd)
         if not _lock(fd, directory, previous):
             os.close(fd)
@@ -102,7 +112,7 @@ def acquire(directory: Path, recipe: str) -> RunLock:
     record = {"host": socket.gethostname(), "pid": os.getpid(), "recipe": recipe,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _write_record(fd, record)
-    lock = RunLock(directory, fd, record, created, previous)
+    lock = RunLock(directory, fd, record, created, previous, before)
     _HELD[directory] = lock
     return lock
 
@@ -137,6 +147,14 @@ def holder(directory: Path) -> dict[str, Any] | None:
         return None
     finally:
         os.close(fd)
+
+
+def mark_writing(directory: Path) -> None:
+    """The run holding ``directory`` starts writing its outputs: from now on its lock record stays
+    (marked released at the end) instead of the directory being restored as it was found."""
+    lock = _HELD.get(Path(directory).absolute())
+    if lock is not None:
+        lock.writing = True
 
 
 def release_all() -> None:
@@ -241,17 +259,13 @@ def _read_record(fd: int) -> dict[str, Any] | None:
 
 
 def _write_record(fd: int, record: dict[str, Any]) -> None:
-    data = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+    _write_bytes(fd, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def _write_bytes(fd: int, data: bytes) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
     os.fsync(fd)
-
-
-def _only_lock_file(directory: Path) -> bool:
-    try:
-        return [p.name for p in directory.iterdir()] == [LOCK_FILE]
-    except OSError:
-        return False
 
 
 def in_use(directory: Path, record: dict[str, Any] | None) -> UserError:

@@ -77,6 +77,7 @@ def test_a_killed_holder_is_taken_over_with_a_note(tmp_path):
 
 def test_release_lets_the_next_run_in_and_records_nothing_stale(tmp_path):
     lock = run_lock.acquire(tmp_path / "run", "finetune")
+    run_lock.mark_writing(tmp_path / "run")
     (tmp_path / "run" / "metrics.jsonl").write_text("")
     assert run_lock.holder(tmp_path / "run")["pid"] == os.getpid()
     lock.release()
@@ -84,6 +85,20 @@ def test_release_lets_the_next_run_in_and_records_nothing_stale(tmp_path):
     again = run_lock.acquire(tmp_path / "run", "finetune")
     assert run_lock.stale_note(again) is None  # released cleanly: nothing to report
     again.release()
+
+
+def test_a_refused_run_leaves_an_existing_directory_byte_identical(tmp_path):
+    """A run that takes the lock and is then refused (a bad setting found later) restores the
+    lock file it found; one that found none removes its own."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    run_lock.acquire(run, "finetune").release()
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+    (run / run_lock.LOCK_FILE).write_text('{"pid": 1, "host": "h", "released": "x"}\n')
+    before = snapshot(run)
+    run_lock.acquire(run, "finetune").release()
+    assert snapshot(run) == before
 
 
 def test_a_run_that_fails_early_leaves_no_directory_behind(tmp_path):
@@ -144,8 +159,10 @@ def test_without_flock_the_record_decides(tmp_path, monkeypatch, record, refused
         with pytest.raises(UserError, match=f"pid {record['pid']} on host {record['host']}"):
             run_lock.acquire(run, "finetune")
     else:
-        run_lock.acquire(run, "finetune").release()
+        lock = run_lock.acquire(run, "finetune")
         assert json.loads((run / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+        lock.release()  # wrote nothing: the directory is left as it was found
+        assert json.loads((run / run_lock.LOCK_FILE).read_text()) == record
 
 
 @pytest.mark.slow
