@@ -47,19 +47,44 @@ class Entry:
     description: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     replaces: Entry | None = None
+    #: The entry's option table: ``{name: Key}``, a ``"module:attr"`` naming one, or None.
+    options: Any = None
+
+    def option_table(self) -> dict[str, Any]:
+        """The declared options (``{}`` when none), resolving a dotted path on first use. A
+        recipe's table is its sections: ``{section: {key: Key}}``."""
+        from automodel_cli.config.schema import Key
+
+        table = self._resolve(self.options, "option table") if isinstance(self.options, str) else self.options
+        table = table or {}
+        bad = [] if isinstance(table, dict) else [type(table).__name__]
+        for name, key in (table.items() if isinstance(table, dict) else []):
+            nested = key.items() if isinstance(key, dict) and self.kind == "recipe" else [(name, key)]
+            bad += [str(n) for n, k in nested if not isinstance(k, Key) or not isinstance(n, str)]
+        if bad:
+            raise UserError(
+                f"The option table of {self.kind} `{self.name}` from {self.provider} is not a mapping of option "
+                f"names to automodel_cli.config.Key (bad: {', '.join(bad)}).",
+                "Report the problem to the plugin's authors: options are declared with automodel_cli.config.option().",
+            )
+        self.options = table
+        return table
 
     def load(self) -> Any:
         """Resolve the target: import a ``"module:attr"`` string, or return the object as is."""
         if not isinstance(self.target, str) or ":" not in self.target:
             return self.target
-        module_name, _, attr_path = self.target.partition(":")
+        return self._resolve(self.target, "target")
+
+    def _resolve(self, dotted: str, what: str) -> Any:
+        module_name, _, attr_path = dotted.partition(":")
         try:
             obj: Any = importlib.import_module(module_name)
-            for attr in attr_path.split("."):
+            for attr in attr_path.split(".") if attr_path else []:
                 obj = getattr(obj, attr)
         except (ImportError, AttributeError) as exc:
             raise UserError(
-                f"{self.kind} `{self.name}` from {self.provider} points to `{self.target}`, "
+                f"{self.kind} `{self.name}` from {self.provider} points to `{dotted}` ({what}), "
                 f"which cannot be loaded ({type(exc).__name__}: {exc}).",
                 "Reinstall that plugin or report the problem to its authors.",
             ) from exc
@@ -83,6 +108,16 @@ class Entry:
             "overrides": str(self.replaces.provider) if self.replaces else None,
             **{k: v for k, v in self.metadata.items() if _is_plain(v)},
         }
+
+
+def _check_option_name(section: str, name: str, kind: str) -> None:
+    """An entry's options live at ``SECTION.NAME``: NAME must not be a core key of SECTION."""
+    from automodel_cli.config.schema import CORE
+
+    body = CORE.get(section)
+    if isinstance(body, dict) and name in body:
+        raise ValueError(f"{kind} `{name}` declares options, which would live at `{section}.{name}`: that is a "
+                         f"core config key. Register the {kind} under another name.")
 
 
 def _is_plain(value: Any) -> bool:
@@ -116,6 +151,8 @@ class Registry:
     listing: str = "entries"
     #: Config key where users name an entry, for error messages.
     config_key: str | None = None
+    #: Config section whose sub-mapping ``SECTION.NAME`` holds entry NAME's options.
+    options_section: str | None = None
 
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
@@ -138,13 +175,19 @@ class Registry:
         *,
         description: str = "",
         override: bool = False,
+        options: Any = None,
         **metadata: Any,
     ) -> Entry:
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
         if target is None:
             raise ValueError(f"{self.kind} `{name}` needs a target (a callable or 'module:attr')")
-        entry = Entry(self.kind, name, target, self._provider, description, dict(metadata))
+        if options is not None and not isinstance(options, (dict, str)):
+            raise ValueError(f"{self.kind} `{name}`: options must be a mapping of option names to Key, or "
+                             f"'module:attr', got {type(options).__name__}")
+        if options and self.options_section:
+            _check_option_name(self.options_section, name, self.kind)
+        entry = Entry(self.kind, name, target, self._provider, description, dict(metadata), options=options)
         existing = self._entries.get(name)
         if existing is not None:
             if not override:
@@ -155,9 +198,11 @@ class Registry:
         return entry
 
     # The typed subclasses expose ``add`` with their own keyword arguments.
-    def add(self, name: str, target: Any, *, description: str = "", override: bool = False) -> Entry:
-        """Register ``name`` -> ``target`` (a callable or a ``"module:attr"`` string)."""
-        return self._add(name, target, description=description, override=override)
+    def add(self, name: str, target: Any, *, description: str = "", override: bool = False,
+            options: Any = None) -> Entry:
+        """Register ``name`` -> ``target`` (a callable or a ``"module:attr"`` string). ``options``
+        declares the entry's option table (``{name: Key}``), read from ``SECTION.NAME``."""
+        return self._add(name, target, description=description, override=override, options=options)
 
     def get(self, name: str) -> Entry:
         """Look a name up; unknown or conflicting names raise a ``UserError`` that names the fix."""
@@ -198,22 +243,28 @@ class RecipeRegistry(Registry):
         *,
         description: str = "",
         defaults: dict[str, Any] | str | None = None,
+        sections: dict[str, dict[str, Any]] | str | None = None,
+        reads: tuple[str, ...] | list[str] | None = None,
         json_output: str | None = None,
         override: bool = False,
     ) -> Entry:
         """Register a recipe command.
 
-        ``target(config) -> int`` runs the recipe. ``defaults`` (a nested dict or the path of a
-        YAML file) is the lowest config layer for this recipe. ``json_output`` names a boolean
-        config key that the command's ``--json`` flag sets (recipes that can print one JSON
-        object for scripts); without it the command has no ``--json``.
+        ``target(context) -> int`` runs the recipe. ``defaults`` (a nested dict or the path of
+        a YAML file) is the lowest config layer for this recipe. ``sections`` declares the
+        recipe's own config sections, ``{section: {key: Key}}`` (or ``"module:attr"`` naming
+        that mapping): they exist only for this recipe and are validated like the core.
+        ``reads`` lists the core sections the recipe reads (default: all); the others are left
+        out of its resolved config. ``json_output`` names a boolean config key that the
+        command's ``--json`` flag sets; without it the command has no ``--json``.
         """
         return self._add(name, target, description=description, override=override, defaults=defaults,
-                         json_output=json_output)
+                         json_output=json_output, options=sections,
+                         reads=tuple(reads) if reads is not None else None)
 
 
 class ModelRegistry(Registry):
-    kind, listing, config_key = "model preset", "models", "TARGET"
+    kind, listing, config_key, options_section = "model preset", "models", "TARGET", "model"
 
     def add(  # type: ignore[override]
         self,
@@ -225,27 +276,29 @@ class ModelRegistry(Registry):
         defaults: dict[str, Any] | None = None,
         recipe_defaults: dict[str, dict[str, Any]] | None = None,
         override: bool = False,
+        options: Any = None,
     ) -> Entry:
         """Register a preset: ``path`` is a hub id or local directory, ``family`` the model
         family (llama, qwen, ...), ``defaults`` config values applied when the preset is used,
         ``recipe_defaults`` recipe name -> config values applied on top when the preset runs
-        with that recipe (the demo's distillation student is smaller than the demo model)."""
+        with that recipe (the demo's distillation student is smaller than the demo model),
+        ``options`` the preset's option table, read from ``model.NAME``."""
         return self._add(
-            name, path, description=description, override=override,
+            name, path, description=description, override=override, options=options,
             path=path, family=family, defaults=defaults or {}, recipe_defaults=recipe_defaults or {},
         )
 
 
 class DatasetRegistry(Registry):
-    kind, listing, config_key = "dataset", "datasets", "data.name"
+    kind, listing, config_key, options_section = "dataset", "datasets", "data.name", "data"
 
 
 class LossRegistry(Registry):
-    kind, listing, config_key = "loss", "losses", "loss.name"
+    kind, listing, config_key, options_section = "loss", "losses", "loss.name", "loss"
 
 
 class ParallelPlanRegistry(Registry):
-    kind, listing = "parallel plan", "parallel-plans"
+    kind, listing, options_section = "parallel plan", "parallel-plans", "distributed"
 
     def add(  # type: ignore[override]
         self,
@@ -254,17 +307,27 @@ class ParallelPlanRegistry(Registry):
         *,
         description: str = "",
         override: bool = False,
+        options: Any = None,
     ) -> Entry:
-        """Register a tensor-parallel plan for a Hugging Face ``config.model_type``."""
-        return self._add(model_type, target, description=description, override=override)
+        """Register a tensor-parallel plan for a Hugging Face ``config.model_type``; its
+        ``options`` are read from ``distributed.MODEL_TYPE``."""
+        return self._add(model_type, target, description=description, override=override, options=options)
 
 
 class LauncherRegistry(Registry):
-    kind, listing, config_key = "launcher", "launchers", "launch.launcher"
+    kind, listing, config_key, options_section = "launcher", "launchers", "launch.launcher", "launch"
+
+    def add(self, name: str, target: Any, *, description: str = "", override: bool = False,  # type: ignore[override]
+            options: Any = None) -> Entry:
+        """Register a launcher (a ``Launcher`` subclass or ``"module:Class"``). Its option table,
+        read from ``launch.NAME``, is the class's ``options`` unless ``options`` is given."""
+        if options is None:
+            options = f"{target}.options" if isinstance(target, str) else getattr(target, "options", None)
+        return self._add(name, target, description=description, override=override, options=options)
 
 
 class LoggerRegistry(Registry):
-    kind, listing, config_key = "logger", "loggers", "logging.loggers"
+    kind, listing, config_key, options_section = "logger", "loggers", "logging.loggers", "logging"
 
     def add(  # type: ignore[override]
         self,
@@ -274,10 +337,12 @@ class LoggerRegistry(Registry):
         description: str = "",
         requires: tuple[str, ...] | list[str] = (),
         override: bool = False,
+        options: Any = None,
     ) -> Entry:
-        """Register a logger; ``requires`` names optional modules it needs (for clear hints)."""
+        """Register a logger; ``requires`` names optional modules it needs (for clear hints),
+        ``options`` its option table, read from ``logging.NAME``."""
         return self._add(
-            name, target, description=description, override=override, requires=list(requires)
+            name, target, description=description, override=override, requires=list(requires), options=options
         )
 
 

@@ -17,12 +17,13 @@ DEMO_DEFAULTS = {
     "train": {"global_batch_size": 32, "micro_batch_size": 32, "max_steps": 300,
               "eval_every_steps": 100},
     "optim": {"lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.01},
-    "benchmark": {"seq_len": 128},  # the demo model's max_position_embeddings
 }
 #: What the demo preset sets for one recipe only: `automodel distill demo` distils the trained
-#: demo model (two decoder layers, the teacher) into a student with one.
+#: demo model (two decoder layers, the teacher) into a student with one; `automodel benchmark
+#: demo` times sequences of the demo model's max_position_embeddings.
 DEMO_RECIPE_DEFAULTS = {
     "distill": {"model": {"config": {"num_hidden_layers": 1}}},
+    "benchmark": {"benchmark": {"seq_len": 128}},
 }
 
 # name -> (hub id, family, description, defaults)

@@ -25,6 +25,7 @@ def register_recipes(registry):
         "distill",
         "automodel_cli.recipes.distill:run",
         description="Knowledge distillation from a frozen teacher (distill.teacher_path) into a student: KL + CE.",
+        sections="automodel_cli.recipes.distill:CONFIG",
     )
     registry.add(
         "pretrain",
@@ -37,5 +38,6 @@ def register_recipes(registry):
         "automodel_cli.recipes.benchmark:run",
         description="Measure training throughput: tokens/s, step time, TFLOP/s, MFU and peak memory per device.",
         defaults=BENCHMARK_DEFAULTS,
+        sections="automodel_cli.recipes.benchmark:CONFIG",
         json_output="benchmark.json",
     )

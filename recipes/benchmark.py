@@ -26,9 +26,20 @@ import sys
 import time
 from typing import Any
 
+from automodel_cli.config.schema import option
 from automodel_cli.errors import UserError
 
 RECIPE = "benchmark"
+#: The recipe's own config section, ``benchmark`` (read by this recipe only); the device peak
+#: for MFU is the core ``train.peak_tflops``.
+CONFIG = {"benchmark": {
+    "warmup_steps": option(int, 3, "Untimed steps before measuring (allocator, kernel selection, compilation).", ge=0),
+    "steps": option(int, 10, "Timed training steps.", ge=1),
+    "seq_len": option(int, 2048, "Tokens per sequence.", ge=2),
+    "batch_size": option(int, 1, "Sequences per data-parallel rank per step.", ge=1),
+    "synthetic": option(bool, True, "Random token ids (no tokenizer or data); false: blocks of data.path text as pretrain reads them."),
+    "json": option(bool, False, "Print exactly one JSON object on stdout and nothing else (--json)."),
+}}
 
 
 def run(cfg: Any) -> int:
@@ -70,7 +81,7 @@ def run(cfg: Any) -> int:
     with init_device(cfg, precision.device):
         model = load_model(cfg.model, seed=cfg.train.seed, dtype=precision.param_dtype)
     flops = flops_math.flops_per_token(model, model.config, bench.seq_len)
-    peak, peak_source = flops_math.peak_tflops(env.device, bench.peak_tflops)
+    peak, peak_source = flops_math.peak_tflops(env.device, cfg.train.peak_tflops)
     model = prepare_model(model, cfg, precision=precision, mesh=mesh, shape=shape, registries=registries,
                           sequence_parallel=sequence_parallel)
     _, parameters = count_parameters(model)
@@ -171,7 +182,7 @@ def _batches(cfg: Any, architecture: Any, dp_size: int, say: Any):
 
 def _report(result: dict[str, Any]) -> str:
     stats = result["step_time_s"]
-    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (no peak known; set benchmark.peak_tflops)"
+    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (no peak known; set train.peak_tflops)"
     peak = (f"{result['peak_tflops_per_device']:g} TFLOP/s ({result['peak_source']})"
             if result["peak_tflops_per_device"] else "unknown")
     fpt = result["flops_per_token"]

@@ -35,9 +35,22 @@ from typing import Any
 
 from automodel_cli.components.models.model_files import Role
 from automodel_cli.components.training.run_dir import CONFIG_FILE, resume_requested
+from automodel_cli.config.schema import option
 from automodel_cli.errors import UserError
 
 RECIPE = "distill"
+#: The recipe's own config section, ``distill`` (read by this recipe only).
+CONFIG = {"distill": {
+    "teacher_path": option((str, type(None)), None, "Teacher for `automodel distill`: Hugging Face hub id or local model directory; frozen, never saved. Must share the student's vocabulary."),
+    "teacher_revision": option((str, type(None)), None, "Hub revision (branch, tag or commit) of distill.teacher_path."),
+    "teacher_tokenizer": option((str, type(None)), None, "Teacher tokenizer compared with the student's before training; defaults to distill.teacher_path (skipped when that has none)."),
+    "teacher_dtype": option(str, "auto", "Teacher weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
+                           choices=("auto", "float32", "bfloat16", "float16")),
+    "temperature": option((int, float), 1.0, "Softmax temperature T of teacher and student logits in the KL term.", gt=0),
+    "kd_weight": option((int, float), 0.5, "Weight w of distillation: loss = (1 - w) * CE + w * T^2 * KL_T; 1: distillation only, 0: plain fine-tuning.", ge=0, le=1),
+    "kl": option(str, "forward", "KL direction: forward KL(teacher||student) (classic KD) or reverse KL(student||teacher) (mode-seeking).",
+             choices=("forward", "reverse")),
+}}
 #: Settings a resumed distillation must share with the run it continues (besides finetune's).
 TEACHER_IDENTITY_KEYS = ("distill.teacher_path", "distill.teacher_revision", "distill.temperature",
                          "distill.kd_weight", "distill.kl")

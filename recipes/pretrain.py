@@ -89,7 +89,7 @@ def run(cfg: Any) -> int:
     with init_device(cfg, precision.device):
         model = load_model(cfg.model, seed=cfg.train.seed, dtype=precision.param_dtype)
     flops = flops_math.flops_per_token(model, model.config, block_size)
-    peak, peak_source = flops_math.peak_tflops(env.device, cfg.benchmark.peak_tflops)
+    peak, peak_source = flops_math.peak_tflops(env.device, cfg.train.peak_tflops)
     model = prepare_model(model, cfg, precision=precision, mesh=mesh, shape=shape, registries=registries,
                           sequence_parallel=sequence_parallel)
     trainable, total = count_parameters(model)

@@ -13,6 +13,14 @@ from automodel_cli.plugin_host import get_registries
 from conftest import run_cli
 
 
+def composed(recipe: str = "finetune"):
+    """The schema a recipe's command validates against (core + its sections + option tables)."""
+    from automodel_cli.config.compose import compose_schema
+
+    registries = get_registries()
+    return compose_schema(registries, registries.recipes.get(recipe))
+
+
 def write(path, text):
     path.write_text(text)
     return str(path)
@@ -134,11 +142,12 @@ def test_registry_names_are_checked():
 
 
 def test_secrets_are_redacted_in_yaml():
-    layer = layer_from_overrides(["logging.wandb.api_key=abc123", "logging.wandb.project=p"])
-    cfg = resolve([defaults_layer(), layer])
+    schema = composed()
+    layer = layer_from_overrides(["data.options.hf_token=abc123", "data.options.name=p"], schema)
+    cfg = resolve([defaults_layer(schema), layer], schema)
     text = cfg.to_yaml()
-    assert "abc123" not in text and "<redacted>" in text and "project: p" in text
-    assert cfg.logging.wandb.api_key == "abc123"  # still usable in the run itself
+    assert "abc123" not in text and "<redacted>" in text and "name: p" in text
+    assert cfg.data.options.hf_token == "abc123"  # still usable in the run itself
 
 
 def test_config_show_cli_prints_sources(tmp_path):
@@ -189,14 +198,15 @@ OUT_OF_RANGE = [
     ("checkpoint.every_steps", "0", ">= 1"), ("checkpoint.keep", "0", ">= 1"),
     ("distill.temperature", "0", "> 0"), ("distill.kd_weight", "2", "0 <= x <= 1"),
     ("launch.nodes", "0", ">= 1"), ("launch.rdzv_port", "70000", "1 <= x <= 65535"),
-    ("loss.chunk_size", "0", ">= 1"), ("benchmark.steps", "0", ">= 1"),
+    ("train.peak_tflops", "0", "> 0"),
 ]
 
 
 @pytest.mark.parametrize("key, value, bound", OUT_OF_RANGE)
 def test_numbers_out_of_range_name_key_value_and_range(key, value, bound):
+    schema = composed("distill" if key.startswith("distill.") else "finetune")
     with pytest.raises(ConfigError) as caught:
-        resolve([defaults_layer(), layer_from_overrides([f"{key}={value}"])])
+        resolve([defaults_layer(schema), layer_from_overrides([f"{key}={value}"], schema)], schema)
     (problem,) = caught.value.problems
     assert problem.key == key and f"`{key}`" in problem.message and bound in problem.message
     assert f"command line `{key}={value}`" in str(problem)
@@ -221,24 +231,27 @@ def test_values_inside_the_range_pass():
 
 
 def test_documented_ranges_come_from_the_schema():
-    from automodel_cli.config.schema import KEYS, markdown_reference
+    from automodel_cli.config.schema import CORE_SCHEMA
 
-    reference = markdown_reference()
+    reference = composed().markdown()
     assert "| `train.max_steps` | an integer or null (>= 1) |" in reference
     assert "(0 <= x < 1)" in reference  # peft.dropout
-    assert KEYS["optim.betas"].range_text() == "two numbers 0 <= b < 1"
+    assert "| `loss.linear_ce.chunk_size` | an integer or null (>= 1) |" in reference  # an entry's option
+    assert CORE_SCHEMA.lookup("optim.betas").range_text() == "two numbers 0 <= b < 1"
 
 
 # --------------------------------------------------------------------------- secrets
 def test_secret_values_are_redacted_in_every_printed_source(tmp_path):
     secret = "wb_0123456789abcdef"
-    result = run_cli("config", "show", "demo", f"logging.wandb.api_key={secret}", "train.max_steps=5")
-    assert result.exit_code == 0
+    result = run_cli("config", "show", "demo", f"data.options.api_key={secret}", "train.max_steps=5")
+    assert result.exit_code == 0, result.stderr
     assert secret not in result.stdout + result.stderr
-    assert "api_key: <redacted>  # from command line `logging.wandb.api_key=<redacted>`" in result.stdout
-    # ... and in error messages naming the override
-    bad = run_cli("finetune", "demo", f"logging.wandb.api_key={secret}", "train.max_steps=-1", "--dry-run")
-    assert bad.exit_code == 2 and secret not in bad.stdout + bad.stderr
+    assert "api_key: <redacted>  # from command line `data.options.api_key=<redacted>`" in result.stdout
+    # ... and in error messages naming the override, and in the refusal of a W&B key in the config
+    for bad in ([f"data.options.api_key={secret}", "train.max_steps=-1"], [f"logging.wandb.api_key={secret}"]):
+        refused = run_cli("finetune", "demo", *bad, "--dry-run")
+        assert refused.exit_code == 2 and secret not in refused.stdout + refused.stderr
+    assert "export WANDB_API_KEY or run `wandb login`" in refused.stderr
 
 
 def test_a_secret_value_of_the_wrong_type_is_not_repeated():
@@ -263,11 +276,13 @@ def test_an_override_without_equals_says_so(args):
 
 def test_only_whole_credential_words_are_redacted():
     """`model.tokenizer` is a path, not a token: launched jobs read it from the saved config."""
-    cfg = resolve([defaults_layer(), layer_from_overrides([
-        "model.tokenizer=org/tok", "distill.teacher_tokenizer=org/teacher-tok", "logging.wandb.api_key=k1",
-        "launch.env.HF_TOKEN=t1", "launch.env.TOKENIZERS_PARALLELISM=false", "data.options.auth_token=t2"])])
+    schema = composed("distill")
+    cfg = resolve([defaults_layer(schema), layer_from_overrides([
+        "model.tokenizer=org/tok", "distill.teacher_tokenizer=org/teacher-tok", "data.options.api_key=k1",
+        "launch.env.HF_TOKEN=t1", "launch.env.TOKENIZERS_PARALLELISM=false", "data.options.auth_token=t2"], schema)],
+        schema)
     saved = cfg.redacted()
     assert saved["model"]["tokenizer"] == "org/tok" and saved["distill"]["teacher_tokenizer"] == "org/teacher-tok"
     assert saved["launch"]["env"]["TOKENIZERS_PARALLELISM"] is False
-    assert saved["logging"]["wandb"]["api_key"] == saved["launch"]["env"]["HF_TOKEN"] == "<redacted>"
+    assert saved["data"]["options"]["api_key"] == saved["launch"]["env"]["HF_TOKEN"] == "<redacted>"
     assert saved["data"]["options"]["auth_token"] == "<redacted>"

@@ -1,4 +1,5 @@
-"""Configuration: YAML layers, key=value overrides, validation and the resolved config."""
+"""Configuration: the schema (``Key``, ``option`` for plugins' option tables), YAML layers,
+key=value overrides, validation and the resolved config."""
 
 from automodel_cli.config.resolve import (
     ConfigError,
@@ -9,9 +10,10 @@ from automodel_cli.config.resolve import (
     layer_from_overrides,
     resolve,
 )
+from automodel_cli.config.schema import Key, option
 from automodel_cli.config.yaml_io import Source
 
 __all__ = [
-    "ConfigError", "Layer", "ResolvedConfig", "Source", "defaults_layer",
+    "ConfigError", "Key", "Layer", "ResolvedConfig", "Source", "defaults_layer", "option",
     "layer_from_file", "layer_from_overrides", "resolve",
 ]

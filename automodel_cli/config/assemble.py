@@ -18,7 +18,8 @@ from automodel_cli.config.resolve import (
     resolve,
 )
 from automodel_cli.components.launch.torchrun import inside_torchrun
-from automodel_cli.config.schema import SCHEMA, set_dotted
+from automodel_cli.config.compose import complete, compose_schema
+from automodel_cli.config.schema import CORE, CORE_SCHEMA, Schema, set_dotted
 from automodel_cli.config.yaml_io import Source
 from automodel_cli.errors import UserError, did_you_mean
 from automodel_cli.registry import Entry, Registries
@@ -75,9 +76,7 @@ def preset_layers(name: str, registries: Registries, recipe: Entry | None = None
 
 def _looks_like_key(text: str) -> bool:
     """A config key (``train.max_steps``) or a section (``train``) given without ``=value``."""
-    from automodel_cli.config.resolve import _spec_for
-
-    return text in SCHEMA or _spec_for(text) is not None
+    return text in CORE or CORE_SCHEMA.spec_for(text) is not None or CORE_SCHEMA.node(text) is not None
 
 
 def _missing_equals(argument: str) -> UserError:
@@ -110,8 +109,9 @@ def build_layers(
     config_files: list[str],
     flags: dict[str, tuple[str, Any]] | None = None,
     overrides: list[str] | None = None,
+    schema: Schema = CORE_SCHEMA,
 ) -> list[Layer]:
-    layers = [defaults_layer()]
+    layers = [defaults_layer(schema)]
     if recipe is not None and (layer := recipe_layer(recipe)) is not None:
         layers.append(layer)
     files = list(config_files)
@@ -124,17 +124,10 @@ def build_layers(
     if flags:
         layers.append(flags_layer(flags))
     if overrides:
-        layers.append(layer_from_overrides(overrides))
+        layers.append(layer_from_overrides(overrides, schema))
     return layers
 
 
-#: Config keys whose values name registry entries (validated against what plugins provide).
-REGISTRY_KEYS = {
-    "data.name": "datasets",
-    "loss.name": "losses",
-    "logging.loggers": "loggers",
-    "launch.launcher": "launchers",
-}
 #: Values that mean "choose for me" rather than naming an entry.
 AUTO_VALUES = {"data.name": {"auto"}}
 
@@ -142,10 +135,12 @@ AUTO_VALUES = {"data.name": {"auto"}}
 def check_registry_names(resolved: ResolvedConfig, registries: Registries) -> None:
     """Every registry name in the config must exist: report all unknown ones at once."""
     problems: list[Problem] = []
-    for dotted, listing in REGISTRY_KEYS.items():
+    for registry in registries.by_hook.values():
+        dotted, listing = registry.config_key, registry.listing
+        if not dotted or "." not in dotted or dotted.split(".")[0] not in resolved.tree:
+            continue  # named elsewhere (TARGET), or a section this recipe does not read
         if dotted == "launch.launcher" and inside_torchrun():
             continue  # a launched process runs the recipe; its launcher need not be installed here
-        registry = registries.by_listing[listing]
         value = resolved.get(dotted)
         for name in value if isinstance(value, list) else [value]:
             if name is None or name in AUTO_VALUES.get(dotted, set()) or name in registry:
@@ -162,7 +157,10 @@ def check_registry_names(resolved: ResolvedConfig, registries: Registries) -> No
 
 
 def resolve_command(registries: Registries, **kwargs: Any) -> ResolvedConfig:
-    """Build the layers of a command, merge and validate them, including registry names."""
-    resolved = resolve(build_layers(registries, **kwargs))
+    """Compose the recipe's schema, build the layers of a command, merge and validate them,
+    check registry names and fill the chosen entries' option defaults."""
+    schema = compose_schema(registries, kwargs.get("recipe"), launched=inside_torchrun())
+    resolved = resolve(build_layers(registries, schema=schema, **kwargs), schema)
     check_registry_names(resolved, registries)
+    complete(resolved)
     return resolved

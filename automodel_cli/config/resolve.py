@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from automodel_cli.config import schema
-from automodel_cli.config.schema import SCHEMA, Key, NoneType
+from automodel_cli.config.schema import CORE_SCHEMA, Key, NoneType, Schema
 from automodel_cli.config.secrets import REDACTED, is_secret_name
 from automodel_cli.config.yaml_io import Source, dump_yaml, load_yaml_file, parse_scalar
 from automodel_cli.errors import UserError, closest
@@ -54,8 +54,9 @@ def layer_from_file(path: str) -> Layer:
     return Layer(label=path, data=data, file=path, lines=lines)
 
 
-def layer_from_overrides(items: list[str]) -> Layer:
-    """Parse ``key=value`` arguments into a layer (values typed like YAML scalars)."""
+def layer_from_overrides(items: list[str], schema_: Schema = CORE_SCHEMA) -> Layer:
+    """Parse ``key=value`` arguments into a layer (values typed like YAML scalars; a string key
+    keeps the text as written)."""
     data: dict[str, Any] = {}
     texts: dict[str, str] = {}
     for item in items:
@@ -68,7 +69,7 @@ def layer_from_overrides(items: list[str]) -> Layer:
                 "Options start with -- (see --help).",
             )
         value = parse_scalar(raw)
-        spec = _spec_for(key)
+        spec = schema_.spec_for(key)
         if spec is not None and str in spec[0].types and value is not None and not isinstance(value, spec[0].types):
             value = raw  # a string key given something YAML reads as a number or bool
         _set_override(data, key, value)
@@ -85,19 +86,6 @@ def _set_override(data: dict[str, Any], dotted: str, value: Any) -> None:
             child = node[part] = {}
         node = child
     node[parts[-1]] = value
-
-
-def _spec_for(dotted: str) -> tuple[Key, bool] | None:
-    """The Key governing ``dotted`` and whether ``dotted`` lies inside an open mapping."""
-    key = schema.lookup(dotted)
-    if key is not None:
-        return key, False
-    parts = dotted.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        parent = schema.lookup(".".join(parts[:cut]))
-        if parent is not None and parent.open:
-            return parent, True
-    return None
 
 
 # ------------------------------------------------------------------------------- checking
@@ -122,21 +110,6 @@ class ConfigError(UserError):
         super().__init__(f"{head}\n{lines}\n", "`automodel config show` prints every valid key with its default.")
 
 
-def suggest_key(dotted: str) -> str | None:
-    """The closest valid dotted key to a mistyped one."""
-    if "." not in dotted:  # a mistyped section or top-level key
-        sections = [name for name in SCHEMA]
-        match = closest(dotted, sections)
-        return match
-    match = closest(dotted, schema.KEYS)
-    if match:
-        return match
-    leaf = dotted.rsplit(".", 1)[-1]
-    by_leaf = {k.rsplit(".", 1)[-1]: k for k in schema.KEYS}
-    leaf_match = closest(leaf, by_leaf)
-    return by_leaf[leaf_match] if leaf_match else None
-
-
 def _type_ok(value: Any, key: Key) -> bool:
     if isinstance(value, bool):
         return bool in key.types
@@ -159,48 +132,59 @@ def value_problem(dotted: str, value: Any, key: Key) -> str | None:
     shown = REDACTED if is_secret_name(dotted) else None
     if not _type_ok(value, key):
         return f"`{dotted}` must be {key.type_name()}, got {shown or _describe(value)}."
-    if key.choices and value not in key.choices:
+    if key.choices and value not in key.choices and not (value is None and NoneType in key.types):
         suggestion = closest(str(value), [str(c) for c in key.choices])
         hint = f" Did you mean `{suggestion}`?" if suggestion else ""
         choices = ", ".join(str(c) for c in key.choices)
         return f"`{dotted}` must be one of {choices}; got {shown or repr(value)}.{hint}"
     if (why := key.range_problem(value)) is not None:
-        nullable = " (or null)" if NoneType in key.types else ""
-        return f"`{dotted}` {why}{nullable}, got {shown or repr(value)}."
+        return f"`{dotted}` {why}, got {shown or repr(value)}."
     return None
 
 
-def check_layer(layer: Layer) -> list[Problem]:
-    """Unknown keys and wrongly typed values of one layer."""
+def check_layer(layer: Layer, schema_: Schema = CORE_SCHEMA) -> list[Problem]:
+    """Unknown keys and wrongly typed or out-of-range values of one layer."""
     problems: list[Problem] = []
 
     def unknown(dotted: str) -> None:
-        suggestion = suggest_key(dotted)
-        hint = f" Did you mean `{suggestion}`?" if suggestion else ""
-        problems.append(Problem(layer.source(dotted), dotted, f"unknown key `{dotted}`.{hint}"))
+        problems.append(Problem(layer.source(dotted), dotted, unknown_key_message(dotted, schema_)))
 
-    def check_value(dotted: str, value: Any, key: Key) -> None:
-        if (problem := value_problem(dotted, value, key)) is not None:
-            problems.append(Problem(layer.source(dotted), dotted, problem))
-
-    for section, body in layer.data.items():
-        spec = SCHEMA.get(section)
-        if spec is None:
-            unknown(section)
-        elif isinstance(spec, Key):
-            check_value(section, body, spec)
-        elif not isinstance(body, dict):
-            problems.append(Problem(layer.source(section), section,
-                                    f"`{section}` must be a mapping of keys, got {_describe(body)}."))
-        else:
-            for name, value in body.items():
-                dotted = f"{section}.{name}"
-                key = spec.get(name)
-                if key is None:
+    def walk(node: dict[str, Any], spec: dict[str, Any], prefix: str) -> None:
+        for name, value in node.items():
+            dotted = f"{prefix}.{name}" if prefix else str(name)
+            key = spec.get(name)
+            if key is None:
+                if dotted.split(".", 1)[0] not in schema_.lenient:
                     unknown(dotted)
-                else:
-                    check_value(dotted, value, key)
+            elif isinstance(key, Key):
+                if (problem := value_problem(dotted, value, key)) is not None:
+                    problems.append(Problem(layer.source(dotted), dotted, problem))
+            elif not isinstance(value, dict):
+                problems.append(Problem(layer.source(dotted), dotted,
+                                        f"`{dotted}` must be a mapping of keys, got {_describe(value)}."))
+            else:
+                walk(value, key, dotted)
+
+    walk(layer.data, schema_.tree, "")
     return problems
+
+
+def unknown_key_message(dotted: str, schema_: Schema) -> str:
+    """``unknown key `x`.`` with the closest valid key, or why a known key does not apply here
+    (a section another recipe reads, or a core section this recipe does not read)."""
+    section = dotted.split(".", 1)[0]
+    if section not in schema_.tree:
+        if (owner := schema_.foreign_sections.get(section)) is not None:
+            return f"`{section}` is read by the `{owner}` recipe only, so `{dotted}` has no effect here."
+        if section in schema.CORE:
+            return f"this recipe does not read the `{section}` section, so `{dotted}` would have no effect."
+    suggestion = schema_.suggest(dotted)
+    hint = f" Did you mean `{suggestion}`?" if suggestion else ""
+    table = schema_.table_of(dotted)
+    if table is not None and dotted != table.path:
+        names = ", ".join(schema_.node(table.path) or {})
+        return f"unknown option `{dotted}` of the {table.kind} `{table.name}`.{hint} Its options: {names}."
+    return f"unknown key `{dotted}`.{hint}"
 
 
 # -------------------------------------------------------------------------------- merging
@@ -231,9 +215,10 @@ class ResolvedConfig:
     Read it as ``cfg.train.max_steps`` or ``cfg.get("train.max_steps")``.
     """
 
-    def __init__(self, tree: dict[str, Any], sources: dict[str, Source]):
+    def __init__(self, tree: dict[str, Any], sources: dict[str, Source], schema_: Schema = CORE_SCHEMA):
         self.tree = tree  # not ``data``: that is the name of a config section
         self.sources = sources
+        self.schema = schema_
 
     def get(self, dotted: str, default: Any = None) -> Any:
         return schema.get_dotted(self.tree, dotted, default)
@@ -280,25 +265,27 @@ def _view(value: Any) -> Any:
 
 
 def _redact(node: Any) -> Any:
+    """Secret-named scalars become ``<redacted>``; mappings and lists keep their shape (a
+    mapping under a secret-looking key, e.g. references to Kubernetes secrets, is walked)."""
     if isinstance(node, dict):
-        return {k: REDACTED if is_secret_name(str(k)) and v not in (None, "") else _redact(v)
-                for k, v in node.items()}
+        return {k: REDACTED if is_secret_name(str(k)) and v not in (None, "") and not isinstance(v, (dict, list))
+                else _redact(v) for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v) for v in node]
     return node
 
 
-def resolve(layers: list[Layer]) -> ResolvedConfig:
-    """Validate every layer, then merge them in order (later wins)."""
-    problems = [problem for layer in layers for problem in check_layer(layer)]
+def resolve(layers: list[Layer], schema_: Schema = CORE_SCHEMA) -> ResolvedConfig:
+    """Validate every layer against ``schema_``, then merge them in order (later wins)."""
+    problems = [problem for layer in layers for problem in check_layer(layer, schema_)]
     if problems:
         raise ConfigError(problems)
     data: dict[str, Any] = {}
     sources: dict[str, Source] = {}
     for layer in layers:
         _merge(data, layer.data, layer, "", sources)
-    return ResolvedConfig(data, sources)
+    return ResolvedConfig(data, sources, schema_)
 
 
-def defaults_layer() -> Layer:
-    return Layer(label="defaults", data=schema.defaults())
+def defaults_layer(schema_: Schema = CORE_SCHEMA) -> Layer:
+    return Layer(label="defaults", data=schema_.defaults())

@@ -68,7 +68,7 @@ class Key:
         if isinstance(value, (int, float)) and not (
                 (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
                 and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)):
-            return f"must be {self.range_text()}"
+            return f"must be {self.range_text()}" + (" (or null)" if NoneType in self.types else "")
         return self.check(value) if self.check is not None else None
 
 
@@ -101,8 +101,10 @@ def _dp_shard_problem(value: Any) -> str | None:
 OPT_STR = (str, NoneType)
 OPT_INT = (int, NoneType)
 
-#: section -> key -> Key. ``recipe`` and ``output_dir`` are the top-level scalars.
-SCHEMA: dict[str, dict[str, Key] | Key] = {
+#: The core sections every recipe may read: section -> key -> Key; ``recipe`` and
+#: ``output_dir`` are top-level scalars. Recipes add their own sections and registry entries
+#: their option tables (``compose.compose_schema``).
+CORE: dict[str, dict[str, Key] | Key] = {
     "model": {
         "path": _k(OPT_STR, None, "Hugging Face hub id or local model directory."),
         "tokenizer": _k(OPT_STR, None, "Tokenizer hub id or directory; defaults to model.path."),
@@ -156,6 +158,7 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
                                        choices=(False, True, "none", "full", "selective", "false", "true")),
         "compile": _k(bool, False, "torch.compile each decoder layer (the first steps compile; later ones run faster)."),
         "compile_backend": _k(str, "inductor", "torch.compile backend used by train.compile (inductor, aot_eager, eager, ...)."),
+        "peak_tflops": _k((int, float, NoneType), None, "Peak TFLOP/s of one device for MFU (logged by pretrain and benchmark); null: the built-in bf16 table, none on CPU.", gt=0),
         "log_every_steps": _k(int, 1, "Update the progress bar and loggers every N steps (metrics.jsonl gets every step).", ge=1),
     },
     "optim": {
@@ -169,18 +172,6 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
     },
     "loss": {
         "name": _k(str, "masked_ce", "Loss from the loss registry: masked_ce, chunked_ce, linear_ce (fused LM head, for large vocabularies), ... (`automodel list losses`)."),
-        "chunk_size": _k(OPT_INT, None, "Tokens per chunk for chunked_ce and linear_ce; null: about 2**25 logits per chunk (128 MiB in fp32).", ge=1),
-    },
-    "distill": {
-        "teacher_path": _k(OPT_STR, None, "Teacher for `automodel distill`: Hugging Face hub id or local model directory; frozen, never saved. Must share the student's vocabulary."),
-        "teacher_revision": _k(OPT_STR, None, "Hub revision (branch, tag or commit) of distill.teacher_path."),
-        "teacher_tokenizer": _k(OPT_STR, None, "Teacher tokenizer compared with the student's before training; defaults to distill.teacher_path (skipped when that has none)."),
-        "teacher_dtype": _k(str, "auto", "Teacher weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
-                            choices=("auto", "float32", "bfloat16", "float16")),
-        "temperature": _k((int, float), 1.0, "Softmax temperature T of teacher and student logits in the KL term.", gt=0),
-        "kd_weight": _k((int, float), 0.5, "Weight w of distillation: loss = (1 - w) * CE + w * T^2 * KL_T; 1: distillation only, 0: plain fine-tuning.", ge=0, le=1),
-        "kl": _k(str, "forward", "KL direction: forward KL(teacher||student) (classic KD) or reverse KL(student||teacher) (mode-seeking).",
-                 choices=("forward", "reverse")),
     },
     "distributed": {
         "dp_replicate": _k(int, 1, "Data-parallel replica groups (HSDP when > 1: shard inside a group, replicate across).", ge=1),
@@ -198,8 +189,6 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
     "logging": {
         "loggers": _k(list, [], "Extra metric loggers (metrics.jsonl is always written): wandb, tensorboard, ..."),
         "progress": _k(bool, True, "Show a progress bar."),
-        "wandb": _k(dict, {}, "Arguments for wandb.init (project, entity, mode, ...).", open=True),
-        "tensorboard": _k(dict, {}, "Options for the TensorBoard logger (log_dir).", open=True),
     },
     "launch": {
         "launcher": _k(str, "local", "Launcher from the launcher registry: local, slurm, k8s, ... (also --launcher)."),
@@ -210,48 +199,149 @@ SCHEMA: dict[str, dict[str, Key] | Key] = {
         "env": _k(dict, {}, "Environment variables set for every process of a cluster job (secrets: pass them through the cluster instead).", open=True),
         "setup": _k(list, [], "Shell commands run on each node before training (module load, source venv, ...)."),
         "rdzv_port": _k(int, 29500, "TCP port of torchrun's c10d rendezvous on the first node of a multi-node job.", ge=1, le=65535),
-        "slurm": _k(dict, {}, "Slurm options (partition, account, qos, time, ...): see docs/launch.md.", open=True),
-        "k8s": _k(dict, {}, "Kubernetes options (image, namespace, kind, volumes, ...): see docs/launch.md.", open=True),
-        "options": _k(dict, {}, "Options of launchers added by plugins, one mapping per launcher: launch.options.NAME.KEY.", open=True),
     },
     "recipe": _k(OPT_STR, None, "Recipe this config is for (finetune, pretrain, ...); `automodel launch FILE` reads it."),
-    "benchmark": {
-        "warmup_steps": _k(int, 3, "Untimed steps before measuring (allocator, kernel selection, compilation).", ge=0),
-        "steps": _k(int, 10, "Timed training steps.", ge=1),
-        "seq_len": _k(int, 2048, "Tokens per sequence.", ge=2),
-        "batch_size": _k(int, 1, "Sequences per data-parallel rank per step.", ge=1),
-        "synthetic": _k(bool, True, "Random token ids (no tokenizer or data); false: blocks of data.path text as pretrain reads them."),
-        "json": _k(bool, False, "Print exactly one JSON object on stdout and nothing else (--json)."),
-        "peak_tflops": _k((int, float, NoneType), None, "Peak TFLOP/s of one device for MFU (benchmark and pretrain); null: the built-in bf16 table, none on CPU.", gt=0),
-    },
     "output_dir": _k(OPT_STR, None, "Where the run writes final/, metrics.jsonl, checkpoints and its config."),
 }
 
 
-def iter_keys() -> list[tuple[str, Key]]:
-    """Every (dotted key, Key) pair in schema order."""
-    keys: list[tuple[str, Key]] = []
-    for section, body in SCHEMA.items():
-        if isinstance(body, Key):
-            keys.append((section, body))
+Tree = dict[str, Any]  # name -> Key, or name -> Tree (a nested section or an option table)
+
+
+@dataclass(frozen=True)
+class OptionTable:
+    """Where a registry entry's options live and who declared them (for docs and messages)."""
+
+    path: str  # "loss.linear_ce"
+    kind: str  # "loss"
+    name: str  # "linear_ce"
+    provider: str  # "automodel-cli 0.1.0"
+    selected_by: str | None  # the config key that chooses entries of this kind ("loss.name")
+
+
+class Schema:
+    """Every key a command may set: a tree of sections whose leaves are ``Key``s.
+
+    The core sections are fixed; ``compose.compose_schema`` adds a recipe's own sections and
+    every registry entry's option table (``OptionTable``), so plugins extend the config the
+    same way built-ins do and one validator checks it all.
+    """
+
+    def __init__(self, tree: Tree, tables: dict[str, OptionTable] | None = None,
+                 recipe_sections: dict[str, str] | None = None, foreign_sections: dict[str, str] | None = None,
+                 lenient: tuple[str, ...] = ()):
+        self.tree = tree
+        #: Sections whose unknown keys are let through (see ``compose_schema``).
+        self.lenient = lenient
+        self.tables = dict(tables or {})
+        #: section -> the recipe that declared it (for docs).
+        self.recipe_sections = dict(recipe_sections or {})
+        #: sections other recipes declare -> their recipe (for "read by X only" messages).
+        self.foreign_sections = dict(foreign_sections or {})
+        self.keys: dict[str, Key] = dict(_leaves(tree, ""))
+
+    def node(self, dotted: str) -> Key | Tree | None:
+        node: Any = self.tree
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def lookup(self, dotted: str) -> Key | None:
+        return self.keys.get(dotted)
+
+    def spec_for(self, dotted: str) -> tuple[Key, bool] | None:
+        """The Key governing ``dotted`` and whether ``dotted`` lies inside an open mapping."""
+        key = self.lookup(dotted)
+        if key is not None:
+            return key, False
+        parts = dotted.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            parent = self.lookup(".".join(parts[:cut]))
+            if parent is not None and parent.open:
+                return parent, True
+        return None
+
+    def sections(self) -> list[str]:
+        return list(self.tree)
+
+    def defaults(self) -> dict[str, Any]:
+        """The defaults of every key outside option tables (the lowest config layer); an option
+        table's defaults are filled in once its entry is chosen (``compose.complete``)."""
+        tree: dict[str, Any] = {}
+        for dotted, key in self.keys.items():
+            if not self.table_of(dotted):
+                set_dotted(tree, dotted, _copy(key.default))
+        return tree
+
+    def table_of(self, dotted: str) -> OptionTable | None:
+        """The option table ``dotted`` lies in (or is), if any."""
+        for path, table in self.tables.items():
+            if dotted == path or dotted.startswith(path + "."):
+                return table
+        return None
+
+    def table_defaults(self, path: str) -> dict[str, Any]:
+        node = self.node(path)
+        return {name: _copy(key.default) for name, key in (node or {}).items() if isinstance(key, Key)}
+
+    def suggest(self, dotted: str) -> str | None:
+        """The closest valid key (or section) to a mistyped one."""
+        from automodel_cli.errors import closest
+
+        if "." not in dotted:
+            return closest(dotted, list(self.tree))
+        parent = dotted.rsplit(".", 1)[0]
+        siblings = [f"{parent}.{name}" for name in (self.node(parent) or {})] if isinstance(self.node(parent), dict) else []
+        match = closest(dotted, siblings) or closest(dotted, list(self.keys) + list(self.tables))
+        if match:
+            return match
+        leaf = dotted.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in self.keys}
+        leaf_match = closest(leaf, by_leaf)
+        return by_leaf[leaf_match] if leaf_match else None
+
+    def markdown(self) -> str:
+        """Key tables for docs/config.md: the core and recipe sections, then every option table."""
+        import json
+
+        lines: list[str] = []
+
+        def table(title: str, items: list[tuple[str, Key]], note: str = "") -> None:
+            nonlocal lines
+            lines += ["", f"### {title}", ""] + ([note, ""] if note else [])
+            lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+            lines += [f"| `{dotted}` | {key.type_name()}{_range_cell(key)} | `{json.dumps(key.default)}` | {key.doc} |"
+                      for dotted, key in items]
+
+        for section, body in self.tree.items():
+            if isinstance(body, Key):
+                table(f"`{section}`", [(section, body)])
+                continue
+            items = [(dotted, key) for dotted, key in _leaves(body, section) if not self.table_of(dotted)]
+            recipe = self.recipe_sections.get(section)
+            table(f"`{section}`", items, f"Read by the `{recipe}` recipe only." if recipe else "")
+        for path, info in self.tables.items():
+            items = list(_leaves(self.node(path) or {}, path))
+            chooser = f" when `{info.selected_by}` names `{info.name}`" if info.selected_by else ""
+            table(f"`{path}`", items, f"Options of the {info.kind} `{info.name}` ({info.provider}), read{chooser}.")
+        return "\n".join(lines) + "\n"
+
+
+def _leaves(tree: Tree, prefix: str):
+    for name, node in tree.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if isinstance(node, Key):
+            yield dotted, node
         else:
-            keys.extend((f"{section}.{name}", key) for name, key in body.items())
-    return keys
+            yield from _leaves(node, dotted)
 
 
-KEYS: dict[str, Key] = dict(iter_keys())
-
-
-def lookup(dotted: str) -> Key | None:
-    return KEYS.get(dotted)
-
-
-def defaults() -> dict[str, Any]:
-    """The schema defaults as a nested mapping (the lowest config layer)."""
-    tree: dict[str, Any] = {}
-    for dotted, key in iter_keys():
-        set_dotted(tree, dotted, _copy(key.default))
-    return tree
+def option(types: type | tuple[type, ...], default: Any, doc: str, **kw: Any) -> Key:
+    """A ``Key`` for a plugin's option table: ``option(int, 8, "Rank.", ge=1)``,
+    ``option(str, "a", "Mode.", choices=("a", "b"))``, ``option((int, type(None)), None, ...)``."""
+    return _k(types, default, doc, **kw)
 
 
 def _copy(value: Any) -> Any:
@@ -284,18 +374,5 @@ def _range_cell(key: Key) -> str:
     return f" ({text})" if text else ""
 
 
-def markdown_reference() -> str:
-    """The key tables of docs/config.md (a test keeps the document equal to this)."""
-    import json
-
-    lines: list[str] = []
-    for section, body in SCHEMA.items():
-        items = [(section, body)] if isinstance(body, Key) else [(f"{section}.{k}", v) for k, v in body.items()]
-        lines += ["", f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        lines += [f"| `{dotted}` | {key.type_name()}{_range_cell(key)} | `{json.dumps(key.default)}` | {key.doc} |"
-                  for dotted, key in items]
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # python -m automodel_cli.config.schema > keys.md
-    print(markdown_reference(), end="")
+#: The core sections alone (what every command can check before it knows its recipe).
+CORE_SCHEMA = Schema(CORE)

@@ -1,4 +1,8 @@
-"""Reading and writing YAML with ruamel.yaml, keeping the line of every key for error messages."""
+"""Reading and writing YAML with ruamel.yaml, keeping the line of every key for error messages.
+
+ruamel.yaml is imported by the functions that parse or write YAML, not at import time: the
+config package is imported by every plugin module that declares options, and
+``automodel --help`` must not pay for the parser."""
 
 from __future__ import annotations
 
@@ -8,10 +12,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from automodel_cli.errors import UserError
 
@@ -40,6 +40,8 @@ def _plain(node: Any) -> Any:
 
 
 def _collect_lines(node: Any, prefix: str, lines: dict[str, int]) -> None:
+    from ruamel.yaml.comments import CommentedMap
+
     if not isinstance(node, CommentedMap):
         return
     for key, value in node.items():
@@ -69,6 +71,10 @@ def load_yaml_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
 
 
 def load_yaml_text(text: str, name: str) -> tuple[dict[str, Any], dict[str, int]]:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
     yaml = YAML(typ="rt")
     try:
         document = yaml.load(text)
@@ -100,6 +106,9 @@ def load_yaml_text(text: str, name: str) -> tuple[dict[str, Any], dict[str, int]
 
 def parse_scalar(text: str) -> Any:
     """Type a command-line value the way YAML would: 3, 1e-4, true, null, [a, b], {k: v}."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
     if text.strip() == "":
         return ""
     try:
@@ -110,6 +119,8 @@ def parse_scalar(text: str) -> Any:
 
 def dump_yaml(data: dict[str, Any], comments: dict[str, str] | None = None) -> str:
     """Render a nested mapping as YAML, with optional end-of-line comments per dotted key."""
+    from ruamel.yaml import YAML
+
     tree = _commented(data, "", comments or {})
     yaml = YAML(typ="rt")
     yaml.default_flow_style = False
@@ -120,6 +131,8 @@ def dump_yaml(data: dict[str, Any], comments: dict[str, str] | None = None) -> s
 
 
 def _commented(node: Any, prefix: str, comments: dict[str, str]) -> Any:
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
     if isinstance(node, dict):
         mapping = CommentedMap()
         for key, value in node.items():

@@ -374,7 +374,7 @@ def test_secrets_come_from_kubernetes_secrets_never_from_the_config(cli, workdir
     assert env["WANDB_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "wandb", "key": "api-key"}}
     # A literal, anywhere in the config, or a credential-named launch.env variable even as a reference
     # (a manifest is no shell): refused with the Secret advice, the value never shown.
-    for setting in (f"logging.wandb.api_key={token}", f"launch.env.HF_TOKEN={token}", "launch.env.HF_TOKEN=${HF_TOKEN}"):
+    for setting in (f"data.options.api_key={token}", f"launch.env.HF_TOKEN={token}", "launch.env.HF_TOKEN=${HF_TOKEN}"):
         result = finetune(cli, "--dry-run", "-o", "runs/secret", f"launch.k8s.image={IMAGE}", setting)
         assert result.exit_code == 2, setting
         assert f"`{setting.split('=')[0]}`" in result.stderr and "holds a credential" in result.stderr
@@ -571,7 +571,7 @@ def test_launch_file_runs_on_k8s_or_locally_by_changing_only_launch(cli, workdir
     ([f"launch.k8s.image={IMAGE}", "launch.job_name=My_Job"], "is not a valid DNS-1123 name"),
     ([f"launch.k8s.image={IMAGE}", "launch.job_name=" + "a" * 60], "at most 54 are allowed"),
     ([f"launch.k8s.image={IMAGE}", "launch.k8s.namespace=Team_A"], "launch.k8s.namespace `Team_A`"),
-    ([f"launch.k8s.image={IMAGE}", "launch.k8s.imagee=x"], "Did you mean `image`?"),
+    ([f"launch.k8s.image={IMAGE}", "launch.k8s.imagee=x"], "Did you mean `launch.k8s.image`?"),
     ([f"launch.k8s.image={IMAGE}", "launch.k8s.kind=pytorch-job"], "Did you mean `pytorchjob`?"),
     ([f"launch.k8s.image={IMAGE}", "launch.k8s.tolerations=[gpu:NoSchedul]"], "Did you mean `NoSchedule`?"),
     ([f"launch.k8s.image={IMAGE}", "launch.k8s.pvc=Shared_Ckpt"], "launch.k8s.pvc `Shared_Ckpt`"),

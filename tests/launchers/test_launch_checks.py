@@ -78,7 +78,7 @@ def test_a_token_in_launch_env_is_refused_by_every_launcher(cli, automodel_plugi
     ("launch.env.WANDB_KEY=0123456789abcdef0123456789abcdef01234567", "looks like a Weights & Biases API key"),
     ("launch.setup=['export HF_TOKEN=abc123']", "the line sets HF_TOKEN to a literal value"),
     (f"launch.setup=['huggingface-cli login --token {HF_TOKEN}']", "the line contains a Hugging Face token"),
-    ("logging.wandb.api_key=abc123", "its key marks a credential"),  # the ranks would read <redacted>
+    ("data.options.api_key=abc123", "its key marks a credential"),  # the ranks would read <redacted>
     ("data.options.token=abc123", "its key marks a credential"),
 ])
 def test_credentials_by_name_or_shape_are_refused_without_showing_them(cli, setting, why):
@@ -89,9 +89,9 @@ def test_credentials_by_name_or_shape_are_refused_without_showing_them(cli, sett
 
 def test_several_credentials_are_reported_at_once(cli):
     result = cli("finetune", "demo", *SLURM, "--dry-run", f"launch.env.A={HF_TOKEN}", "launch.env.HF_TOKEN=xyz789",
-                 "logging.wandb.api_key=abc123")
+                 "data.options.api_key=abc123")
     refused(result, "3 settings hold credentials:", "`launch.env.A`", "`launch.env.HF_TOKEN`",
-            "`logging.wandb.api_key`", secret=HF_TOKEN)
+            "`data.options.api_key`", secret=HF_TOKEN)
     assert "xyz789" not in result.stderr and "abc123" not in result.stderr
 
 
@@ -109,9 +109,9 @@ def test_things_that_only_look_like_credentials_pass(cli, setting):
 
 def test_a_literal_in_the_config_is_fine_for_one_local_process(cli):
     """The process reads the config it was given, not a frozen copy: nothing is written for it."""
-    assert cli("finetune", "demo", "--dry-run", "logging.wandb.api_key=abc123").exit_code == 0
-    refused(cli("finetune", "demo", "--nproc-per-node", "2", "--dry-run", "logging.wandb.api_key=abc123"),
-            "`logging.wandb.api_key`", "Libraries read credentials from the environment", "WANDB_API_KEY")
+    assert cli("finetune", "demo", "--dry-run", "data.options.api_key=abc123").exit_code == 0
+    refused(cli("finetune", "demo", "--nproc-per-node", "2", "--dry-run", "data.options.api_key=abc123"),
+            "`data.options.api_key`", "Libraries read credentials from the environment", "WANDB_API_KEY")
 
 
 def test_a_reference_is_expanded_by_the_slurm_batch_shell(cli):
@@ -145,7 +145,7 @@ def test_the_frozen_config_keeps_references_and_holds_no_secret(cli, workdir, mo
     cfg = resolve_command(registries, recipe=entry, target="demo", config_files=[], flags={},
                           overrides=["launch.launcher=slurm", "launch.env.HF_TOKEN=${HF_TOKEN}",
                                      "launch.env.NCCL_DEBUG=WARN", f"output_dir={workdir / 'run'}"])
-    spec = build_spec(entry, cfg, make_launcher(registries, "slurm"))
+    spec = build_spec(entry, cfg, make_launcher(registries, "slurm"), registries)
     spec.prepare_job_dir()
     frozen = spec.freeze()
     text = frozen.read_text()

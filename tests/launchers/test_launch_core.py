@@ -179,7 +179,7 @@ def test_launch_file_runs_the_recipe_it_names(automodel_plugin, cli, tmp_path):
     automodel_plugin(PLUGIN)
     job = tmp_path / "job.yaml"
     job.write_text("recipe: finetune\nmodel:\n  path: demo-model\ndata:\n  name: demo\nlaunch:\n  launcher: background\n"
-                   "  nodes: 2\n  nproc_per_node: 2\n  options:\n    background:\n      log_name: train.log\n")
+                   "  nodes: 2\n  nproc_per_node: 2\n  background:\n    log_name: train.log\n")
     result = cli("launch", str(job), "--dry-run", "-o", str(tmp_path / "run"), "train.seed=3")
     assert result.exit_code == 0, result.stderr
     assert "launcher background" in result.stdout and "finetune, 2 nodes x 2 processes" in result.stdout
@@ -205,10 +205,10 @@ def test_launch_file_errors(automodel_plugin, cli, tmp_path):
     assert f"{typo}:3: unknown recipe `fintune`. Did you mean `finetune`?" in result.stderr
 
     option = tmp_path / "c.yaml"
-    option.write_text("recipe: finetune\nlaunch:\n  launcher: background\n  options:\n    background:\n      log_nme: x\n")
+    option.write_text("recipe: finetune\nlaunch:\n  launcher: background\n  background:\n    log_nme: x\n")
     result = cli("launch", str(option))
     assert result.exit_code == 2
-    assert f"{option}:6" in result.stderr and "Did you mean `log_name`?" in result.stderr
+    assert f"{option}:5" in result.stderr and "Did you mean `launch.background.log_name`?" in result.stderr
 
     mismatch = tmp_path / "d.yaml"
     mismatch.write_text("recipe: finetune\n")

@@ -157,7 +157,7 @@ launch:
     (["launch.slurm.mem=lots"], ["launch.slurm.mem", "memory size", "'lots'"]),
     (["launch.slurm.mem=12GB"], ["launch.slurm.mem", "memory size"]),
     (["launch.slurm.time=10", "launch.slurm.signal_grace=900"], ["signal_grace", "shorter than the time limit"]),
-    (["launch.slurm.partiton=gpu"], ["unknown option `launch.slurm.partiton`", "Did you mean `partition`?"]),
+    (["launch.slurm.partiton=gpu"], ["unknown option `launch.slurm.partiton`", "Did you mean `launch.slurm.partition`?"]),
     (["launch.slurm.exclusive=maybe"], ["launch.slurm.exclusive", "true or false"]),
     (["launch.slurm.extra_sbatch=[constraint=a100]"], ["extra_sbatch", "--constraint=a100"]),
     (["launch.slurm.container_mounts=[/a:/a]"], ["container_mounts", "needs `launch.slurm.container_image`"]),

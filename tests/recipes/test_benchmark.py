@@ -24,7 +24,7 @@ def demo_flops_by_hand(seq_len: int) -> int:
 
 
 def test_json_output_fields_warmup_excluded_and_mfu_from_the_given_peak(cli):
-    result = cli("benchmark", "demo", "--json", "benchmark.peak_tflops=0.5", *TINY)
+    result = cli("benchmark", "demo", "--json", "train.peak_tflops=0.5", *TINY)
     assert result.exit_code == 0, result.stderr
     out = json.loads(result.stdout)  # stdout is exactly one JSON object
     for key in ("tokens_per_s", "tokens_per_s_per_device", "step_time_s", "tflops_per_s_per_device", "mfu",
@@ -43,7 +43,7 @@ def test_json_output_fields_warmup_excluded_and_mfu_from_the_given_peak(cli):
     tflops = demo_flops_by_hand(32) * 64 / mean / 1e12
     assert out["tflops_per_s_per_device"] == pytest.approx(tflops)
     assert out["mfu"] == pytest.approx(tflops / 0.5)
-    assert out["peak_source"] == "benchmark.peak_tflops" and out["peak_memory_bytes"] > 0
+    assert out["peak_source"] == "train.peak_tflops" and out["peak_memory_bytes"] > 0
     assert out["memory_measure"] == "process_peak_rss"  # CPU
 
 

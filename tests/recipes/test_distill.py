@@ -105,7 +105,7 @@ def test_fused_linear_ce_distills_exactly_like_full_logits(cli, teacher, tmp_pat
     common = ["distill", "demo", *peft, f"distill.teacher_path={teacher_dir(teacher)}", SMALLER,
               "distill.kd_weight=0.5", "distill.temperature=2.0", "distill.kl=reverse", "train.max_steps=3",
               "train.eval_every_steps=null", "data.eval_split=null", *FAST]
-    fused = cli(*common, "loss.name=linear_ce", "loss.chunk_size=16", "-o", str(tmp_path / "fused"))
+    fused = cli(*common, "loss.name=linear_ce", "loss.linear_ce.chunk_size=16", "-o", str(tmp_path / "fused"))
     assert fused.exit_code == 0, fused.stderr
     assert "fused head: CE and KL from the student's hidden states" in fused.stdout
     full = cli(*common, "-o", str(tmp_path / "full"))

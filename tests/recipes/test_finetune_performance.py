@@ -27,7 +27,7 @@ def test_linear_ce_and_chunked_ce_give_the_step_losses_of_masked_ce(cli, tmp_pat
     assert len(set(reference)) == 3  # training moves: equal losses below are not trivially equal
     for name, chunk in (("linear_ce", "null"), ("linear_ce", "7"), ("chunked_ce", "5")):
         losses, _ = step_losses(cli, tmp_path / f"{name}-{chunk}", "--peft", peft,
-                                f"loss.name={name}", f"loss.chunk_size={chunk}")
+                                f"loss.name={name}", f"loss.{name}.chunk_size={chunk}")
         assert losses == pytest.approx(reference, rel=1e-5), (name, chunk)
 
 

@@ -38,8 +38,8 @@ STATE_DIR_ENV = "AUTOMODEL_STATE_DIR"
 class LaunchSpec:
     """One job, as every launcher sees it.
 
-    ``options`` are the launcher's own settings (``launch.slurm``, ``launch.k8s`` or
-    ``launch.options`` for a plugin's launcher), already checked against its option table.
+    ``options`` are the launcher's own settings (``launch.NAME``: ``launch.slurm``,
+    ``launch.k8s``, ...), validated with the config and completed with their defaults.
     ``run_here`` runs the recipe in this process (the local launcher's single-process case).
     ``job_name`` is empty unless the user named the job (launchers derive one from the job dir).
     """
@@ -145,12 +145,10 @@ class Launcher:
     """
 
     name: ClassVar[str] = ""
-    #: The launcher's option table: key -> Key (type, default, doc, choices).
+    #: The launcher's option table: key -> Key (type, default, doc, choices, range), declared
+    #: with the registry entry and read from ``launch.NAME`` (one file can carry the options of
+    #: several launchers and switch between them by ``launch.launcher`` alone).
     options: ClassVar[dict[str, Key]] = {}
-    #: The config mapping holding the options. Built-ins have their own (``launch.slurm``,
-    #: ``launch.k8s``); a plugin's launcher reads ``launch.options.<name>``, so one file can carry
-    #: the options of several launchers and switch between them by ``launch.launcher`` alone.
-    options_key: ClassVar[str | None] = None
 
     #: False for launchers whose processes do not see this machine's files (k8s pods read the
     #: image and cluster volumes): then paths in the config are not checked here.
@@ -166,7 +164,7 @@ class Launcher:
 
     @property
     def options_path(self) -> str:
-        return self.options_key or f"launch.options.{self.name}"
+        return f"launch.{self.name}"
 
     def secret_hint(self, name: str) -> str:
         """How to give the job the credential ``name`` with this launcher (the fix printed when
@@ -205,36 +203,12 @@ class Launcher:
 
 
 # ------------------------------------------------------------------------------- options
-def check_options(cfg: Any, options_key: str, table: dict[str, Key]) -> dict[str, Any]:
-    """Check a launcher's option mapping like the rest of the config: every problem at once,
-    each with the file and line (or override) it came from. Returns the options with defaults."""
-    given = cfg.get(options_key) or {}
-    problems: list[Problem] = []
-    for name, value in given.items():
-        dotted = f"{options_key}.{name}"
-        source = cfg.source_of(dotted) or _first_source(cfg, dotted) or Source("config")
-        key = table.get(name)
-        if key is None:
-            valid = ", ".join(table) or "none"
-            problems.append(Problem(source, dotted, f"unknown option `{dotted}`."
-                                    f"{did_you_mean(name, table)} Valid options: {valid}."))
-        elif (problem := value_problem(dotted, value, key)) is not None:  # type, choice, range
-            problems.append(Problem(source, dotted, problem))
-    if problems:
-        raise ConfigError(problems)
-    return {name: given.get(name, _copy(key.default)) for name, key in table.items()}
-
-
 def _first_source(cfg: Any, dotted: str) -> Source | None:
     """The source of the first value recorded under ``dotted`` (a nested mapping option)."""
     for key, source in cfg.sources.items():
         if key.startswith(dotted + "."):
             return source
     return None
-
-
-def _copy(value: Any) -> Any:
-    return json.loads(json.dumps(value)) if isinstance(value, (dict, list)) else value
 
 
 def option_error(cfg: Any, dotted: str, message: str, hint: str) -> UserError:

@@ -324,7 +324,6 @@ class KubernetesLauncher(Launcher):
 
     name = "k8s"
     options = OPTIONS
-    options_key = "launch.k8s"
     shared_filesystem = False
     requests_gpus = True
 

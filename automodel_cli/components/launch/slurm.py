@@ -160,7 +160,6 @@ def _shell(args: list[str]) -> str:
 class SlurmLauncher(Launcher):
     name = "slurm"
     options = OPTIONS
-    options_key = "launch.slurm"
     requests_gpus = True
     shell_env = True  # the batch shell exports launch.env: ${NAME} references expand on the node
 
@@ -193,50 +192,50 @@ class SlurmLauncher(Launcher):
         problems: list[tuple[str, str]] = []
 
         def problem(key: str, message: str) -> None:
-            problems.append((f"{self.options_key}.{key}", message))
+            problems.append((f"{self.options_path}.{key}", message))
 
         for key in ("partition", "account", "qos", "container_image", "python"):
             value = opts.get(key)
             if value is not None and (not str(value).strip() or re.search(r"\s", str(value))):
-                problem(key, f"`{self.options_key}.{key}` must be a non-empty word without spaces, got {value!r}.")
+                problem(key, f"`{self.options_path}.{key}` must be a non-empty word without spaces, got {value!r}.")
         limit: int | None = None
         if opts.get("time") is not None:
             try:
                 limit = time_limit_seconds(opts["time"])
             except ValueError:
-                problem("time", f"`{self.options_key}.time` must be a Slurm time limit (minutes, MM:SS, "
+                problem("time", f"`{self.options_path}.time` must be a Slurm time limit (minutes, MM:SS, "
                                 f"HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS), got {opts['time']!r}.")
             else:
                 if limit == 0:
-                    problem("time", f"`{self.options_key}.time` must be longer than 0, got {opts['time']!r}.")
+                    problem("time", f"`{self.options_path}.time` must be longer than 0, got {opts['time']!r}.")
         mem = opts.get("mem")
         if mem is not None and (isinstance(mem, bool) or (isinstance(mem, int) and mem < 0)
                                 or not _MEM.match(str(mem).strip())):
-            problem("mem", f"`{self.options_key}.mem` must be a memory size such as 64G, 512000M or 0 "
+            problem("mem", f"`{self.options_path}.mem` must be a memory size such as 64G, 512000M or 0 "
                            f"(all of the node's memory), got {mem!r}.")
         grace = opts.get("signal_grace")
         if grace is not None and grace < 0:
-            problem("signal_grace", f"`{self.options_key}.signal_grace` must be 0 or more seconds, got {grace}.")
+            problem("signal_grace", f"`{self.options_path}.signal_grace` must be 0 or more seconds, got {grace}.")
         elif grace is not None and grace > 65535:
-            problem("signal_grace", f"`{self.options_key}.signal_grace` must be at most 65535 seconds (Slurm's "
+            problem("signal_grace", f"`{self.options_path}.signal_grace` must be at most 65535 seconds (Slurm's "
                                     f"limit for --signal), got {grace}.")
         elif grace and limit and grace >= limit:
-            problem("signal_grace", f"`{self.options_key}.signal_grace` ({grace} s) must be shorter than the "
+            problem("signal_grace", f"`{self.options_path}.signal_grace` ({grace} s) must be shorter than the "
                                     f"time limit ({opts['time']!r} = {limit} s).")
         if opts.get("max_requeues") is not None and opts["max_requeues"] < 0:
-            problem("max_requeues", f"`{self.options_key}.max_requeues` must be 0 or more, got {opts['max_requeues']}.")
+            problem("max_requeues", f"`{self.options_path}.max_requeues` must be 0 or more, got {opts['max_requeues']}.")
         mounts = opts.get("container_mounts")
         if isinstance(mounts, list) and not all(isinstance(m, str) for m in mounts):
-            problem("container_mounts", f"`{self.options_key}.container_mounts` must list SRC:DST strings, got {mounts!r}.")
+            problem("container_mounts", f"`{self.options_path}.container_mounts` must list SRC:DST strings, got {mounts!r}.")
         elif mounts is not None and any(re.search(r"\s", m) for m in _mounts(mounts)):
-            problem("container_mounts", f"`{self.options_key}.container_mounts` entries must not contain spaces: {mounts!r}.")
+            problem("container_mounts", f"`{self.options_path}.container_mounts` entries must not contain spaces: {mounts!r}.")
         if mounts is not None and not opts.get("container_image"):
-            problem("container_mounts", f"`{self.options_key}.container_mounts` needs "
-                                        f"`{self.options_key}.container_image`.")
+            problem("container_mounts", f"`{self.options_path}.container_mounts` needs "
+                                        f"`{self.options_path}.container_image`.")
         for item in opts.get("extra_sbatch") or []:
             line = _sbatch_line(item) if isinstance(item, str) else None
             if not line or "\n" in line or not line.startswith("-"):
-                problem("extra_sbatch", f"`{self.options_key}.extra_sbatch` items must be sbatch flags such "
+                problem("extra_sbatch", f"`{self.options_path}.extra_sbatch` items must be sbatch flags such "
                                         f"as `--constraint=a100` (or `#SBATCH --constraint=a100`), got {item!r}.")
         if any(line.strip() == NODE_SCRIPT_END for line in spec.setup):
             problems.append(("launch.setup", f"`launch.setup` must not contain the line {NODE_SCRIPT_END}."))

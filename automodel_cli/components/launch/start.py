@@ -10,11 +10,12 @@ import re
 from typing import Any, Callable
 
 from automodel_cli.components.distributed.mesh import MeshShape
-from automodel_cli.components.launch.base import Launcher, LaunchSpec, check_options
+from automodel_cli.components.launch.base import Launcher, LaunchSpec
 from automodel_cli.components.launch.preflight import job_problems
 from automodel_cli.components.launch.secrets import refuse_credentials
 from automodel_cli.components.launch.torchrun import inside_torchrun
 from automodel_cli.config.resolve import ConfigError
+from automodel_cli.config.compose import entry_options
 from automodel_cli.errors import UserError
 from automodel_cli.registry import Entry, Registries
 
@@ -30,7 +31,7 @@ def make_launcher(registries: Registries, name: str) -> Launcher:
     return launcher
 
 
-def build_spec(entry: Entry, cfg: Any, launcher: Launcher) -> LaunchSpec:
+def build_spec(entry: Entry, cfg: Any, launcher: Launcher, registries: Registries) -> LaunchSpec:
     """Check the launch settings and describe the job; nothing is written yet."""
     launch = cfg.launch
     nproc = launch.nproc_per_node or launch.gpus_per_node or 1  # ranges: the config schema
@@ -38,7 +39,7 @@ def build_spec(entry: Entry, cfg: Any, launcher: Launcher) -> LaunchSpec:
     bad_env = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name))]
     if bad_env:
         raise _launch_error(cfg, "launch.env", f"launch.env has invalid variable names: {', '.join(map(str, bad_env))}.")
-    options = check_options(cfg, launcher.options_path, launcher.options)
+    options = entry_options(cfg, registries.launchers, launcher.name)
     spec = LaunchSpec(
         recipe=entry.name, config=cfg, nodes=launch.nodes, nproc_per_node=nproc,
         gpus_per_node=launch.gpus_per_node or 0,
@@ -74,7 +75,7 @@ def start(entry: Entry, cfg: Any, registries: Registries, *, dry_run: bool,
     if inside_torchrun():
         return entry.load()(cfg)
     launcher = make_launcher(registries, cfg.launch.launcher)
-    spec = build_spec(entry, cfg, launcher)
+    spec = build_spec(entry, cfg, launcher, registries)
     if dry_run:
         rendered = launcher.render(spec)
         echo(f"# resolved config ({spec.describe()}, launcher {launcher.name})\n")

@@ -50,7 +50,9 @@ def has_credentials(environ: Mapping[str, str]) -> bool:
 
 def init_kwargs(options: Mapping[str, Any], output_dir: Path, environ: Mapping[str, str],
                 allowed: set[str]) -> dict[str, Any]:
-    """``wandb.init`` arguments from ``logging.wandb`` plus the offline/dir defaults."""
+    """``wandb.init`` arguments from ``logging.wandb`` plus the offline/dir defaults. Options left
+    at their defaults (null, an empty list or mapping) are not passed: wandb's own defaults apply."""
+    options = {k: v for k, v in options.items() if v is not None and v != [] and v != {}}
     unknown = sorted(set(options) - allowed)
     if unknown:
         key = unknown[0]

@@ -24,7 +24,7 @@ FLOPs. Mixture-of-experts models are not covered (experts are not ``nn.Linear`` 
 transformers 5 and only some run per token); ``flops_per_token`` says so in ``note``.
 
 Peaks are dense (no sparsity) bf16 tensor-core TFLOP/s per device from the vendors' data
-sheets, matched against ``torch.cuda.get_device_name()``; ``benchmark.peak_tflops`` overrides
+sheets, matched against ``torch.cuda.get_device_name()``; ``train.peak_tflops`` overrides
 the table. CPUs have no entry, so their MFU is None ("n/a") unless a peak is given.
 """
 
@@ -119,7 +119,7 @@ def device_name(device: Any) -> str:
 def peak_tflops(device: Any, override: float | None = None) -> tuple[float | None, str | None]:
     """(peak dense bf16 TFLOP/s of one device, where the number comes from), or (None, None)."""
     if override is not None:
-        return float(override), "benchmark.peak_tflops"
+        return float(override), "train.peak_tflops"
     if getattr(device, "type", str(device)) != "cuda":
         return None, None
     return lookup_peak(device_name(device))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from automodel_cli.config.compose import entry_options
 from automodel_cli.errors import UserError
 
 
@@ -20,14 +21,9 @@ def build_loggers(cfg: Any, registries: Any, output_dir: Path) -> list[Any]:
                 f"Logger `{name}` needs {', '.join(missing)}, which is not installed.",
                 f"Install it (pip install 'automodel-cli[{name}]') or remove `{name}` from logging.loggers.",
             )
-        options = _options(cfg, name)
+        options = entry_options(cfg, registries.loggers, name)
         loggers.append(entry.load()(output_dir=output_dir, options=options, run_config=cfg.redacted()))
     return loggers
-
-
-def _options(cfg: Any, name: str) -> dict[str, Any]:
-    value = cfg.get(f"logging.{name}")
-    return dict(value) if isinstance(value, dict) else {}
 
 
 def _importable(module: str) -> bool:

@@ -79,9 +79,10 @@ def build_loss(cfg: Any, registries: Any, device: Any) -> Any:
     """``loss.name`` from the registry, ready for ``training_loss``; a kernel loss that cannot
     run here (package or GPU missing) stops the run now."""
     from automodel_cli.components.loss.head import prepare_loss
+    from automodel_cli.config.compose import entry_options
 
     return prepare_loss(registries.losses.get(cfg.loss.name).load(), device=device, name=cfg.loss.name,
-                        chunk_size=cfg.loss.chunk_size)
+                        **entry_options(cfg, registries.losses, cfg.loss.name))
 
 
 def printer(enabled: bool, stream: TextIO | None = None):

@@ -127,7 +127,7 @@ def changes_since(cfg: Any, saved: dict[str, Any], step: int) -> ResumeChanges:
     """Compare the resolved config with the ``saved`` one (secrets compared redacted, as saved)
     for a resume at ``step``."""
     now = _leaves(cfg.redacted())
-    then = {key: _get(saved, key) for key in now}
+    then = {key: _get(saved, key, getattr(cfg, "schema", None)) for key in now}
     changes = ResumeChanges()
     for key, value in now.items():
         old = then[key]
@@ -212,15 +212,15 @@ def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _get(tree: dict, dotted: str) -> Any:
+def _get(tree: dict, dotted: str, schema: Any = None) -> Any:
     """A saved setting; one the saved config lacks (written before the key existed) had the
     schema default."""
-    from automodel_cli.config.schema import lookup
+    from automodel_cli.config.schema import CORE_SCHEMA
 
     node: Any = tree
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            key = lookup(dotted)
+            key = (schema or CORE_SCHEMA).lookup(dotted)
             return key.default if key is not None else None
         node = node[part]
     return node

@@ -29,7 +29,15 @@ class SFTData:
             yield self.eval_collate([self.eval[i] for i in chunk])
 
 
-def _dataset_factory(cfg: Any, registries: Any) -> Callable[..., Any]:
+def dataset_options(cfg: Any, registries: Any, name: str) -> dict[str, Any]:
+    """What a dataset factory gets as ``options``: ``data.options`` (keyword arguments for
+    ``datasets.load_dataset``) and the dataset's own declared options (``data.NAME``)."""
+    from automodel_cli.config.compose import entry_options
+
+    return {**cfg.data.options.to_dict(), **entry_options(cfg, registries.datasets, name)}
+
+
+def _dataset_name(cfg: Any) -> str:
     name = cfg.data.name
     if name == "auto":
         if not cfg.data.path:
@@ -39,12 +47,13 @@ def _dataset_factory(cfg: Any, registries: Any) -> Callable[..., Any]:
                 "data.name to a registered dataset (`automodel list datasets`).",
             )
         name = "instruction"
-    return registries.datasets.get(name).load()
+    return name
 
 
 def _load_tables(cfg: Any, registries: Any) -> tuple[Any, Any | None]:
-    factory = _dataset_factory(cfg, registries)
-    options = cfg.data.options.to_dict()
+    name = _dataset_name(cfg)
+    factory = registries.datasets.get(name).load()
+    options = dataset_options(cfg, registries, name)
     train = factory(cfg.data.path, cfg.data.split, options)
     evaluation = None
     if cfg.data.eval_path:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from automodel_cli.components.training.sft_data import dataset_options
 from automodel_cli.errors import UserError
 
 #: ``data.name`` -> the dataset pre-training reads: ``auto`` means text from data.path, and the
@@ -184,7 +185,7 @@ def open_text(cfg: Any, registries: Any, tokenizer: Any, path: str | None, split
             f"of {(meta.get('source') or {}).get('path')})")
         return arrays
     name = TEXT_DATASETS.get(cfg.data.name, cfg.data.name)
-    options = {**cfg.data.options.to_dict(), **({"streaming": True} if streaming else {})}
+    options = {**dataset_options(cfg, registries, name), **({"streaming": True} if streaming else {})}
     table = registries.datasets.get(name).load()(path, split, options)
     source = path or name
     require_text_column(table, cfg.data.text_column, source)
