@@ -1,8 +1,9 @@
 """The ``automodel`` command line.
 
 Built-in commands (plugins, list, config) are defined here; every recipe registered through the
-``register_recipes`` hook becomes a top-level command with the same common options. Building the
-app loads plugin entry points but never torch, so ``automodel --help`` stays fast.
+``register_recipes`` hook becomes a top-level command with the same common options (built by
+``commands/run.py``, which ``automodel launch`` shares). Building the app loads plugin entry
+points but never torch, so ``automodel --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ from automodel_cli.commands.checkpoint import checkpoint_app
 from automodel_cli.commands.convert import convert_app
 from automodel_cli.commands.data import data_app
 from automodel_cli.commands.launch import launch_app
+from automodel_cli.commands.run import ARGS_HELP, CONFIG_HELP, recipe_command
 from automodel_cli.errors import UserError
 from automodel_cli.plugin_host import PluginHost, get_host
-from automodel_cli.registry import Entry, Registries
+from automodel_cli.registry import Registries
 
 HELP = (
     "Fine-tune, pre-train and distil Hugging Face models from one command, "
     "from one CPU to many GPU nodes. Plugins add models, datasets, losses, parallel plans, "
     "launchers and loggers."
 )
-
-ARGS_HELP = "TARGET (a model preset or a YAML file), then key=value overrides."
-CONFIG_HELP = "YAML config file; repeat to layer several (later wins)."
 
 
 def _print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], title: str) -> None:
@@ -180,98 +179,6 @@ def _config_app(registries: Registries) -> typer.Typer:
     return app
 
 
-# --------------------------------------------------------------------------- recipes
-PEFT_HELP = "none, lora or dora (peft.method)."
-NPROC_HELP = "Processes per node; > 1 starts torchrun (launch.nproc_per_node)."
-GPUS_HELP = "GPUs per node: requests them from the cluster and runs one process per GPU (launch.gpus_per_node)."
-NODES_HELP = "Nodes for the job; > 1 needs --launcher slurm or k8s (launch.nodes)."
-LAUNCHER_HELP = "Where to run: local (default), slurm, k8s or a plugin's (launch.launcher)."
-DRY_RUN_HELP = "Print the resolved config and the batch script or manifest; run nothing."
-
-
-#: Options shared by the recipe commands and `automodel launch FILE` (OptionInfo objects are
-#: plain declarations, so one instance can serve several commands).
-CONFIG_OPTION = typer.Option([], "-c", "--config", help=CONFIG_HELP)
-NPROC_OPTION = typer.Option(None, "--nproc-per-node", help=NPROC_HELP)
-GPUS_OPTION = typer.Option(None, "--gpus-per-node", help=GPUS_HELP)
-NODES_OPTION = typer.Option(None, "--nodes", help=NODES_HELP)
-LAUNCHER_OPTION = typer.Option(None, "--launcher", help=LAUNCHER_HELP)
-OUTPUT_OPTION = typer.Option(None, "--output-dir", "-o", help="Output directory (output_dir).")
-DRY_RUN_OPTION = typer.Option(False, "--dry-run", help=DRY_RUN_HELP)
-
-
-def launch_flags(peft: Optional[str], nproc_per_node: Optional[int], gpus_per_node: Optional[int],
-                 nodes: Optional[int], launcher: Optional[str],
-                 output_dir: Optional[str]) -> dict[str, tuple[str, Any]]:
-    """The flag layer of a launchable command: dotted key -> (flag text, value)."""
-    if gpus_per_node is not None and nproc_per_node is not None and nproc_per_node != gpus_per_node:
-        raise UserError(f"--gpus-per-node {gpus_per_node} and --nproc-per-node {nproc_per_node} disagree.",
-                        "Give one of them: --gpus-per-node runs one process per GPU.")
-    return {
-        "peft.method": ("--peft", peft),
-        "launch.gpus_per_node": ("--gpus-per-node", gpus_per_node),
-        "launch.nproc_per_node": ("--gpus-per-node" if gpus_per_node is not None else "--nproc-per-node",
-                                  gpus_per_node if gpus_per_node is not None else nproc_per_node),
-        "launch.nodes": ("--nodes", nodes),
-        "launch.launcher": ("--launcher", launcher),
-        "output_dir": ("--output-dir", output_dir),
-    }
-
-
-def resolve_and_start(registries: Registries, entry: Entry, *, target: Optional[str], config_files: list[str],
-                      flags: dict[str, tuple[str, Any]], overrides: list[str], dry_run: bool) -> None:
-    """Resolve a recipe's config and run, print (--dry-run) or submit it through its launcher."""
-    from automodel_cli.components.launch.start import start
-    from automodel_cli.config.assemble import resolve_command
-
-    resolved = resolve_command(registries, recipe=entry, target=target, config_files=config_files,
-                               flags=flags, overrides=overrides)
-    named = resolved.get("recipe")
-    if named and named != entry.name:  # a config written for another recipe is not silently reused
-        raise UserError(f"{resolved.source_of('recipe')}: this config is for the `{named}` recipe, not "
-                        f"`{entry.name}`.",
-                        f"Run `automodel {named} ...` or `automodel launch FILE`, or change `recipe:`.")
-    code = start(entry, resolved, registries, dry_run=dry_run, echo=lambda text: typer.echo(text, nl=False))
-    if code:
-        raise typer.Exit(code)
-
-
-def _recipe_command(entry: Entry, registries: Registries):
-    """A top-level command that resolves the config and hands it to the recipe's launcher."""
-
-    def command(
-        arguments: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP, show_default=False),
-        config: list[str] = CONFIG_OPTION,
-        peft: Optional[str] = typer.Option(None, "--peft", help=PEFT_HELP),
-        nproc_per_node: Optional[int] = NPROC_OPTION,
-        gpus_per_node: Optional[int] = GPUS_OPTION,
-        nodes: Optional[int] = NODES_OPTION,
-        launcher: Optional[str] = LAUNCHER_OPTION,
-        output_dir: Optional[str] = OUTPUT_OPTION,
-        dry_run: bool = DRY_RUN_OPTION,
-        as_json: bool = False,
-    ) -> None:
-        from automodel_cli.config.assemble import split_arguments
-
-        target, overrides = split_arguments(arguments or [])
-        flags = launch_flags(peft, nproc_per_node, gpus_per_node, nodes, launcher, output_dir)
-        if json_key:
-            flags[json_key] = ("--json", True if as_json else None)
-        resolve_and_start(registries, entry, target=target, config_files=config, overrides=overrides,
-                          flags=flags, dry_run=dry_run)
-
-    command.__doc__ = entry.description or f"Run the {entry.name} recipe."
-    # `--json` exists only for recipes that declare a JSON output key (typer reads the signature).
-    json_key = entry.metadata.get("json_output")
-    signature = inspect.signature(command)
-    parameters = [p for p in signature.parameters.values() if p.name != "as_json"]
-    if json_key:
-        parameters.append(signature.parameters["as_json"].replace(
-            default=typer.Option(False, "--json", help=f"Print one JSON object for scripts ({json_key}).")))
-    command.__signature__ = signature.replace(parameters=parameters)
-    return command
-
-
 # ------------------------------------------------------------------------------- app
 def build_app(host: PluginHost) -> typer.Typer:
     app = typer.Typer(name="automodel", help=HELP, no_args_is_help=True, add_completion=False,
@@ -289,7 +196,7 @@ def build_app(host: PluginHost) -> typer.Typer:
             raise typer.Exit()
 
     for entry in registries.recipes:
-        app.command(entry.name, help=entry.description)(_recipe_command(entry, registries))
+        app.command(entry.name, help=entry.description)(recipe_command(entry, registries))
     app.add_typer(launch_app(registries), name="launch")
     app.add_typer(checkpoint_app, name="checkpoint")
     app.add_typer(convert_app, name="convert")

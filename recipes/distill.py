@@ -386,8 +386,9 @@ def _teacher_tokenizer(teacher_cfg: Any) -> Any:
 
 
 def _vocab_size(config: Any) -> int:
-    getter = getattr(config, "get_text_config", None)
-    text = getter() if callable(getter) else config
+    from automodel_cli.components.models.structure import text_config
+
+    text = text_config(config)
     return int(getattr(text, "vocab_size", None) or getattr(config, "vocab_size"))
 
 

@@ -13,6 +13,8 @@ from typing import Any, Optional
 import typer
 from typer.core import TyperGroup
 
+from automodel_cli.commands.run import (CONFIG_OPTION, DRY_RUN_OPTION, GPUS_OPTION, LAUNCHER_OPTION, NODES_OPTION,
+                                        NPROC_OPTION, OUTPUT_OPTION, launch_flags, resolve_and_start)
 from automodel_cli.errors import UserError, did_you_mean
 from automodel_cli.registry import Registries
 
@@ -32,9 +34,6 @@ class LaunchGroup(TyperGroup):
 
 
 def launch_app(registries: Registries) -> typer.Typer:
-    from automodel_cli.cli import (CONFIG_OPTION, DRY_RUN_OPTION, GPUS_OPTION, LAUNCHER_OPTION, NODES_OPTION,
-                                   NPROC_OPTION, OUTPUT_OPTION, launch_flags, resolve_and_start)
-
     app = typer.Typer(
         cls=LaunchGroup, no_args_is_help=True,
         context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},

@@ -17,12 +17,12 @@ from automodel_cli.config.resolve import (
     layer_from_overrides,
     resolve,
 )
-from automodel_cli.components.launch.torchrun import inside_torchrun
 from automodel_cli.config.compose import complete, compose_schema
 from automodel_cli.config.schema import CORE, CORE_SCHEMA, Schema, set_dotted
 from automodel_cli.config.yaml_io import Source
 from automodel_cli.errors import UserError, did_you_mean
 from automodel_cli.registry import Entry, Registries
+from automodel_cli.runtime import inside_torchrun
 
 YAML_SUFFIXES = (".yaml", ".yml")
 

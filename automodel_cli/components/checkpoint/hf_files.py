@@ -17,13 +17,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from automodel_cli.components.models.structure import is_peft_model, unwrap
+
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def is_peft_model(model: Any) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def hf_class_name(model: Any) -> str:
@@ -65,7 +63,7 @@ def hf_payload(model: Any, tokenizer: Any = None,
     """file name -> content for ``hf/``: config, generation config, adapter config, tokenizer
     files, then ``extra_files`` (which win on a name clash)."""
     files: dict[str, bytes] = {}
-    base = model.get_base_model() if is_peft_model(model) else model
+    base = unwrap(model)
     config = getattr(base, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         data = json.loads(config.to_json_string(use_diff=False))

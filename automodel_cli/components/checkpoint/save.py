@@ -45,6 +45,7 @@ from automodel_cli.components.checkpoint.state import (
     tied_aliases,
     trainable_names,
 )
+from automodel_cli.components.models.structure import unwrap
 from automodel_cli.errors import UserError
 
 #: Bump when the directory layout or a file format changes incompatibly.
@@ -216,8 +217,7 @@ def write_payload(directory: Path, step: int, *, model, optimizer, scheduler, st
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "torch_version": torch.__version__,
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "hf_architecture": hf_files.hf_class_name(
-                model.get_base_model() if adapter is not None else model),
+            "hf_architecture": hf_files.hf_class_name(unwrap(model)),
             "world_size": world,
             "mesh": saved["mesh"],
             "trainable_only": len(trainable) < len(every),

@@ -42,12 +42,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from automodel_cli.components.distributed.mesh import fsdp_mesh, tp_mesh, tp_size
-from automodel_cli.components.distributed.plans import (
-    find_decoder_stack,
-    resolve_plan,
-    unwrap_model,
-    validate_tp,
-)
+from automodel_cli.components.distributed.plans import resolve_plan, validate_tp
+from automodel_cli.components.models.structure import decoder_layers, unwrap
+from automodel_cli.components.training.memory import compile_decoder_layers, enable_activation_checkpointing
 from automodel_cli.errors import UserError
 
 
@@ -78,7 +75,7 @@ def parallelize_model(
         raise ValueError(f"tp={tp} but the mesh has tp={tp_size(mesh)}")
     if sequence_parallel and tp == 1:
         sequence_parallel = False
-    hf_model = unwrap_model(model)
+    hf_model = unwrap(model)
     if sequence_parallel and hf_model is not model:
         _require_torch_for_lora_sequence_parallel()
 
@@ -98,8 +95,6 @@ def parallelize_model(
     #    layer (the compiled layer includes its checkpointing; FSDP's hooks stay outside).
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
-        from automodel_cli.components.training.memory import compile_decoder_layers
-
         compile_decoder_layers(model, compile_backend)
 
     # 3. FSDP2 / HSDP over the data-parallel ranks.
@@ -289,27 +284,7 @@ def _check_sequence_length(model: Any, tp: int) -> None:
     model.register_forward_pre_hook(check, with_kwargs=True)
 
 
-# --------------------------------------------------------------------------- layers and AC
-
-def decoder_layers(model: Any) -> list[Any]:
-    """The modules to shard (and checkpoint) one by one: HF's ``_no_split_modules`` classes
-    (decoder layers, vision blocks), outermost only; else the decoder's ``layers`` list."""
-    hf = unwrap_model(model)
-    names = set(getattr(hf, "_no_split_modules", None) or [])
-    found: list[Any] = []
-    inside: set[int] = set()
-    if names:
-        for module in model.modules():
-            if id(module) in inside:
-                continue
-            if type(module).__name__ in names:
-                found.append(module)
-                inside.update(id(m) for m in module.modules())
-    if not found:
-        _, stack = find_decoder_stack(model)
-        found = list(stack.layers)
-    return found
-
+# --------------------------------------------------------------------------- activation checkpointing
 
 def apply_activation_checkpointing(model: Any, mode: bool | str = True) -> str:
     """Non-reentrant checkpointing of the decoder layers: all of them (``True``/``"full"``) or
@@ -317,8 +292,6 @@ def apply_activation_checkpointing(model: Any, mode: bool | str = True) -> str:
     the model has it (parameter names unchanged), else torch's ``checkpoint_wrapper`` around each
     chosen layer. Both compose with FSDP2 (the layer's all-gather is simply repeated in
     recompute). Returns the normalised mode."""
-    from automodel_cli.components.training.memory import enable_activation_checkpointing
-
     return enable_activation_checkpointing(model, mode)
 
 

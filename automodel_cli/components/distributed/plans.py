@@ -44,61 +44,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from automodel_cli.components.models.structure import decoder_stack, output_head, text_config
 from automodel_cli.errors import UserError
 
 #: Model types with a built-in plan (the plugin registers these; kept here for docs and tests).
 BUILTIN_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gemma3_text",
                        "phi3")
-
-
-# --------------------------------------------------------------------------- model structure
-
-def unwrap_model(model: Any) -> Any:
-    """The Hugging Face ``PreTrainedModel`` inside a peft wrapper (or the model itself)."""
-    get_base = getattr(type(model), "get_base_model", None)
-    return model.get_base_model() if get_base is not None else model
-
-
-def text_config(config: Any) -> Any:
-    """The decoder's config (``text_config`` of multimodal configs, else the config itself)."""
-    getter = getattr(config, "get_text_config", None)
-    if callable(getter):
-        try:
-            return getter(decoder=True)
-        except TypeError:
-            return getter()
-    return config
-
-
-def find_decoder_stack(model: Any) -> tuple[str, Any]:
-    """``(prefix, module)`` of the text decoder: the first module with ``embed_tokens`` and a
-    ``layers`` ModuleList (``model.`` for a CausalLM, ``base_model.model.model.`` under peft,
-    ``model.language_model.`` for Gemma 3 multimodal). ``prefix`` ends with a dot or is empty."""
-    import torch.nn as nn
-
-    for name, module in model.named_modules():
-        if isinstance(getattr(module, "layers", None), nn.ModuleList) and hasattr(module, "embed_tokens"):
-            return (f"{name}." if name else ""), module
-    raise UserError(
-        f"Cannot find the decoder layers of {type(unwrap_model(model)).__name__} (no module with "
-        f"`embed_tokens` and a `layers` list).",
-        "Its tensor-parallel plan must name the modules itself; set distributed.tp=1 meanwhile.",
-    )
-
-
-def module_fqn(root: Any, target: Any) -> str | None:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    return None
-
-
-def lm_head_fqn(model: Any) -> str | None:
-    """FQN of the output projection (``lm_head``) relative to ``model``, or None."""
-    hf = unwrap_model(model)
-    getter = getattr(hf, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    return module_fqn(model, head) if head is not None else None
 
 
 # --------------------------------------------------------------------------- validation
@@ -286,12 +237,12 @@ def decoder_plan(
     tp = tp_mesh.size()
     sp = bool(sequence_parallel)
     residual = Shard(1) if sp else Replicate()
-    prefix, stack = find_decoder_stack(model)
+    prefix, stack = decoder_stack(model)
     plan: dict[str, Any] = {}
 
     embed = stack.embed_tokens
     vocab = getattr(embed, "num_embeddings", None)
-    head_name = lm_head_fqn(model)
+    _, head_name = output_head(model)
     shard_vocab = isinstance(vocab, int) and vocab % tp == 0
     if shard_vocab:
         plan[f"{prefix}embed_tokens"] = RowwiseParallel(input_layouts=Replicate(),

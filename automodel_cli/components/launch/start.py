@@ -13,11 +13,11 @@ from automodel_cli.components.distributed.mesh import MeshShape
 from automodel_cli.components.launch.base import Launcher, LaunchSpec
 from automodel_cli.components.launch.preflight import job_problems
 from automodel_cli.components.launch.secrets import refuse_credentials
-from automodel_cli.components.launch.torchrun import inside_torchrun
 from automodel_cli.config.resolve import ConfigError
 from automodel_cli.config.compose import entry_options
 from automodel_cli.errors import UserError
 from automodel_cli.registry import Entry, Registries
+from automodel_cli.runtime import inside_torchrun
 
 
 def make_launcher(registries: Registries, name: str) -> Launcher:

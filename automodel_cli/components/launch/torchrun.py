@@ -18,15 +18,11 @@ import sys
 from typing import Any
 
 from automodel_cli.errors import UserError
+from automodel_cli.runtime import inside_torchrun
 
-TORCHRUN_ENV = ("LOCAL_RANK", "WORLD_SIZE")
 #: Where a rank writes the message of a UserError, so the launching process (or
 #: ``automodel launch status``) can show it once (torchrun itself only reports "a child failed").
 ERROR_FILE_ENV = "AUTOMODEL_LAUNCH_ERROR_FILE"
-
-
-def inside_torchrun() -> bool:
-    return all(name in os.environ for name in TORCHRUN_ENV)
 
 
 def report_to_launcher(error: UserError) -> None:

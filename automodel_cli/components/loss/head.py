@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from automodel_cli.components.loss.targets import IGNORE_INDEX
+from automodel_cli.components.models import structure
 
 #: Config attributes of models whose logits are changed after the LM head.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -238,7 +239,7 @@ def _loss_inside_forward(model: Any, head: Any, inputs: dict[str, Any], labels: 
         # The model transformed what it took for logits: this value is wrong; never fuse again.
         del output, value
         _remember(model, "the model changes the logits after its LM head")
-        warnings.warn(f"{type(_unwrap(model)).__name__} changes the logits after its LM head; "
+        warnings.warn(f"{type(structure.unwrap(model)).__name__} changes the logits after its LM head; "
                       "computing full logits for the loss from now on.", stacklevel=3)
         return None, None
     return value, None
@@ -279,28 +280,19 @@ def output_head(model: Any) -> tuple[Any, str | None]:
 def _find_head(model: Any) -> tuple[Any, str | None]:
     import torch.nn as nn
 
-    hf = _unwrap(model)
-    getter = getattr(hf, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
+    head, _ = structure.output_head(model)
     if head is None:
         return None, "the model has no output embeddings (lm_head)"
     if type(head).forward is not nn.Linear.forward or not isinstance(head, nn.Linear) or hasattr(head, "base_layer"):
         return None, f"its lm_head is a {type(head).__name__}, not a plain torch.nn.Linear"
-    config = getattr(hf, "config", None)
+    config = getattr(structure.unwrap(model), "config", None)
     if config is not None:
-        getter = getattr(config, "get_text_config", None)
-        text = getter() if callable(getter) else config
+        text = structure.text_config(config)
         for attribute in LOGIT_TRANSFORMS:
             for cfg in (config, text):
                 if getattr(cfg, attribute, None) is not None:
                     return None, f"its config sets {attribute} (the logits are changed after the head)"
     return head, None
-
-
-def _unwrap(model: Any) -> Any:
-    """The Hugging Face model inside a peft wrapper (or the model itself)."""
-    get_base = getattr(type(model), "get_base_model", None)
-    return model.get_base_model() if get_base is not None else model
 
 
 def _is_dtensor(tensor: Any) -> bool:

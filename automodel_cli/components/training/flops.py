@@ -35,6 +35,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from automodel_cli.components.models.structure import text_config
+
 #: (regular expression on the device name, label, dense bf16 TFLOP/s). First match wins, so
 #: specific names come before the names they contain (GH200 before H200, L40S before L40).
 PEAK_BF16_TFLOPS: list[tuple[str, str, float]] = [
@@ -90,7 +92,7 @@ def matmul_parameters(model: Any) -> int:
 
 def attention_shape(config: Any) -> tuple[int, int, int]:
     """(layers, query heads, head dim) of a Hugging Face text config."""
-    config = getattr(config, "text_config", None) or config
+    config = text_config(config)
     layers = int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

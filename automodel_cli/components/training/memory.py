@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from automodel_cli.components.models.structure import decoder_layers, unwrap
 from automodel_cli.errors import UserError, did_you_mean
 
 MODES = ("none", "full", "selective")
@@ -58,7 +59,7 @@ def enable_activation_checkpointing(model: Any, mode: Any = "full") -> str:
         return mode
     every = 2 if mode == "selective" else 1
     options = {"use_reentrant": False}
-    hf = _unwrap(model)
+    hf = unwrap(model)
     if getattr(hf, "supports_gradient_checkpointing", False):
         if hasattr(hf, "activation_checkpointing_enable"):
             hf.activation_checkpointing_enable(activation_checkpointing_kwargs=options, every_n_layers=every)
@@ -79,8 +80,6 @@ def _wrap_layers(model: Any, every: int) -> None:
         checkpoint_wrapper,
     )
 
-    from automodel_cli.components.distributed.parallelize import decoder_layers
-
     chosen = {id(m) for i, m in enumerate(decoder_layers(model)) if i % every == 0}
     wrap(model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
          check_fn=lambda m: id(m) in chosen)
@@ -88,14 +87,7 @@ def _wrap_layers(model: Any, every: int) -> None:
 
 def compile_decoder_layers(model: Any, backend: str = "inductor") -> int:
     """``torch.compile`` every decoder layer in place; returns how many were compiled."""
-    from automodel_cli.components.distributed.parallelize import decoder_layers
-
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(backend=backend)
     return len(layers)
-
-
-def _unwrap(model: Any) -> Any:
-    get_base = getattr(type(model), "get_base_model", None)
-    return model.get_base_model() if get_base is not None else model

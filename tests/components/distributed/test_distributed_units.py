@@ -194,7 +194,7 @@ def test_vocab_not_divisible_keeps_embeddings_replicated():
 def test_plans_find_layers_through_peft():
     from peft import LoraConfig, get_peft_model
 
-    from automodel_cli.components.distributed.parallelize import decoder_layers
+    from automodel_cli.components.models.structure import decoder_layers
     from automodel_cli.components.distributed.plans import qwen3_plan
 
     model = get_peft_model(tiny("qwen3"), LoraConfig(r=2, target_modules="all-linear"))

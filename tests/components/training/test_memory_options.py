@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from automodel_cli.components.distributed.parallelize import decoder_layers, parallelize_model
+from automodel_cli.components.distributed.parallelize import parallelize_model
+from automodel_cli.components.models.structure import decoder_layers
 from automodel_cli.components.training.memory import (checkpointing_mode, compile_decoder_layers,
                                                       enable_activation_checkpointing)
 from automodel_cli.errors import UserError
