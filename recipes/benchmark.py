@@ -51,10 +51,10 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.optim.build import build_optimizer, peak_lr
     from automodel_cli.components.peft.lora import count_parameters
     from automodel_cli.components.training import flops as flops_math
-    from automodel_cli.components.training.loop import (build_loss, data_parallel, optimizer_step, printer,
+    from automodel_cli.training.loop import (build_loss, data_parallel, optimizer_step, printer,
                                                         processes, seeded_precision, step_rates)
-    from automodel_cli.components.training.model_setup import init_device, prepare_model
-    from automodel_cli.components.training.text_data import check_block_size
+    from automodel_cli.training.model_setup import init_device, prepare_model
+    from automodel_cli.training.text_data import check_block_size
     from automodel_cli.plugin_host import get_registries
 
     bench = cfg.benchmark
@@ -157,7 +157,7 @@ def _batches(cfg: Any, architecture: Any, dp_size: int, say: Any):
                    for part in ids.split(bench.batch_size)]
     from automodel_cli.components.data.text import BlockStream, TokenBlocks, collate_blocks
     from automodel_cli.components.models.loading import load_tokenizer
-    from automodel_cli.components.training.text_data import open_text
+    from automodel_cli.training.text_data import open_text
     from automodel_cli.plugin_host import get_registries
 
     tokenizer = load_tokenizer(cfg.model)

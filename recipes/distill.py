@@ -14,7 +14,7 @@ reverse), both over the trained (completion) tokens only and normalised by the s
 label-token count (``components/loss/kd.py``), so losses match on 1 or N processes.
 
 The teacher is loaded from ``distill.teacher_path`` (for the demo student, when none is given,
-the cached demo teacher: ``components/training/demo_teacher.py``), frozen
+the cached demo teacher: ``training/demo_teacher.py``), frozen
 (``requires_grad=False``, eval mode), has no optimizer and is never checkpointed or saved; on N
 processes it is parallelised on the student's mesh (TP plan, then FSDP2 with parameters
 resharded after every forward). Before any data, model or file is touched, the teacher's
@@ -34,7 +34,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from automodel_cli.components.models.model_files import Role
-from automodel_cli.components.training.run_dir import CONFIG_FILE, resume_requested
+from automodel_cli.training.run_dir import CONFIG_FILE, resume_requested
 from automodel_cli.config.schema import option
 from automodel_cli.errors import UserError
 
@@ -75,13 +75,13 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.peft.lora import count_parameters
     from automodel_cli.components.training import steps as step_math
     from automodel_cli.components.training.evaluation import IGNORE_INDEX, evaluate
-    from automodel_cli.components.training.loop import (build_loss, checkpoint_due, claim_output_dir,
+    from automodel_cli.training.loop import (build_loss, checkpoint_due, claim_output_dir,
                                                         close_loop, data_parallel, log_step, open_loggers,
                                                         optimizer_step, processes, resume, save_outputs,
                                                         seeded_precision, step_rates)
-    from automodel_cli.components.training.model_setup import adapter_base, prepare_model
+    from automodel_cli.training.model_setup import adapter_base, prepare_model
     from automodel_cli.components.training.progress import TrainingProgress
-    from automodel_cli.components.training.sft_data import prepare_sft_data
+    from automodel_cli.training.sft_data import prepare_sft_data
     from automodel_cli.plugin_host import get_registries
     from automodel_cli.components.training.evaluation import format_eval
 
@@ -291,7 +291,7 @@ def use_demo_teacher(cfg: Any) -> Path | None:
     """For the demo student without a teacher, ``distill.teacher_path`` becomes the cached demo
     teacher (``automodel finetune demo``, trained on first use by ``provide_demo_teacher``), so
     ``automodel distill demo`` runs by itself; returns its cache entry, else None."""
-    from automodel_cli.components.training import demo_teacher
+    from automodel_cli.training import demo_teacher
     from automodel_cli.config.yaml_io import Source
 
     if cfg.distill.teacher_path or not _is_demo_student(cfg):
@@ -305,8 +305,8 @@ def use_demo_teacher(cfg: Any) -> Path | None:
 def provide_demo_teacher(entry: Path, env: Any, say: Any) -> None:
     """Train the demo teacher unless it is cached: once per machine (the first process of each
     node; the others wait here)."""
-    from automodel_cli.components.training import demo_teacher
-    from automodel_cli.components.training.loop import barrier
+    from automodel_cli.training import demo_teacher
+    from automodel_cli.training.loop import barrier
 
     if env.local_rank == 0:
         demo_teacher.ensure_teacher(entry, say)

@@ -32,14 +32,14 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.peft.lora import count_parameters
     from automodel_cli.components.training import steps as step_math
     from automodel_cli.components.training.evaluation import evaluate, format_eval
-    from automodel_cli.components.training.loop import (build_loss, checkpoint_due, claim_output_dir, close_loop,
+    from automodel_cli.training.loop import (build_loss, checkpoint_due, claim_output_dir, close_loop,
                                                         data_parallel, log_step, open_loggers, optimizer_step,
                                                         processes, resume, save_outputs, seeded_precision,
                                                         step_rates)
-    from automodel_cli.components.training.model_setup import adapter_base, prepare_model
+    from automodel_cli.training.model_setup import adapter_base, prepare_model
     from automodel_cli.components.training.padding import Padding, run_padding
     from automodel_cli.components.training.progress import TrainingProgress
-    from automodel_cli.components.training.sft_data import prepare_sft_data
+    from automodel_cli.training.sft_data import prepare_sft_data
     from automodel_cli.plugin_host import get_registries
 
     # 1. Processes and mesh. Mesh sizes are checked before anything is read or written.

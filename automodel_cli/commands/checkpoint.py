@@ -77,7 +77,7 @@ def inspect_command(
 def refuse_run_without_checkpoints(source: Path, verb: str) -> None:
     """A run directory that saved no checkpoint: explain what it holds instead of "not a checkpoint"."""
     from automodel_cli.components.checkpoint import layout
-    from automodel_cli.components.training.run_dir import RUN_MARKERS
+    from automodel_cli.training.run_dir import RUN_MARKERS
     from automodel_cli.errors import UserError
 
     source = Path(source)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from automodel_cli import __version__
-from automodel_cli.components.training import demo_teacher
+from automodel_cli.training import demo_teacher
 from conftest import REPO
 
 FAST = ["logging.progress=false", "model.dtype=float32", "train.eval_batches=2"]

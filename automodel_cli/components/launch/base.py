@@ -71,7 +71,7 @@ class LaunchSpec:
         """Pick and vet the run's output directory (absolute: other nodes read it too).
 
         A directory holding another run is refused before anything is written."""
-        from automodel_cli.components.training.run_dir import prepare_output_dir
+        from automodel_cli.training.run_dir import prepare_output_dir
 
         if self.job_dir is None:
             self.job_dir = prepare_output_dir(self.config, self.recipe).resolve()

@@ -1,4 +1,4 @@
-"""``log_step`` and ``step_rates`` (components/training/loop.py), shared by every training recipe:
+"""``log_step`` and ``step_rates`` (training/loop.py), shared by every training recipe:
 a non-finite loss is warned about, validation runs when due, and every step reaches the metrics
 file and the progress display (the real TrainingProgress and JsonlLogger)."""
 
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from automodel_cli.components.logging.jsonl import JsonlLogger
-from automodel_cli.components.training.loop import log_step, step_rates
+from automodel_cli.training.loop import log_step, step_rates
 from automodel_cli.components.training.progress import TrainingProgress
 
 

@@ -40,7 +40,7 @@ def claim_output_dir(cfg: Any, recipe: str, env: Any) -> Path:
     rank 0's lock as a second run); every rank learns the outcome and the directory."""
     from automodel_cli.components.checkpoint import collective
     from automodel_cli.components.training import run_lock
-    from automodel_cli.components.training.run_dir import prepare_output_dir
+    from automodel_cli.training.run_dir import prepare_output_dir
 
     def vet_and_lock() -> str | None:
         if not env.is_main:
@@ -125,8 +125,8 @@ def resume(cfg: Any, output_dir: Path, *, model: Any, optimizer: Any, scheduler:
     from automodel_cli.components.checkpoint import find_checkpoint, load_checkpoint
     from automodel_cli.components.checkpoint.load import find_intact_checkpoint, resume_is_auto
     from automodel_cli.components.optim.build import apply_new_settings, peak_lr
-    from automodel_cli.components.training import run_dir
-    from automodel_cli.components.training.run_dir import resume_requested
+    from automodel_cli.training import run_dir
+    from automodel_cli.training.run_dir import resume_requested
 
     if not resume_requested(cfg):
         return {"step": 0}
@@ -158,8 +158,8 @@ def open_loggers(cfg: Any, registries: Any, output_dir: Path, start_step: int, i
     return the metric loggers (metrics.jsonl first). Other ranks log nothing."""
     from automodel_cli.components.logging import JsonlLogger, truncate_after
     from automodel_cli.components.training import run_lock
-    from automodel_cli.components.training.loggers import build_loggers
-    from automodel_cli.components.training.run_dir import save_config
+    from automodel_cli.training.loggers import build_loggers
+    from automodel_cli.training.run_dir import save_config
 
     if not is_main:
         return []

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from automodel_cli.components.training.sft_data import dataset_options
+from automodel_cli.training.sft_data import dataset_options
 from automodel_cli.errors import UserError
 
 #: ``data.name`` -> the dataset pre-training reads: ``auto`` means text from data.path, and the
