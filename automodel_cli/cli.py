@@ -22,7 +22,8 @@ from automodel_cli.commands.data import data_app
 from automodel_cli.commands.launch import launch_app
 from automodel_cli.commands.run import ARGS_HELP, CONFIG_HELP, recipe_command
 from automodel_cli.errors import UserError
-from automodel_cli.plugin_host import PluginHost, get_host
+from automodel_cli.plugin_host import PluginHost, PluginRecord, host_for_command, warnings_shown_once
+from automodel_cli.plugin_settings import split_global_options
 from automodel_cli.registry import Registries
 
 HELP = (
@@ -73,7 +74,7 @@ def _plugins_app(host: PluginHost) -> typer.Typer:
         if not records:
             typer.echo("No third-party plugins installed (use --all to include built-ins).")
             return
-        rows = [{**r.as_dict(), "status": _status_text(r.status, r.errors)} for r in records]
+        rows = [{**r.as_dict(), "status": _status_text(r)} for r in records]
         _print_table(rows, [("name", "Plugin"), ("distribution", "Distribution"),
                             ("version", "Version"), ("hooks", "Hooks"), ("status", "Status")],
                      title="Plugins")
@@ -85,7 +86,7 @@ def _plugins_app(host: PluginHost) -> typer.Typer:
         typer.echo(f"{len(host.records)} plugins found, {loaded} loaded.")
         for record in host.records:
             if record.status in ("blocked", "not-loaded"):
-                typer.echo(f"  {record.name} ({record.distribution or '-'}): {record.status}")
+                typer.echo(f"  {record.name} ({record.distribution or '-'}): {_status_text(record)}")
         if not host.problems:
             typer.echo("No problems found.")
             return
@@ -97,8 +98,10 @@ def _plugins_app(host: PluginHost) -> typer.Typer:
     return app
 
 
-def _status_text(status: str, errors: list[str]) -> str:
-    return f"{status}: {errors[-1]}" if errors else status
+def _status_text(record: PluginRecord) -> str:
+    if record.blocked_by:
+        return f"{record.status} by {record.blocked_by}"
+    return f"{record.status}: {record.errors[-1]}" if record.errors else record.status
 
 
 # ------------------------------------------------------------------------------ list
@@ -125,9 +128,12 @@ def _make_listing(registries: Registries, listing: str):
     def command(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
         registry = registries.by_listing[listing]
         rows = [entry.as_dict() for entry in registry]
+        for row in rows:  # registrations of the same name that are ignored or in conflict
+            row["collisions"] = [c.as_dict() for c in registry.conflicts if c.name == row["name"]]
         if as_json:
             _echo_json(rows)
             return
+        rows = [shown for row in rows for shown in [row, *_collision_rows(row)]]
         for row in rows:
             row["provider"] = f"{row['distribution']} {row['version'] or ''}".strip() \
                 if row["distribution"] else row["plugin"]
@@ -135,12 +141,19 @@ def _make_listing(registries: Registries, listing: str):
         if listing == "models":
             columns += [("path", "Path"), ("family", "Family")]
         columns += [("provider", "From"), ("overrides", "Overrides")]
+        if any(row.get("effect") for row in rows):
+            columns.append(("effect", "Note"))
         if not rows:
             typer.echo(f"No {listing} registered.")
             return
         _print_table(rows, columns, title=listing.capitalize())
 
     return command
+
+
+def _collision_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A table row under an entry for each other plugin that registered its name."""
+    return [{"name": row["name"], **collision} for collision in row["collisions"]]
 
 
 # ---------------------------------------------------------------------------- config
@@ -190,7 +203,19 @@ def build_app(host: PluginHost) -> typer.Typer:
     registries = host.registries
 
     @app.callback(invoke_without_command=True)
-    def root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    def root(
+        version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+        # Read by main() before the command line is parsed (the plugins decide which commands
+        # exist); declared here for --help only.
+        block_plugin: list[str] = typer.Option(
+            [], "--block-plugin", metavar="NAME",
+            help="Do not load this plugin (entry-point or distribution name); repeat for more. "
+                 "Goes before the command. Adds to AUTOMODEL_BLOCK_PLUGINS and the settings file."),
+        no_plugins: bool = typer.Option(
+            False, "--no-plugins",
+            help="Load only the built-in plugins (and those enabled by AUTOMODEL_PLUGINS or the "
+                 "settings file), like AUTOMODEL_DISABLE_PLUGIN_AUTOLOAD=1. Goes before the command."),
+    ) -> None:
         if version:
             typer.echo(f"automodel-cli {__version__}")
             raise typer.Exit()
@@ -231,13 +256,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    host = None
     try:
-        host = get_host()
-        for line in host.warning_lines():
-            typer.echo(line, err=True)
-        command = typer.main.get_command(build_app(host))
-        show_whole_summaries(command)
-        command(args=argv, prog_name="automodel", standalone_mode=True)
+        command_line, arguments = split_global_options(sys.argv[1:] if argv is None else list(argv))
+        with host_for_command(command_line) as host, \
+                warnings_shown_once(host, lambda line: typer.echo(line, err=True)):
+            command = typer.main.get_command(build_app(host))
+            show_whole_summaries(command)
+            command(args=arguments, prog_name="automodel", standalone_mode=True)
     except UserError as error:
         from automodel_cli.components.launch.torchrun import report_to_launcher
 
@@ -246,9 +272,34 @@ def _run(argv: list[str] | None) -> int:
         return error.exit_code
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except Exception as exception:
+        code = _report_plugin_crash(exception, host)
+        if code is None:
+            raise  # not raised in a plugin's code: our bug, with its traceback
+        return code
     finally:
         _release_run_locks()
     return 0
+
+
+def _report_plugin_crash(exception: Exception, host: PluginHost | None) -> int | None:
+    """Report an exception raised in a plugin's code as one paragraph naming the plugin (and
+    its traceback under AUTOMODEL_DEBUG=1) and return the exit code; None for any other."""
+    from automodel_cli.plugin_errors import (
+        PLUGIN_BUG_EXIT_CODE,
+        debug_enabled,
+        find_plugin_crash,
+        format_traceback,
+    )
+
+    crash = find_plugin_crash(exception, host) if host is not None else None
+    if crash is None:
+        return None
+    debug = debug_enabled()
+    if debug:
+        typer.echo(format_traceback(exception), err=True, nl=False)
+    typer.echo(f"error: {crash.message(debug=debug)}", err=True)
+    return PLUGIN_BUG_EXIT_CODE
 
 
 def _release_run_locks() -> None:

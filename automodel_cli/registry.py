@@ -4,8 +4,10 @@ Every entry remembers the plugin (distribution and version) that added it, so li
 errors can say "dataset squad from automodel-cli 0.1.0". Targets are usually ``"module:attr"``
 strings resolved on first use, which keeps listing cheap (no torch import).
 
-A second plugin may replace an existing name only with ``override=True``; otherwise both
-registrations are kept as a conflict and using the name is an error naming both plugins.
+A second plugin may replace an existing name only with ``override=True``. Without it, a
+third-party plugin reusing a built-in name is ignored for that name (the built-in stays in
+charge; the host warns), and two third-party plugins sharing a name are a conflict: using that
+name is an error naming both plugins, every other name keeps working.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class Provider:
     plugin: str
     distribution: str | None = None
     version: str | None = None
+    #: Registered by automodel-cli itself.
+    builtin: bool = False
 
     def __str__(self) -> str:
         if self.distribution:
@@ -133,13 +137,37 @@ class Conflict:
     first: Entry
     second: Entry
 
+    @property
+    def keeps_builtin(self) -> bool:
+        """A third-party plugin reused a built-in name: the built-in stays, the plugin's entry is
+        ignored (a warning, not an error)."""
+        return self.first.provider.builtin and not self.second.provider.builtin
+
     def message(self) -> str:
+        second = self.second.provider
+        if self.keeps_builtin:
+            plugin = f"`{second.plugin}`" + (f" ({second})" if second.distribution else "")
+            return (
+                f"{self.kind} `{self.name}` is built in ({self.first.provider}); the plugin "
+                f"{plugin} registers it too, without override=True, so its "
+                f"{self.kind} is ignored and the built-in one is used. To replace the built-in, "
+                f"the plugin registers it with override=True; to silence this, block the plugin "
+                f"(--block-plugin {second.plugin} or AUTOMODEL_BLOCK_PLUGINS={second.plugin})."
+            )
         return (
             f"{self.kind} `{self.name}` is registered by both {self.first.provider} and "
-            f"{self.second.provider}. Uninstall or block one of them "
-            f"(AUTOMODEL_BLOCK_PLUGINS=...), or have the later plugin register it with "
+            f"{second}. Uninstall or block one of them (--block-plugin NAME or "
+            f"AUTOMODEL_BLOCK_PLUGINS=NAME), or have the later plugin register it with "
             f"override=True."
         )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ignored or conflicting registration, for ``automodel list ... --json``."""
+        provider = self.second.provider
+        return {"plugin": provider.plugin, "distribution": provider.distribution,
+                "version": provider.version,
+                "effect": "ignored: collides with built-in" if self.keeps_builtin
+                else "conflict: using the name is an error"}
 
 
 class Registry:
@@ -207,7 +235,7 @@ class Registry:
     def get(self, name: str) -> Entry:
         """Look a name up; unknown or conflicting names raise a ``UserError`` that names the fix."""
         for conflict in self.conflicts:
-            if conflict.name == name:
+            if conflict.name == name and not conflict.keeps_builtin:
                 raise UserError(conflict.message())
         try:
             return self._entries[name]

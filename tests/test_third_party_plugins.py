@@ -7,26 +7,16 @@ directory that only the subprocesses of these tests put on their path.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import run_cli
+from plugin_packages import BROKEN, EXAMPLE, install_plugins
 
 
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory):
-    target = tmp_path_factory.mktemp("site")
-    packages = [REPO / "examples" / "plugin_template", REPO / "tests" / "fixtures" / "broken_plugin"]
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), *map(str, packages)],
-        check=True, capture_output=True, text=True,
-    )
-    path = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
-    return {"PYTHONPATH": path}
+    return install_plugins(tmp_path_factory.mktemp("site"), EXAMPLE, BROKEN)
 
 
 def test_installed_plugin_entries_are_listed_with_provenance(plugin_env):
@@ -74,7 +64,7 @@ def test_doctor_reports_the_broken_plugin(plugin_env):
     assert "[load-error] broken" in result.stdout
     clean = run_cli("plugins", "doctor", env={**plugin_env, "AUTOMODEL_BLOCK_PLUGINS": "automodel-broken-plugin"})
     assert clean.exit_code == 0 and "No problems found." in clean.stdout
-    assert "broken (automodel-broken-plugin): blocked" in clean.stdout
+    assert "broken (automodel-broken-plugin): blocked by AUTOMODEL_BLOCK_PLUGINS" in clean.stdout
 
 
 def test_strict_mode_makes_plugin_errors_fatal(plugin_env):
