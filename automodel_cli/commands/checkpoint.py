@@ -77,14 +77,14 @@ def inspect_command(
 def refuse_run_without_checkpoints(source: Path, verb: str) -> None:
     """A run directory that saved no checkpoint: explain what it holds instead of "not a checkpoint"."""
     from automodel_cli.components.checkpoint import layout
-    from automodel_cli.training.run_dir import RUN_MARKERS
+    from automodel_cli.run_layout import RunDir
     from automodel_cli.errors import UserError
 
     source = Path(source)
-    is_run = source.is_dir() and any((source / marker).exists() for marker in RUN_MARKERS)
+    is_run = RunDir(source).holds_run()
     if not is_run or layout.is_checkpoint_dir(source) or layout.list_checkpoints(layout.checkpoints_root(source)):
         return
-    final = source / "final"
+    final = RunDir(source).final
     has_final = (final / "config.json").exists() or (final / "adapter_config.json").exists()
     held = (f"Its final/ directory is already a Hugging Face {'adapter' if (final / 'adapter_config.json').exists() else 'model'} "
             f"directory: load it with from_pretrained, or pass model.path={final}; there is nothing to {verb}."

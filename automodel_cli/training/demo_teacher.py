@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from automodel_cli.run_layout import RunDir
 from automodel_cli.errors import UserError
 
 #: Overrides where the cache lives (default ``$XDG_CACHE_HOME/automodel``, else ``~/.cache/automodel``).
@@ -36,7 +37,7 @@ CACHE_ENV = "AUTOMODEL_CACHE_DIR"
 #: The command that trains the teacher (plus ``-o DIR``): the finetune demo as users run it.
 TEACHER_ARGS = ("finetune", "demo", "logging.progress=false")
 #: The model directory inside a cache entry (a finetune run's ``RUN_DIR/final``).
-MODEL_SUBDIR = "final"
+MODEL_SUBDIR = RunDir.FINAL
 #: Variables set by torchrun and our launcher: inherited, they would make the child a rank.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                   "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from automodel_cli.run_layout import RunDir
+
 
 def processes(cfg: Any, stream: TextIO | None = None) -> tuple[Any, Any, Callable[[str], None]]:
     """(this process's ``DistEnv``, the mesh shape, rank 0's ``say``). Mesh sizes are checked
@@ -166,7 +168,7 @@ def open_loggers(cfg: Any, registries: Any, output_dir: Path, start_step: int, i
     run_lock.mark_writing(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output_dir)
-    metrics_path = output_dir / "metrics.jsonl"
+    metrics_path = RunDir(output_dir).metrics
     truncate_after(metrics_path, start_step)
     return [JsonlLogger(metrics_path), *build_loggers(cfg, registries, output_dir)]
 
@@ -251,7 +253,7 @@ def save_outputs(model: Any, tokenizer: Any, cfg: Any, env: Any, output_dir: Pat
     if env.is_main:
         summary = {"steps": summary.pop("steps", None), "output_dir": str(output_dir), "final": str(final_dir),
                    **summary}
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        RunDir(output_dir).summary.write_text(json.dumps(summary, indent=2))
         say(f"saved {final_dir}")
     barrier(env)
     dist_env.destroy()

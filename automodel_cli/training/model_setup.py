@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from automodel_cli.run_layout import RunDir
+
 
 def init_device(cfg: Any, device: Any) -> Any:
     """Context to build the model in: random weights are created directly on the training
@@ -27,7 +29,7 @@ def adapter_base(model: Any, tokenizer: Any, cfg: Any, output_dir: Any, is_main:
 
     if not (cfg.model.from_scratch and cfg.peft.method != "none"):
         return resolve_model_source(cfg.model.path)
-    base_dir = output_dir / "base_model"
+    base_dir = RunDir(output_dir).base_model
     if is_main:
         run_lock.mark_writing(output_dir)
         model.save_pretrained(base_dir)

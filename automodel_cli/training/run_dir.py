@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from automodel_cli.run_layout import RunDir
 from automodel_cli.components.training import run_lock
 from automodel_cli.config.yaml_io import load_yaml_file, write_text_atomic
 from automodel_cli.errors import UserError
 
-CONFIG_FILE = "config.yaml"
-RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", "checkpoints", "final")
+CONFIG_FILE = RunDir.CONFIG
 
-HISTORY_FILE = "config_history.jsonl"
 
 #: Settings a resumed run must share with the run it continues.
 IDENTITY_KEYS = (
@@ -70,7 +69,7 @@ def prepare_output_dir(cfg: Any, recipe: str) -> Path:
                         "Choose another --output-dir.")
     if (record := run_lock.holder(output_dir)) is not None:  # a live run: say so, whatever is asked
         raise run_lock.in_use(output_dir, record)
-    holds_run = output_dir.is_dir() and any((output_dir / m).exists() for m in RUN_MARKERS)
+    holds_run = RunDir(output_dir).holds_run()
     if not holds_run:
         return output_dir
     if not resume_requested(cfg):
@@ -177,7 +176,7 @@ def record_resume_changes(output_dir: Path, step: int, changes: ResumeChanges) -
     entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "changed": {key: {"before": old, "after": new}
                          for key, (old, new) in {**changes.schedule, **changes.other}.items()}}
-    with open(output_dir / HISTORY_FILE, "a", encoding="utf-8") as handle:
+    with open(RunDir(output_dir).history, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, default=str) + "\n")
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from automodel_cli.run_layout import RunDir
 from automodel_cli.components.checkpoint import dcp_io, layout
 from automodel_cli.components.checkpoint.fsio import fsync_dir, remove_tree
 from automodel_cli.components.checkpoint.hf_files import ADAPTER_CONFIG, CONFIG, GENERATION_CONFIG
@@ -88,12 +89,12 @@ def run_dir_of(checkpoint: Path) -> Path | None:
 
 def run_config(run_dir: Path | None) -> dict[str, Any]:
     """The run's resolved ``config.yaml`` (empty when there is none or it cannot be read)."""
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
+    if run_dir is None or not RunDir(run_dir).config.is_file():
         return {}
     try:
         from automodel_cli.config.yaml_io import load_yaml_file
 
-        data, _ = load_yaml_file(run_dir / "config.yaml")
+        data, _ = load_yaml_fileRunDir(run_dir).config
         return data if isinstance(data, dict) else {}
     except Exception:
         return {}
@@ -331,7 +332,7 @@ def _candidate_dirs(ckpt: _Checkpoint, run_dir: Path | None, cfg: dict[str, Any]
     model_cfg = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
     dirs: list[tuple[str, Path | None]] = [("checkpoint hf/", ckpt.path / layout.HF_DIR)]
     if run_dir is not None:
-        dirs += [("run final/", run_dir / "final"), ("run base_model/", run_dir / "base_model")]
+        dirs += [("run final/", RunDir(run_dir).final), ("run base_model/", RunDir(run_dir).base_model)]
     dirs += [("model.tokenizer", _local_dir(model_cfg.get("tokenizer"), run_dir)),
              ("model.path", _local_dir(model_cfg.get("path"), run_dir))]
     return [(label, d) for label, d in dirs if d is not None and d.is_dir()]
@@ -371,7 +372,7 @@ def _find_base(ckpt: _Checkpoint, run_dir: Path | None, cfg: dict[str, Any],
     recorded = (adapter_config or {}).get("base_model_name_or_path") or model_cfg.get("path")
     options: list[tuple[str, Path | None]] = []
     if run_dir is not None:
-        options.append(("run base_model/", run_dir / "base_model"))
+        options.append(("run base_model/", RunDir(run_dir).base_model))
     options += [("adapter base_model_name_or_path", _local_dir((adapter_config or {}).get("base_model_name_or_path"), run_dir)),
                 ("model.path", _local_dir(model_cfg.get("path"), run_dir)),
                 ("hub cache", cached_snapshot(recorded))]
@@ -495,9 +496,9 @@ def _write_side_files(tmp: Path, result: Result, ckpt: _Checkpoint, config: dict
     if result.kind == "adapter":
         data = dict(adapter_config or {})
         recorded = data.get("base_model_name_or_path")
-        if run_dir is not None and (run_dir / "base_model").is_dir() and not _local_dir(recorded, run_dir):
+        if run_dir is not None and (RunDir(run_dir).base_model).is_dir() and not _local_dir(recorded, run_dir):
             # trained from scratch: the random base weights live beside the run
-            data["base_model_name_or_path"] = str((run_dir / "base_model").resolve())
+            data["base_model_name_or_path"] = str((RunDir(run_dir).base_model).resolve())
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         result.config_source = f"checkpoint hf/ ({hf / ADAPTER_CONFIG})"
     else:

@@ -29,10 +29,11 @@ import re
 from pathlib import Path
 
 from automodel_cli.components.checkpoint.fsio import atomic_write_text, pid_alive, remove_tree
+from automodel_cli.run_layout import RunDir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINTS_DIR = RunDir.CHECKPOINTS
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
 MODEL_DIR = "model"            # DCP: .metadata + __RANK_I.distcp shards (trainable parameters)

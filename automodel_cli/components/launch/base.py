@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from automodel_cli.run_layout import RunDir
 from automodel_cli.config.resolve import ConfigError, Problem, value_problem
 from automodel_cli.config.schema import Key
 from automodel_cli.config.yaml_io import Source, write_text_atomic
 from automodel_cli.errors import UserError, did_you_mean
 
-LAUNCH_DIR = "launch"
+LAUNCH_DIR = RunDir.LAUNCH
 FROZEN_CONFIG = "config.yaml"
 JOB_RECORD = "job.json"
 ERROR_FILE = "error.txt"

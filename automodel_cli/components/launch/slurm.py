@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from automodel_cli.run_layout import RunDir
 from automodel_cli.components.launch.base import (
     ERROR_FILE,
     FROZEN_CONFIG,
@@ -505,7 +506,7 @@ class SlurmLauncher(Launcher):
                             f"`automodel launch status {record.job_id}` shows what happened.")
         run_tool([scancel, record.job_id], f"Cancelling Slurm job {record.job_id} (scancel)",
                  f"Is it still in the queue? `automodel launch status {record.job_id}`.")
-        latest = Path(record.job_dir) / "checkpoints" / "latest"
+        latest = RunDir(record.job_dir).checkpoints / "latest"
         kept = latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
         message = f"cancelled slurm job {record.job_id} (it was {state})"
         if kept:
@@ -572,16 +573,16 @@ def _sacct_state(job_id: str) -> str | None:
 def _finished_state(record: JobRecord) -> str:
     job_dir = Path(record.job_dir)
     error = record.launch_dir / ERROR_FILE
-    if (job_dir / "summary.json").is_file():
+    if RunDir(job_dir).summary.is_file():
         try:
-            summary = json.loads((job_dir / "summary.json").read_text(encoding="utf-8"))
-            final = summary.get("final") or str(job_dir / "final")
+            summary = json.loads(RunDir(job_dir).summary.read_text(encoding="utf-8"))
+            final = summary.get("final") or str(RunDir(job_dir).final)
         except (OSError, ValueError):
-            final = str(job_dir / "final")
+            final = str(RunDir(job_dir).final)
         return f"finished; the model is in {final}"
     if error.is_file() and error.read_text(encoding="utf-8").strip():
         return f"failed: {error.read_text(encoding='utf-8').strip()}"
-    latest = job_dir / "checkpoints" / "latest"
+    latest = RunDir(job_dir).checkpoints / "latest"
     if latest.is_file():
         return (f"ended without finishing; latest checkpoint {latest.read_text(encoding='utf-8').strip()} "
                 f"(`automodel launch {record.launch_dir / FROZEN_CONFIG}` resumes from it)")
@@ -591,7 +592,7 @@ def _finished_state(record: JobRecord) -> str:
 def _progress(record: JobRecord) -> list[str]:
     job_dir = Path(record.job_dir)
     lines = []
-    metrics = job_dir / "metrics.jsonl"
+    metrics = RunDir(job_dir).metrics
     if metrics.is_file():
         last = None
         for line in metrics.read_text(encoding="utf-8").splitlines():
@@ -603,10 +604,10 @@ def _progress(record: JobRecord) -> list[str]:
                 lines.append(f"progress: step {data.get('step')}, loss {data.get('loss', float('nan')):.4f} (metrics.jsonl)")
             except (ValueError, TypeError):
                 pass
-    latest = job_dir / "checkpoints" / "latest"
+    latest = RunDir(job_dir).checkpoints / "latest"
     if latest.is_file():
         lines.append(f"latest checkpoint: {job_dir / 'checkpoints' / latest.read_text(encoding='utf-8').strip()}")
-    if (job_dir / "final").is_dir():
+    if RunDir(job_dir).final.is_dir():
         lines.append(f"final output: {job_dir / 'final'}")
     error = record.launch_dir / ERROR_FILE
     if error.is_file() and error.read_text(encoding="utf-8").strip():

@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from automodel_cli.run_layout import RunDir
 from automodel_cli.components.logging.base import plain_metrics
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = RunDir.METRICS
 
 
 class JsonlLogger:

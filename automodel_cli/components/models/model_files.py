@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from automodel_cli.run_layout import RunDir
 from automodel_cli.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -79,10 +80,10 @@ def _not_a_model_dir(directory: Path, shown: str, role: Role) -> UserError:
             f"Merge it into its base first (`automodel convert merge-lora {shown} --out DIR`) and set {key}=DIR, "
             f"or train with peft.merge=true and use final/merged.",
         )
-    if (directory / "final" / CONFIG_FILE).is_file():
+    if (RunDir(directory).final / CONFIG_FILE).is_file():
         return UserError(f"`{shown}` ({key}) is a run directory, not a model directory (no config.json).",
                          f"Use the model the run wrote: {key}={shown.rstrip('/')}/final.")
-    if (directory / "checkpoints").is_dir():
+    if RunDir(directory).checkpoints.is_dir():
         return UserError(
             f"`{shown}` ({key}) is a run directory without a final model, not a model directory (no config.json).",
             f"Export its latest checkpoint (`automodel checkpoint consolidate {shown} --out DIR`) and set {key}=DIR.",

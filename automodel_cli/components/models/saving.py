@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from automodel_cli.run_layout import RunDir
+
 
 def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, base_path: Any,
                state_dict: dict[str, Any] | None = None) -> Path:
@@ -20,7 +22,7 @@ def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, bas
     """
     from peft import PeftModel
 
-    final = output_dir / "final"
+    final = RunDir(output_dir).final
     staging = output_dir / ".final.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     is_adapter = isinstance(model, PeftModel)

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from automodel_cli.run_layout import RunDir
 from automodel_cli.errors import UserError
 
-LOCK_FILE = ".automodel.lock"
+LOCK_FILE = RunDir.LOCK
 #: errno values meaning "this filesystem does not do flock", not "someone holds it".
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
