@@ -42,107 +42,98 @@ CONFIG = {"benchmark": {
 }}
 
 
-def run(cfg: Any) -> int:
+def run(context: Any) -> int:
     import torch
 
-    from automodel_cli.components.distributed import env as dist_env
     from automodel_cli.components.loss.head import training_loss
     from automodel_cli.components.models.loading import load_config, load_model
-    from automodel_cli.components.optim.build import build_optimizer, peak_lr
     from automodel_cli.components.peft.lora import count_parameters
     from automodel_cli.components.training import flops as flops_math
-    from automodel_cli.training.loop import (build_loss, data_parallel, optimizer_step, printer,
-                                                        processes, seeded_precision, step_rates)
-    from automodel_cli.training.model_setup import init_device, prepare_model
+    from automodel_cli.training.loop import printer, step_rates
+    from automodel_cli.training.run import TrainingRun
     from automodel_cli.training.text_data import check_block_size
-    from automodel_cli.plugin_host import get_registries
 
-    bench = cfg.benchmark
+    bench = context.config.benchmark
 
-    # 1. Processes and mesh; messages go to stderr when stdout is reserved for the JSON result.
-    env, shape, say = processes(cfg, sys.stderr if bench.json else None)
-    progress = printer(env.is_main, sys.stderr)
-    mesh, dp_size, dp_index = data_parallel(shape, env)
-    registries = get_registries()
-    loss_fn = build_loss(cfg, registries, env.device)
-    precision = seeded_precision(cfg, env, dp_size)
+    # 1. Processes, mesh, loss, precision; no run directory. Messages go to stderr when stdout is
+    #    reserved for the JSON result.
+    with TrainingRun(context, output=False, stream=sys.stderr if bench.json else None) as run:
+        cfg, env = run.cfg, run.env
+        progress = printer(env.is_main, sys.stderr)
 
-    # 2. Architecture and data: each step gives every data-parallel rank batch_size sequences.
-    architecture = load_config(cfg.model)
-    check_block_size(bench.seq_len, architecture, key="benchmark.seq_len")
-    sequence_parallel = cfg.distributed.sequence_parallel and shape.tp > 1
-    if sequence_parallel and bench.seq_len % shape.tp:
-        raise UserError(f"Sequence parallelism splits every sequence over tp={shape.tp} ranks, but "
-                        f"benchmark.seq_len={bench.seq_len} is not a multiple of {shape.tp}.",
-                        f"Set benchmark.seq_len to a multiple of {shape.tp}.")
-    step_batches = _batches(cfg, architecture, dp_size, say)
+        # 2. Architecture and data: each step gives every data-parallel rank batch_size sequences.
+        architecture = load_config(cfg.model)
+        check_block_size(bench.seq_len, architecture, key="benchmark.seq_len")
+        if run.sequence_parallel and bench.seq_len % run.shape.tp:
+            raise UserError(f"Sequence parallelism splits every sequence over tp={run.shape.tp} ranks, but "
+                            f"benchmark.seq_len={bench.seq_len} is not a multiple of {run.shape.tp}.",
+                            f"Set benchmark.seq_len to a multiple of {run.shape.tp}.")
+        step_batches = _batches(cfg, run.registries, architecture, run.dp_size, run.say)
 
-    # 3. Model; FLOPs are counted before the model is sharded.
-    with init_device(cfg, precision.device):
-        model = load_model(cfg.model, seed=cfg.train.seed, dtype=precision.param_dtype)
-    flops = flops_math.flops_per_token(model, model.config, bench.seq_len)
-    peak, peak_source = flops_math.peak_tflops(env.device, cfg.train.peak_tflops)
-    model = prepare_model(model, cfg, precision=precision, mesh=mesh, shape=shape, registries=registries,
-                          sequence_parallel=sequence_parallel)
-    _, parameters = count_parameters(model)
-    optimizer = build_optimizer(model, cfg.optim, peak_lr(cfg.optim, cfg.peft.method))
-    say(f"model: {cfg.model.path} ({parameters / 1e6:.2f}M parameters, {precision.describe()}, "
-        f"{shape.describe()}); {bench.batch_size} x {bench.seq_len} tokens per data-parallel rank per step")
+        # 3. Model (FLOPs are counted before it is sharded) and optimizer, without a schedule.
+        with run.init_device():
+            model = load_model(cfg.model, seed=cfg.train.seed, dtype=run.precision.param_dtype)
+        run.count_flops(model, bench.seq_len)
+        model = run.prepare_model(model)
+        run.build_optimizer(None)
+        _, parameters = count_parameters(model)
+        run.say(f"model: {cfg.model.path} ({parameters / 1e6:.2f}M parameters, {run.precision.describe()}, "
+                f"{run.shape.describe()}); {bench.batch_size} x {bench.seq_len} tokens per data-parallel rank per step")
 
-    # 4. Warm-up, then timed steps.
-    flops_math.reset_peak_memory(precision.device)
-    times: list[float] = []
-    loss = None
-    for index, step in enumerate(itertools.islice(step_batches, bench.warmup_steps + bench.steps)):
-        started = time.perf_counter()
-        batch, label_tokens = step[dp_index]
-        inputs = {k: v.to(precision.device) for k, v in batch.items() if k in ("input_ids", "position_ids")}
-        loss = training_loss(model, inputs, batch["labels"], label_tokens, loss_fn, precision.autocast)
-        loss.backward()
-        optimizer_step(model, optimizer, None, cfg.train.max_grad_norm)
-        loss = loss.detach().float().item()  # waits for the device
-        if precision.device.type == "cuda":
-            torch.cuda.synchronize(precision.device)
-        elapsed = time.perf_counter() - started
-        warm = index < bench.warmup_steps
-        if not warm:
-            times.append(elapsed)
-        progress(f"{'warm-up' if warm else 'step'} {index + 1 - (0 if warm else bench.warmup_steps)}: "
-                 f"{elapsed * 1000:.1f} ms, loss {loss:.4f}")
+        # 4. Warm-up, then timed steps: each a whole training step, waited for.
+        flops_math.reset_peak_memory(run.precision.device)
+        times: list[float] = []
+        loss = None
+        for index, step in enumerate(itertools.islice(step_batches, bench.warmup_steps + bench.steps)):
+            started = time.perf_counter()
+            batch, label_tokens = step[run.dp_index]
+            inputs = {k: v.to(run.precision.device) for k, v in batch.items() if k in ("input_ids", "position_ids")}
+            loss = training_loss(model, inputs, batch["labels"], label_tokens, run.loss, run.precision.autocast)
+            loss.backward()
+            run.optimizer_step()
+            loss = loss.detach().float().item()  # waits for the device
+            if run.precision.device.type == "cuda":
+                torch.cuda.synchronize(run.precision.device)
+            elapsed = time.perf_counter() - started
+            warm = index < bench.warmup_steps
+            if not warm:
+                times.append(elapsed)
+            progress(f"{'warm-up' if warm else 'step'} {index + 1 - (0 if warm else bench.warmup_steps)}: "
+                     f"{elapsed * 1000:.1f} ms, loss {loss:.4f}")
 
-    # 5. Results (memory: the largest over the ranks).
-    memory, memory_kind = flops_math.peak_memory(precision.device)
-    if env.distributed:
-        import torch.distributed as dist
+        # 5. Results (memory: the largest over the ranks).
+        memory, memory_kind = flops_math.peak_memory(run.precision.device)
+        if env.distributed:
+            import torch.distributed as dist
 
-        peak_bytes = torch.tensor([memory], dtype=torch.long, device=env.device)
-        dist.all_reduce(peak_bytes, op=dist.ReduceOp.MAX)
-        memory = int(peak_bytes.item())
-    tokens_per_step = dp_size * bench.batch_size * bench.seq_len
-    stats = flops_math.step_time_stats(times)
-    tflops, mfu = flops_math.achieved(flops.total * tokens_per_step, stats["mean"], env.world_size, peak)
-    result = {
-        "model": cfg.model.path, "model_type": architecture.model_type, "parameters": parameters,
-        "weights": "random" if cfg.model.from_scratch else "pretrained",
-        "device": flops_math.device_name(precision.device), "devices": env.world_size,
-        "mesh": shape.as_dict(), "precision": precision.describe(),
-        "data": "synthetic" if bench.synthetic else (cfg.data.path or cfg.data.name),
-        "seq_len": bench.seq_len, "batch_size_per_rank": bench.batch_size, "tokens_per_step": tokens_per_step,
-        "warmup_steps": bench.warmup_steps, "steps": len(times),
-        "step_time_s": stats, "step_times_s": times,
-        **step_rates(tokens_per_step, stats["mean"], env.world_size),
-        "flops_per_token": flops.as_dict(), "tflops_per_s_per_device": tflops,
-        "peak_tflops_per_device": peak, "peak_source": peak_source, "mfu": mfu,
-        "peak_memory_bytes": memory, "peak_memory_gib": memory / 2**30, "memory_measure": memory_kind,
-        "final_loss": loss,
-    }
-    if env.is_main:
-        print(json.dumps(result, indent=2) if bench.json else _report(result), flush=True)
-    dist_env.destroy()
+            peak_bytes = torch.tensor([memory], dtype=torch.long, device=env.device)
+            dist.all_reduce(peak_bytes, op=dist.ReduceOp.MAX)
+            memory = int(peak_bytes.item())
+        tokens_per_step = run.dp_size * bench.batch_size * bench.seq_len
+        stats = flops_math.step_time_stats(times)
+        tflops, mfu = flops_math.achieved(run.flops.total * tokens_per_step, stats["mean"], env.world_size, run.peak)
+        result = {
+            "model": cfg.model.path, "model_type": architecture.model_type, "parameters": parameters,
+            "weights": "random" if cfg.model.from_scratch else "pretrained",
+            "device": flops_math.device_name(run.precision.device), "devices": env.world_size,
+            "mesh": run.shape.as_dict(), "precision": run.precision.describe(),
+            "data": "synthetic" if bench.synthetic else (cfg.data.path or cfg.data.name),
+            "seq_len": bench.seq_len, "batch_size_per_rank": bench.batch_size, "tokens_per_step": tokens_per_step,
+            "warmup_steps": bench.warmup_steps, "steps": len(times),
+            "step_time_s": stats, "step_times_s": times,
+            **step_rates(tokens_per_step, stats["mean"], env.world_size),
+            "flops_per_token": run.flops.as_dict(), "tflops_per_s_per_device": tflops,
+            "peak_tflops_per_device": run.peak, "peak_source": run.peak_source, "mfu": mfu,
+            "peak_memory_bytes": memory, "peak_memory_gib": memory / 2**30, "memory_measure": memory_kind,
+            "final_loss": loss,
+        }
+        if env.is_main:
+            print(json.dumps(result, indent=2) if bench.json else _report(result), flush=True)
+        run.end()
     return 0
 
 
-def _batches(cfg: Any, architecture: Any, dp_size: int, say: Any):
+def _batches(cfg: Any, registries: Any, architecture: Any, dp_size: int, say: Any):
     """Endless steps; a step is one ``(batch, label_tokens)`` per data-parallel rank, where
     ``label_tokens`` counts the step's trained tokens over all ranks (the loss normaliser)."""
     import torch
@@ -158,10 +149,9 @@ def _batches(cfg: Any, architecture: Any, dp_size: int, say: Any):
     from automodel_cli.components.data.text import BlockStream, TokenBlocks, collate_blocks
     from automodel_cli.components.models.loading import load_tokenizer
     from automodel_cli.training.text_data import open_text
-    from automodel_cli.plugin_host import get_registries
 
     tokenizer = load_tokenizer(cfg.model)
-    source = open_text(cfg, get_registries(), tokenizer, cfg.data.path, cfg.data.split, cfg.data.streaming,
+    source = open_text(cfg, registries, tokenizer, cfg.data.path, cfg.data.split, cfg.data.streaming,
                        say, "benchmark")
     if callable(source):
         stream = BlockStream(source, bench.seq_len, source=f"The text data `{cfg.data.path}`")

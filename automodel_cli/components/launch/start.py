@@ -31,6 +31,13 @@ def make_launcher(registries: Registries, name: str) -> Launcher:
     return launcher
 
 
+def run_recipe(entry: Entry, cfg: Any, registries: Registries) -> int:
+    """Run the recipe in this process: its target is called with a ``RecipeContext``."""
+    from automodel_cli.context import RecipeContext
+
+    return entry.load()(RecipeContext(cfg, registries, entry.name))
+
+
 def build_spec(entry: Entry, cfg: Any, launcher: Launcher, registries: Registries) -> LaunchSpec:
     """Check the launch settings and describe the job; nothing is written yet."""
     launch = cfg.launch
@@ -45,7 +52,7 @@ def build_spec(entry: Entry, cfg: Any, launcher: Launcher, registries: Registrie
         gpus_per_node=launch.gpus_per_node or 0,
         job_name=launch.job_name or "", env={str(k): str(v) for k, v in env.items()},
         setup=[str(line) for line in launch.setup], rdzv_port=launch.rdzv_port, options=options,
-        run_here=lambda: entry.load()(cfg),
+        run_here=lambda: run_recipe(entry, cfg, registries),
     )
     refuse_credentials(cfg, spec, launcher)  # first: nothing below may print a credential
     spec.mesh = _check_mesh(cfg, spec.world_size)
@@ -73,7 +80,7 @@ def start(entry: Entry, cfg: Any, registries: Registries, *, dry_run: bool,
           echo: Callable[[str], None]) -> int:
     """Run, print (--dry-run) or submit the recipe's job; returns the exit code."""
     if inside_torchrun():
-        return entry.load()(cfg)
+        return run_recipe(entry, cfg, registries)
     launcher = make_launcher(registries, cfg.launch.launcher)
     spec = build_spec(entry, cfg, launcher, registries)
     if dry_run:

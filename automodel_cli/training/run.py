@@ -1,0 +1,262 @@
+"""``TrainingRun``: one training run, from the processes to the Hugging Face outputs.
+
+A recipe builds what is its own -- tokenizer, data, model(s) -- and a step function; the run
+owns everything else, the same for every recipe and on one process or many::
+
+    def run(context):
+        with TrainingRun(context) as run:            # processes, mesh, run dir (locked), loss, precision
+            cfg = run.cfg
+            tokenizer = load_tokenizer(cfg.model)
+            data = ...                                # the recipe's data
+            model = run.prepare_model(load_model(cfg.model, seed=cfg.train.seed, dtype=run.precision.param_dtype))
+            run.build_optimizer(total_steps)          # AdamW + schedule from optim.*
+            run.resume()                              # checkpoint.resume; opens config.yaml, metrics.jsonl, loggers
+            result = run.train(step, total_steps=total_steps, evaluate=..., describe=...)
+            if result.stopped:
+                return result.exit_code               # a signal stopped it after a checkpoint
+            return run.finish(tokenizer, summary={...})
+
+``step(step_index) -> StepOutput`` runs the forward and backward passes of one optimizer step on
+this rank's share of the step's micro-batches and returns the per-rank sums of its losses; the
+run all-reduces them over the data-parallel ranks, clips, steps the optimizer and schedule,
+logs every step, validates and checkpoints when due, and stops cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+
+@dataclass
+class StepOutput:
+    """What a step function returns for one optimizer step.
+
+    ``sums``: this rank's sums of the step's losses (0-d tensors; ``"loss"`` first, then any
+    terms such as ``"ce_loss"``, ``"kl"``), each normalised by the step's trained tokens over all
+    ranks, so their all-reduce over data-parallel ranks is the step's value. ``tokens``: tokens
+    in the step over all ranks (for tokens/s). ``metrics``: anything else to log for the step
+    (plain numbers: ``label_tokens``, ``epoch``, ...).
+    """
+
+    sums: dict[str, Any]
+    tokens: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """How ``TrainingRun.train`` ended: the last step, the last validation result, the first and
+    last step's metrics and, when a signal stopped it early (after saving a checkpoint), the exit
+    code to return."""
+
+    step: int
+    after: dict[str, Any] | None
+    exit_code: int | None = None
+    first: dict[str, Any] | None = None  # the metrics of the first step this process ran
+    last: dict[str, Any] | None = None  # ... and of the last one
+
+    @property
+    def stopped(self) -> bool:
+        return self.exit_code is not None
+
+
+class TrainingRun:
+    """Everything a training recipe shares; see the module docstring for the shape of a recipe.
+
+    Attributes a recipe uses: ``cfg`` (the resolved config), ``registries``, ``env`` (rank,
+    world size, device), ``shape`` and ``mesh`` (the device mesh, None on one process),
+    ``dp_size``/``dp_index`` (data-parallel size and this rank's index), ``precision``
+    (device, dtypes, ``autocast()``), ``loss`` (``loss.name`` ready for ``training_loss``),
+    ``sequence_parallel``, ``output_dir`` (a ``Path``; None with ``output=False``), ``say``
+    (print on rank 0), and after the calls below ``model``, ``optimizer``, ``scheduler``,
+    ``start_step``.
+
+    ``output=False`` (benchmarks) claims no run directory and writes nothing; ``stream`` is where
+    ``say`` prints (default stdout).
+    """
+
+    def __init__(self, context: Any, *, output: bool = True, stream: TextIO | None = None):
+        from automodel_cli.training import loop
+
+        self.context = context
+        self.cfg = context.config
+        self.registries = context.registries
+        # Processes and mesh sizes first: checked before anything is read or written.
+        self.env, self.shape, self.say = loop.processes(self.cfg, stream)
+        self.output_dir: Path | None = loop.claim_output_dir(self.cfg, context.recipe, self.env) if output else None
+        self.mesh, self.dp_size, self.dp_index = loop.data_parallel(self.shape, self.env)
+        # A kernel loss that cannot run here (package or GPU missing) stops the run now.
+        self.loss = loop.build_loss(self.cfg, self.registries, self.env.device)
+        # The same seed on every rank: identical initial weights.
+        self.precision = loop.seeded_precision(self.cfg, self.env, self.dp_size)
+        self.sequence_parallel = bool(self.cfg.distributed.sequence_parallel and self.shape.tp > 1)
+        self.model: Any = None
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.loggers: list[Any] = []
+        self.start_step = 0
+        self.flops: Any = None  # FLOPs per token (count_flops): adds TFLOP/s and MFU to every step
+        self.peak: float | None = None
+        self.peak_source: str | None = None
+
+    def __enter__(self) -> TrainingRun:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close_loggers()
+
+    # ------------------------------------------------------------------------------ model
+    def init_device(self) -> Any:
+        """A context to build a model in: on the meta device for a sharded random init, else
+        a no-op (``model_setup.init_device``)."""
+        from automodel_cli.training.model_setup import init_device
+
+        return init_device(self.cfg, self.precision.device)
+
+    def prepare_model(self, model: Any) -> Any:
+        """Activation checkpointing, adapters (``peft.method``), device, ``torch.compile`` and,
+        on several processes, tensor parallelism and FSDP2; the model is trained from here on."""
+        from automodel_cli.training.model_setup import prepare_model
+
+        self.model = prepare_model(model, self.cfg, precision=self.precision, mesh=self.mesh, shape=self.shape,
+                                   registries=self.registries, sequence_parallel=self.sequence_parallel)
+        return self.model
+
+    def describe_model(self, model: Any, label: str = "model", extra: str = "") -> None:
+        """One line: the model's path, parameter counts, precision and mesh."""
+        from automodel_cli.components.peft.lora import count_parameters
+
+        trainable, total = count_parameters(model)
+        self.say(f"{label}: {self.cfg.model.path} ({extra}{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M "
+                 f"trainable, {self.precision.describe()}, {self.shape.describe()})")
+
+    def count_flops(self, model: Any, seq_len: int) -> None:
+        """FLOPs per token of ``model`` at ``seq_len`` (before it is sharded) and the device's peak:
+        every step then logs ``tflops_per_device`` and ``mfu``."""
+        from automodel_cli.components.training import flops as flops_math
+
+        self.flops = flops_math.flops_per_token(model, model.config, seq_len)
+        self.peak, self.peak_source = flops_math.peak_tflops(self.env.device, self.cfg.train.peak_tflops)
+
+    # -------------------------------------------------------------------------- optimizer
+    def build_optimizer(self, total_steps: int | None) -> Any:
+        """AdamW over the trainable parameters (``optim.*``) and, for ``total_steps`` steps, the
+        warmup + decay schedule (None: no schedule). Call after ``prepare_model``."""
+        from automodel_cli.components.optim.build import build_optimizer, build_scheduler, peak_lr
+
+        self.optimizer = build_optimizer(self.model, self.cfg.optim, peak_lr(self.cfg.optim, self.cfg.peft.method))
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, total_steps) if total_steps else None
+        return self.optimizer
+
+    def optimizer_step(self) -> tuple[Any, float]:
+        """Clip, step the optimizer and the schedule, zero the gradients: (grad norm, lr used)."""
+        from automodel_cli.training.loop import optimizer_step
+
+        return optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm)
+
+    def accumulation(self) -> int:
+        """Micro-batches per data-parallel rank per step (``train.global_batch_size`` is the unit)."""
+        from automodel_cli.components.training import steps as step_math
+
+        return step_math.accumulation(self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size,
+                                      self.dp_size)
+
+    # ---------------------------------------------------------------------- resume, files
+    def resume(self, generators: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Restore ``checkpoint.resume`` (model, optimizer, schedule, RNG), then write the run's
+        config and open its loggers (metrics.jsonl cut back to the resumed step). Returns the
+        checkpoint's train state (``{"step": 0}`` for a fresh start)."""
+        from automodel_cli.training import loop
+
+        assert self.output_dir is not None, "TrainingRun(output=False) has no run directory"
+        state = loop.resume(self.cfg, self.output_dir, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, say=self.say, is_main=self.env.is_main)
+        self.start_step = int(state["step"])
+        self.loggers = loop.open_loggers(self.cfg, self.registries, self.output_dir, self.start_step,
+                                         self.env.is_main)
+        return state
+
+    def close_loggers(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
+
+    # ------------------------------------------------------------------------------- loop
+    def train(self, step_fn: Callable[[int], StepOutput], *, total_steps: int,
+              evaluate: Callable[[], dict[str, Any] | None] | None = None,
+              describe: Callable[[dict[str, Any]], str] = str,
+              checkpoint_state: Callable[[int], dict[str, Any]] | None = None,
+              tokenizer: Any = None, after_first_step: Callable[[], str | None] | None = None) -> TrainResult:
+        """Run steps ``start_step .. total_steps - 1``: one optimizer step per iteration.
+
+        ``evaluate`` validates (every ``train.eval_every_steps`` steps and after the last one;
+        ``describe`` formats its result). ``checkpoint_state(step)`` adds the recipe's own state
+        to each checkpoint's train state (e.g. a data position). ``tokenizer`` is stored with
+        checkpoints so ``checkpoint consolidate`` has it. ``after_first_step`` may return one
+        line to say after the first step (how the step ran).
+        """
+        import torch
+
+        from automodel_cli.components.checkpoint import GracefulStop, save_checkpoint
+        from automodel_cli.components.distributed import mesh as meshes
+        from automodel_cli.components.training import flops as flops_math
+        from automodel_cli.components.training.progress import TrainingProgress
+        from automodel_cli.training import loop
+
+        cfg, env = self.cfg, self.env
+        step, after, stopping, first, metrics = self.start_step, None, False, None, None
+        with GracefulStop() as stop, TrainingProgress(total_steps, step, cfg.logging.progress and env.is_main) as progress:
+            while step < total_steps and not stopping:
+                started = time.perf_counter()
+                out = step_fn(step)
+                grad_norm, lr = self.optimizer_step()
+                step += 1
+                elapsed = time.perf_counter() - started
+                names = list(out.sums)
+                values = meshes.all_reduce_dp(torch.stack([out.sums[n].detach().float() for n in names]),
+                                              self.mesh).tolist()
+                metrics = {"step": step, **dict(zip(names, values)), "lr": lr, "grad_norm": grad_norm,
+                           "tokens": out.tokens, **out.metrics, **loop.step_rates(out.tokens, elapsed, env.world_size)}
+                if self.flops is not None:
+                    tflops, mfu = flops_math.achieved(self.flops.total * out.tokens, elapsed, env.world_size, self.peak)
+                    metrics.update(tflops_per_device=tflops, mfu=mfu)
+                if step == self.start_step + 1:
+                    first = metrics
+                    if after_first_step is not None and (note := after_first_step()):
+                        self.say(note)
+                after = loop.log_step(cfg, step, total_steps, metrics, evaluate=evaluate or (lambda: None),
+                                      describe=describe, loggers=self.loggers, progress=progress) or after
+                save_now, stopping = loop.checkpoint_due(cfg, step, total_steps, stop, env)
+                if save_now:
+                    state = {"step": step, **(checkpoint_state(step) if checkpoint_state else {})}
+                    save_checkpoint(self.output_dir, step, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, train_state=state, keep=cfg.checkpoint.keep,
+                                    tokenizer=tokenizer)
+        code = loop.close_loop(self.loggers, stop, step, total_steps, self.output_dir, self.say)
+        self.loggers = []
+        if code is None and after:
+            self.say(f"after training:  {describe(after)}")
+        return TrainResult(step, after, code, first, metrics)
+
+    # ----------------------------------------------------------------------------- finish
+    def finish(self, tokenizer: Any, *, summary: dict[str, Any], base_path: Any = None) -> int:
+        """Gather the model from every rank, write ``final/`` (a Hugging Face directory, or the
+        adapter with LoRA/DoRA) and ``summary.json`` on rank 0, and end the process group.
+        ``base_path``: where the adapter's base weights live (default ``model.path``)."""
+        from automodel_cli.components.models.loading import resolve_model_source
+        from automodel_cli.training.loop import save_outputs
+
+        base = base_path if base_path is not None else resolve_model_source(self.cfg.model.path)
+        save_outputs(self.model, tokenizer, self.cfg, self.env, self.output_dir, self.say, base_path=base,
+                     summary=summary)
+        return 0
+
+    def end(self) -> None:
+        """End the process group (a run that writes no outputs, e.g. a benchmark)."""
+        from automodel_cli.components.distributed import env as dist_env
+
+        dist_env.destroy()
