@@ -64,7 +64,7 @@ def run(cfg: Any) -> int:
     progress = printer(env.is_main, sys.stderr)
     mesh, dp_size, dp_index = data_parallel(shape, env)
     registries = get_registries()
-    loss_fn = build_loss(cfg, registries, env.device)
+    loss_spec = build_loss(cfg, registries, env.device)
     precision = seeded_precision(cfg, env, dp_size)
 
     # 2. Architecture and data: each step gives every data-parallel rank batch_size sequences.
@@ -97,7 +97,7 @@ def run(cfg: Any) -> int:
         started = time.perf_counter()
         batch, label_tokens = step[dp_index]
         inputs = {k: v.to(precision.device) for k, v in batch.items() if k in ("input_ids", "position_ids")}
-        loss = training_loss(model, inputs, batch["labels"], label_tokens, loss_fn, precision.autocast)
+        loss = training_loss(model, inputs, batch["labels"], label_tokens, loss_spec, precision.autocast)
         loss.backward()
         optimizer_step(model, optimizer, None, cfg.train.max_grad_norm)
         loss = loss.detach().float().item()  # waits for the device

@@ -68,7 +68,7 @@ def run(cfg: Any) -> int:
     from automodel_cli.components.checkpoint import GracefulStop, save_checkpoint
     from automodel_cli.components.distributed import mesh as meshes
     from automodel_cli.components.distributed.parallelize import parallelize_model
-    from automodel_cli.components.loss.head import distillation_training_loss, output_head
+    from automodel_cli.components.loss.head import distillation_training_loss, fusable_head
     from automodel_cli.components.loss.kd import distillation_loss, kd_loss
     from automodel_cli.components.models.loading import load_config, load_model, load_tokenizer, torch_dtype
     from automodel_cli.components.optim.build import build_optimizer, build_scheduler, peak_lr
@@ -179,18 +179,18 @@ def run(cfg: Any) -> int:
         return terms
 
     def fusion_note() -> str | None:
-        if getattr(loss_spec.fn, "distillation", None) is None or "fused" not in fusion:
+        if loss_spec.distillation is None or "fused" not in fusion:
             return None
         if fusion["fused"]:
             return "fused head: CE and KL from the student's hidden states, chunk by chunk (no full logits)"
-        reason = output_head(model)[1] or output_head(teacher)[1] or "unknown reason"
+        reason = fusable_head(model)[1] or fusable_head(teacher)[1] or "unknown reason"
         return f"full logits for {cfg.loss.name}: the LM heads cannot be fused ({reason})"
 
     def full_logits_step(batch: dict[str, Any], labels: Any, label_tokens: int) -> tuple[Any, Any, Any]:
         logits = forward(model, batch)
         teacher_logits = teacher_forward(batch)
         with torch.set_grad_enabled(kd_weight < 1):  # a term of weight 0 needs no graph
-            ce = loss_spec.call(loss_spec.logits_fn, logits, labels, label_tokens)
+            ce = loss_spec.logits_fn(logits, labels, label_tokens)
         with torch.set_grad_enabled(kd_weight > 0):
             kl = kl_of(logits, teacher_logits, labels, label_tokens, temperature)
         return distillation_loss(ce, kl, kd_weight=kd_weight, temperature=temperature), ce, kl

@@ -50,7 +50,7 @@ def run(cfg: Any) -> int:
     mesh, dp_size, dp_index = data_parallel(shape, env)
     registries = get_registries()
     # A kernel loss that cannot run here (package or GPU missing) stops the run now.
-    loss_fn = build_loss(cfg, registries, env.device)
+    loss_spec = build_loss(cfg, registries, env.device)
     accumulation = step_math.accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_size)
 
     # 3. Precision and seed (the same on every rank: identical initial weights).
@@ -121,7 +121,7 @@ def run(cfg: Any) -> int:
             loss_sum = torch.zeros((), device=precision.device)
             for group in groups[dp_index::dp_size]:  # this rank's share of the step
                 batch = data.collate([data.train[i] for i in group])
-                loss = training_loss(model, model_inputs(batch), batch["labels"], label_tokens, loss_fn,
+                loss = training_loss(model, model_inputs(batch), batch["labels"], label_tokens, loss_spec,
                                      precision.autocast)
                 loss.backward()
                 loss_sum += loss.detach()

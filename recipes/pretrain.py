@@ -62,7 +62,7 @@ def run(cfg: Any) -> int:
     output_dir = claim_output_dir(cfg, RECIPE, env)
     mesh, dp_size, dp_index = data_parallel(shape, env)
     registries = get_registries()
-    loss_fn = build_loss(cfg, registries, env.device)
+    loss_spec = build_loss(cfg, registries, env.device)
     accumulation = step_math.accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_size)
     precision = seeded_precision(cfg, env, dp_size)  # the same seed everywhere: identical initial weights
 
@@ -134,7 +134,7 @@ def run(cfg: Any) -> int:
             for group in groups[dp_index::dp_size]:  # this rank's share of the step
                 batch = data.collate(group)
                 micro_loss = training_loss(model, data.model_inputs(batch, precision.device), batch["labels"],
-                                           label_tokens, loss_fn, precision.autocast)
+                                           label_tokens, loss_spec, precision.autocast)
                 micro_loss.backward()
                 loss_sum += micro_loss.detach()
             grad_norm, lr = optimizer_step(model, optimizer, scheduler, cfg.train.max_grad_norm)
