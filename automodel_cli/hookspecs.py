@@ -52,7 +52,9 @@ def register_datasets(registry: DatasetRegistry) -> None:
 
 @hookspec
 def register_losses(registry: LossRegistry) -> None:
-    """Add loss functions usable as ``loss.name``: ``registry.add(name, target, ...)``."""
+    """Add losses usable as ``loss.name``: ``registry.add(name, target, description=...)`` where
+    ``target`` is an ``automodel_cli.components.loss.spec.LossSpec`` (how to call the loss, its
+    options at ``loss.NAME``) or a plain logits loss function."""
 
 
 @hookspec

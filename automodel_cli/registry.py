@@ -81,11 +81,8 @@ class Entry:
         return self._resolve(self.target, "target")
 
     def _resolve(self, dotted: str, what: str) -> Any:
-        module_name, _, attr_path = dotted.partition(":")
         try:
-            obj: Any = importlib.import_module(module_name)
-            for attr in attr_path.split(".") if attr_path else []:
-                obj = getattr(obj, attr)
+            obj = import_dotted(dotted)
         except (ImportError, AttributeError) as exc:
             raise UserError(
                 f"{self.kind} `{self.name}` from {self.provider} points to `{dotted}` ({what}), "
@@ -112,6 +109,15 @@ class Entry:
             "overrides": str(self.replaces.provider) if self.replaces else None,
             **{k: v for k, v in self.metadata.items() if _is_plain(v)},
         }
+
+
+def import_dotted(dotted: str) -> Any:
+    """The object ``"module:attr.path"`` names (``ImportError``/``AttributeError`` when none)."""
+    module_name, _, attr_path = dotted.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for attr in attr_path.split(".") if attr_path else []:
+        obj = getattr(obj, attr)
+    return obj
 
 
 def _check_option_name(section: str, name: str, kind: str) -> None:
@@ -323,6 +329,16 @@ class DatasetRegistry(Registry):
 
 class LossRegistry(Registry):
     kind, listing, config_key, options_section = "loss", "losses", "loss.name", "loss"
+
+    def add(self, name: str, target: Any, *, description: str = "", override: bool = False) -> Entry:  # type: ignore[override]
+        """Register a loss: an ``automodel_cli.components.loss.spec.LossSpec`` (how to call the
+        loss, its option table, its kernel check), or a plain logits loss function (a callable or
+        ``"module:attr"``), which is used as ``LossSpec(kind="logits", fn=target)``. The entry's
+        option table, read from ``loss.NAME``, is the spec's ``options``: declared in one place.
+        A ``"module:attr"`` target is imported only when a run uses it, so a spec with options is
+        registered as the object itself (declared with ``"module:attr"`` functions, it is light)."""
+        options = None if isinstance(target, str) else getattr(target, "options", None)
+        return self._add(name, target, description=description, override=override, options=options or None)
 
 
 class ParallelPlanRegistry(Registry):

@@ -60,7 +60,8 @@ def child(spec: dict) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from automodel_cli.components.loss.head import prepare_loss, training_loss
+    from automodel_cli.components.loss.head import training_loss
+    from automodel_cli.components.loss.spec import LossSpec
     from automodel_cli.plugin_host import get_registries
 
     torch.manual_seed(0)
@@ -81,7 +82,8 @@ def child(spec: dict) -> None:
     loss_spec = None
     if path not in ("hf", "kd-naive"):
         loss_name = path.removeprefix("kd-")
-        loss_spec = prepare_loss(get_registries().losses.get(loss_name).load(), chunk_size=spec["chunk_size"])
+        loss_spec = LossSpec.of(get_registries().losses.get(loss_name).load()).configured(
+            {"chunk_size": spec["chunk_size"]})
 
     rss_before = psutil.Process().memory_info().rss
     losses, seconds = [], 0.0
@@ -135,7 +137,7 @@ def distillation_step(path, model, teacher, input_ids, labels, n_tokens, loss_sp
         kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum") / n_tokens
         return 0.5 * output.loss + 0.5 * TEMPERATURE**2 * kl
     logits = model(**inputs, use_cache=False).logits
-    ce = loss_spec.call(loss_spec.logits_fn, logits, labels, n_tokens)
+    ce = loss_spec.logits_fn(logits, labels, n_tokens)
     kl = kd_loss(logits, teacher_logits, labels, n_tokens, temperature=TEMPERATURE)
     return distillation_loss(ce, kl, **kd)
 
@@ -160,7 +162,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=None, help="loss.chunk_size (default: automatic)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="loss.NAME.chunk_size (default: automatic)")
     parser.add_argument("--runs", default=",".join(PATHS),
                         help=f"comma-separated subset of {', '.join(PATHS + DISTILL_PATHS)}")
     parser.add_argument("--distill", action="store_true", help=f"shorthand for --runs {','.join(DISTILL_PATHS)}")

@@ -88,7 +88,7 @@ def run(context: Any) -> int:
             started = time.perf_counter()
             batch, label_tokens = step[run.dp_index]
             inputs = {k: v.to(run.precision.device) for k, v in batch.items() if k in ("input_ids", "position_ids")}
-            loss = training_loss(model, inputs, batch["labels"], label_tokens, run.loss, run.precision.autocast)
+            loss = training_loss(model, inputs, batch["labels"], label_tokens, run.loss_spec, run.precision.autocast)
             loss.backward()
             run.optimizer_step()
             loss = loss.detach().float().item()  # waits for the device

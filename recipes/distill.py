@@ -50,7 +50,7 @@ CONFIG = {"distill": {
 def run(context: Any) -> int:
     import torch
 
-    from automodel_cli.components.loss.head import distillation_training_loss, output_head
+    from automodel_cli.components.loss.head import distillation_training_loss, fusable_head
     from automodel_cli.components.loss.kd import distillation_loss, kd_loss
     from automodel_cli.components.models.loading import load_config, load_model, load_tokenizer
     from automodel_cli.components.training import steps as step_math
@@ -94,7 +94,7 @@ def run(context: Any) -> int:
         total_steps = step_math.total_steps(plan, cfg.train.max_steps, cfg.train.epochs)
         run.build_optimizer(total_steps)
         run.resume()
-        loss_spec = run.loss
+        loss_spec = run.loss_spec
 
         def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
             return {k: batch[k].to(run.precision.device)
@@ -123,17 +123,17 @@ def run(context: Any) -> int:
             logits = forward(model, batch)
             teacher_logits = teacher.logits(model_inputs(batch))
             with torch.set_grad_enabled(kd_weight < 1):  # a term of weight 0 needs no graph
-                ce = loss_spec.call(loss_spec.logits_fn, logits, labels, label_tokens)
+                ce = loss_spec.logits_fn(logits, labels, label_tokens)
             with torch.set_grad_enabled(kd_weight > 0):
                 kl = kl_of(logits, teacher_logits, labels, label_tokens, temperature)
             return distillation_loss(ce, kl, kd_weight=kd_weight, temperature=temperature), ce, kl
 
         def fusion_note() -> str | None:
-            if getattr(loss_spec.fn, "distillation", None) is None or "fused" not in fusion:
+            if loss_spec.distillation is None or "fused" not in fusion:
                 return None
             if fusion["fused"]:
                 return "fused head: CE and KL from the student's hidden states, chunk by chunk (no full logits)"
-            reason = output_head(model)[1] or output_head(teacher.model)[1] or "unknown reason"
+            reason = fusable_head(model)[1] or fusable_head(teacher.model)[1] or "unknown reason"
             return f"full logits for {cfg.loss.name}: the LM heads cannot be fused ({reason})"
 
         def step(index: int) -> StepOutput:

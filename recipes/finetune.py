@@ -78,7 +78,7 @@ def run(context: Any) -> int:
             loss_sum = torch.zeros((), device=run.precision.device)
             for group in groups[run.dp_index::run.dp_size]:
                 batch = data.collate([data.train[i] for i in group])
-                loss = training_loss(model, model_inputs(batch), batch["labels"], label_tokens, run.loss,
+                loss = training_loss(model, model_inputs(batch), batch["labels"], label_tokens, run.loss_spec,
                                      run.precision.autocast)
                 loss.backward()
                 loss_sum += loss.detach()

@@ -78,7 +78,7 @@ def run(context: Any) -> int:
             for group in groups[run.dp_index::run.dp_size]:
                 batch = data.collate(group)
                 loss = training_loss(model, data.model_inputs(batch, run.precision.device), batch["labels"],
-                                     label_tokens, run.loss, run.precision.autocast)
+                                     label_tokens, run.loss_spec, run.precision.autocast)
                 loss.backward()
                 loss_sum += loss.detach()
             return StepOutput({"loss": loss_sum}, tokens=len(blocks) * block_size,

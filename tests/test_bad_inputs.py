@@ -130,6 +130,19 @@ class ShadowingLossAgain:
         registry.add("corpus-loss", "automodel_cli.components.loss.masked_ce:masked_ce")
 
 
+class RefusingLoss:
+    """A plugin loss whose check refuses this machine (as a kernel loss refuses one without a GPU)."""
+
+    @hookimpl
+    def register_losses(self, registry):
+        from automodel_cli.components.loss.spec import LossSpec
+
+        def needs_a_tpu(device):
+            raise UserError(f"corpus-tpu-loss needs a TPU; this run is on {device}.", "Use loss.name=masked_ce.")
+        registry.add("corpus-tpu-loss", LossSpec(kind="logits", fn="automodel_cli.components.loss.masked_ce:"
+                                                 "masked_cross_entropy", check=needs_a_tpu))
+
+
 # ------------------------------------------------------------------------------- cases
 FT = ["finetune", "demo"]
 
@@ -167,6 +180,8 @@ CASES = [
          setup=write("p.yaml", "recipe: pretrain\n")),
     # registry names
     Case("loss-unknown", [*FT, "loss.name=nope"], ["unknown loss `nope`"]),
+    Case("loss-option-range", [*FT, "loss.name=linear_ce", "loss.linear_ce.chunk_size=0", "-o", "{new}"],
+         ["`loss.linear_ce.chunk_size` must be >= 1 (or null), got 0"]),
     Case("dataset-typo", [*FT, "data.name=sqaud"], ["Did you mean `squad`?"]),
     Case("logger-typo", [*FT, "logging.loggers=[tensorbord]"], ["unknown logger `tensorbord`", "`tensorboard`"]),
     Case("launcher-typo", [*FT, "--launcher", "slurmm"], ["unknown launcher `slurmm`", "`slurm`"]),
@@ -252,6 +267,8 @@ CASES = [
          ["corpus-dataset needs data.options.split_ratio"], plugin=FailingDataset()),
     Case("plugin-collision", [*FT, "loss.name=corpus-loss", "-o", "{new}", *FAST],
          ["corpus-loss", "registered by both"], plugin=(ShadowingLoss(), ShadowingLossAgain())),
+    Case("plugin-loss-check", [*FT, "loss.name=corpus-tpu-loss", "-o", "{new}", *FAST],
+         ["corpus-tpu-loss needs a TPU; this run is on cpu"], plugin=RefusingLoss()),
 ]
 
 

@@ -78,13 +78,23 @@ def seeded_precision(cfg: Any, env: Any, dp_size: int) -> Any:
 
 
 def build_loss(cfg: Any, registries: Any, device: Any) -> Any:
-    """``loss.name`` from the registry, ready for ``training_loss``; a kernel loss that cannot
-    run here (package or GPU missing) stops the run now."""
-    from automodel_cli.components.loss.head import prepare_loss
+    """``loss.name``'s ``LossSpec`` from the registry with its options (``loss.NAME``) applied,
+    ready for ``training_loss``; a loss whose ``check`` refuses this device (a kernel package or
+    a GPU missing) stops the run now, before the model and data load."""
+    from automodel_cli.components.loss.spec import LossSpec
     from automodel_cli.config.compose import entry_options
+    from automodel_cli.errors import UserError
 
-    return prepare_loss(registries.losses.get(cfg.loss.name).load(), device=device, name=cfg.loss.name,
-                        **entry_options(cfg, registries.losses, cfg.loss.name))
+    name = cfg.loss.name
+    entry = registries.losses.get(name)
+    loss_spec = LossSpec.of(entry.load(), name)
+    if loss_spec.options and not entry.option_table():
+        raise UserError(f"loss `{name}` from {entry.provider} is registered by its path `{entry.target}`, so its "
+                        f"options ({', '.join(sorted(loss_spec.options))}) are unknown to the config.",
+                        "Have the plugin register the LossSpec object itself: registry.add(name, SPEC).")
+    if loss_spec.check is not None:
+        loss_spec.check(device)
+    return loss_spec.configured(entry_options(cfg, registries.losses, name))
 
 
 def printer(enabled: bool, stream: TextIO | None = None):

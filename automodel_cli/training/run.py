@@ -70,7 +70,8 @@ class TrainingRun:
     Attributes a recipe uses: ``cfg`` (the resolved config), ``registries``, ``env`` (rank,
     world size, device), ``shape`` and ``mesh`` (the device mesh, None on one process),
     ``dp_size``/``dp_index`` (data-parallel size and this rank's index), ``precision``
-    (device, dtypes, ``autocast()``), ``loss`` (``loss.name`` ready for ``training_loss``),
+    (device, dtypes, ``autocast()``), ``loss_spec`` (``loss.name``'s ``LossSpec``, ready for
+    ``training_loss``),
     ``sequence_parallel``, ``output_dir`` (a ``Path``; None with ``output=False``), ``say``
     (print on rank 0), and after the calls below ``model``, ``optimizer``, ``scheduler``,
     ``start_step``.
@@ -90,7 +91,7 @@ class TrainingRun:
         self.output_dir: Path | None = loop.claim_output_dir(self.cfg, context.recipe, self.env) if output else None
         self.mesh, self.dp_size, self.dp_index = loop.data_parallel(self.shape, self.env)
         # A kernel loss that cannot run here (package or GPU missing) stops the run now.
-        self.loss = loop.build_loss(self.cfg, self.registries, self.env.device)
+        self.loss_spec = loop.build_loss(self.cfg, self.registries, self.env.device)
         # The same seed on every rank: identical initial weights.
         self.precision = loop.seeded_precision(self.cfg, self.env, self.dp_size)
         self.sequence_parallel = bool(self.cfg.distributed.sequence_parallel and self.shape.tp > 1)

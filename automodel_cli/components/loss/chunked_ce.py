@@ -32,9 +32,6 @@ def chunked_cross_entropy(
     return _ChunkedCrossEntropy.apply(rows, targets, scale, chunk)
 
 
-chunked_cross_entropy.rows = True
-
-
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """``scale * sum_i (lse_i - z_i[y_i])`` over rows with ``y_i != -100``."""
 

@@ -1,25 +1,20 @@
 """From a batch to a training loss, for every kind of registered loss.
 
-The recipe calls one function, ``training_loss(model, inputs, labels, num_label_tokens, loss,
-autocast)``; what it computes depends on how the loss declares itself (attributes on the
-function, documented in docs/plugins.md under ``register_losses``):
+The recipe calls one function, ``training_loss(model, inputs, labels, num_label_tokens,
+loss_spec, autocast)``; what it computes depends on the loss's ``LossSpec`` (``spec.py``,
+documented in docs/plugins.md under ``register_losses``):
 
-``fused = True``
-    ``fn(hidden [N, H], weight [V, H], targets [N], num_label_tokens, *, bias=None)``: the loss
-    gets the final hidden states of the trained positions and the LM head's parameters and
-    computes the logits itself (``linear_ce``: chunk by chunk, never all of them).
-``rows = True``
-    ``fn(logits [N, V], targets [N], num_label_tokens)`` *also* works (besides the full layout
-    below): the LM head is applied to the trained positions only, so prompt and padding tokens
-    cost no vocabulary projection at all (``masked_ce``, ``chunked_ce``; on the benchmark model
-    +45% tokens/s for full fine-tuning and 150-200 MB less peak memory than full logits).
-neither
-    ``fn(logits [B, T, V], labels [B, T], num_label_tokens)``: the model's full logits and
-    HF-convention labels (the loss shifts them). Any loss written for the original contract.
-
-``targets`` are already shifted (``targets[i]`` is the token that row ``i`` predicts) and may
-contain -100. Losses may also accept keyword options (today ``chunk_size`` from
-``loss.chunk_size``); only the options a function's signature names are passed to it.
+``kind="fused"``
+    the loss gets the final hidden states of the trained positions and the LM head's parameters
+    and computes the logits itself (``linear_ce``: chunk by chunk, never all of them).
+``kind="logits"``, ``rows=True``
+    the LM head is applied to the trained positions only and the loss gets those rows' logits, so
+    prompt and padding tokens cost no vocabulary projection at all (``masked_ce``, ``chunked_ce``;
+    on the benchmark model +45% tokens/s for full fine-tuning and 150-200 MB less peak memory
+    than full logits).
+``kind="logits"``
+    the model's full logits and HF-convention labels (the loss shifts them). Any loss written
+    for the original contract, such as a plain function registered as a loss.
 
 How the hidden states are reached: the whole model still runs its own ``forward`` (so FSDP2's
 root hooks, which gather the embedding, final norm and head weights, and peft's wrapper behave
@@ -29,7 +24,7 @@ them, and returns it in place of the logits; ``training_loss`` checks that the m
 very tensor back (it must not have transformed the "logits" afterwards).
 
 When the head cannot be fused the full logits are computed, exactly as before, and the loss runs
-on them (a fused loss through its ``logits_loss`` attribute, default ``masked_ce``):
+on them (a fused loss through its spec's ``logits_fallback``, default ``masked_ce``):
 
 * models that change the logits after the head (Gemma 2's ``final_logit_softcapping``, Cohere's
   ``logit_scale``, Granite's ``logits_scaling``): detected from the config, and as a safety net
@@ -45,13 +40,12 @@ Evaluation never goes through here: it always sees the model's full logits.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from automodel_cli.components.loss.spec import LossSpec
 from automodel_cli.components.loss.targets import IGNORE_INDEX
 from automodel_cli.components.models import structure
 
@@ -61,67 +55,12 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 _HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-@dataclass
-class TrainingLoss:
-    """A registered loss function with its kind and the options its signature accepts."""
-
-    fn: Callable[..., Any]
-    kind: str  # "fused", "rows" or "logits"
-    options: dict[str, Any] = field(default_factory=dict)
-    name: str | None = None
-
-    @property
-    def logits_fn(self) -> Callable[..., Any]:
-        """The function to use on full ``[B, T, V]`` logits."""
-        if self.kind != "fused":
-            return self.fn
-        from automodel_cli.components.loss.masked_ce import masked_cross_entropy
-
-        return getattr(self.fn, "logits_loss", None) or masked_cross_entropy
-
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs, **_accepted(fn, self.options))
-
-
-def loss_kind(fn: Callable[..., Any]) -> str:
-    if getattr(fn, "fused", False):
-        return "fused"
-    if getattr(fn, "rows", False):
-        return "rows"
-    return "logits"
-
-
-def prepare_loss(fn: Callable[..., Any] | TrainingLoss, *, device: Any = None, name: str | None = None,
-                 **options: Any) -> TrainingLoss:
-    """Wrap a loss for ``training_loss``. When the function has a ``check(device)`` attribute
-    (kernel losses that need a package or a GPU) it is called now, so a run fails before the
-    model and data are loaded, with a ``UserError`` that names the fix."""
-    if isinstance(fn, TrainingLoss):
-        return fn
-    check = getattr(fn, "check", None)
-    if callable(check) and device is not None:
-        check(device)
-    return TrainingLoss(fn, loss_kind(fn), {k: v for k, v in options.items() if v is not None}, name)
-
-
-def _accepted(fn: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
-    if not options:
-        return {}
-    try:
-        parameters = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return dict(options)
-    return {k: v for k, v in options.items() if k in parameters}
-
-
 def training_loss(
     model: Any,
     inputs: dict[str, Any],
     labels: Any,
     num_label_tokens: int | Any,
-    loss: Callable[..., Any] | TrainingLoss,
+    loss_spec: LossSpec | Callable[..., Any],
     autocast: Callable[[], Any] | None = None,
 ) -> Any:
     """The loss of one micro-batch, with its autograd graph (call ``.backward()`` on it).
@@ -129,18 +68,19 @@ def training_loss(
     ``inputs`` are the model's keyword inputs already on the model's device (``input_ids`` and
     ``attention_mask`` or ``position_ids``); ``labels`` are the HF-convention ``[B, T]`` labels
     (any device); ``num_label_tokens`` the optimizer step's trained tokens (the normaliser);
-    ``autocast`` a context-manager factory wrapped around the forward pass.
+    ``autocast`` a context-manager factory wrapped around the forward pass. ``loss_spec`` is the
+    loss (``build_loss`` gives it with its options applied); a plain function is a logits loss.
     """
-    spec = prepare_loss(loss)
+    spec = LossSpec.of(loss_spec)
     autocast = autocast or contextlib.nullcontext
-    head = output_head(model)[0] if spec.kind != "logits" else None
+    head = fusable_head(model)[0] if spec.kind == "fused" or spec.rows else None
     if head is None:
         return _full_logits_loss(model, inputs, labels, num_label_tokens, spec, autocast)
 
     def compute(selected: Any, targets: Any, project: Callable[[Any], Any]) -> Any:
         if spec.kind == "fused":
-            return spec.call(spec.fn, selected, head.weight, targets, num_label_tokens, bias=head.bias)
-        return spec.call(spec.fn, project(selected), targets, num_label_tokens)
+            return spec.fn(selected, head.weight, targets, num_label_tokens, bias=head.bias)
+        return spec.fn(project(selected), targets, num_label_tokens)
 
     value, output = _loss_inside_forward(model, head, inputs, labels, compute, autocast)
     if value is not None:
@@ -148,7 +88,7 @@ def training_loss(
     if output is None:  # the model transformed its "logits": never fused again (see above)
         return _full_logits_loss(model, inputs, labels, num_label_tokens, spec, autocast)
     logits = output.logits
-    return spec.call(spec.logits_fn, logits, labels.to(logits.device), num_label_tokens)
+    return spec.logits_fn(logits, labels.to(logits.device), num_label_tokens)
 
 
 def distillation_training_loss(
@@ -157,27 +97,28 @@ def distillation_training_loss(
     inputs: dict[str, Any],
     labels: Any,
     num_label_tokens: int | Any,
-    loss: Callable[..., Any] | TrainingLoss,
+    loss_spec: LossSpec | Callable[..., Any],
     autocast: Callable[[], Any] | None = None,
     **options: Any,
 ) -> tuple[Any, Any, Any] | None:
     """``(loss, ce, kl)`` of one distillation micro-batch without the student's full logits, or
-    None when it cannot be fused: the CE loss declares no ``distillation`` counterpart
-    (``linear_ce`` declares ``kd.linear_distillation_loss``), or either model's LM head cannot
+    None when it cannot be fused: the CE loss's spec has no ``distillation`` function
+    (``linear_ce``'s is ``kd.linear_distillation_loss``), or either model's LM head cannot
     be fused (the reasons above; a head found unfusable during a forward is remembered, so at
     most one forward is spent finding out). The caller then computes full logits.
 
     The teacher runs under ``no_grad`` in its own dtype and yields its logits at the trained
     positions only; the student's LM head is replaced by the fused loss, which gets those rows'
     hidden states. ``options`` (``kd_weight``, ``temperature``, ``direction``, ``vocab_size``)
-    go to the fused function, with the loss's own options (``chunk_size``).
+    go to the spec's ``distillation`` function, which ``build_loss`` gave the loss's own options
+    (``chunk_size``).
     """
     import torch
 
-    spec = prepare_loss(loss)
-    fused = getattr(spec.fn, "distillation", None) if spec.kind == "fused" else None
-    head = output_head(model)[0] if fused is not None else None
-    teacher_head = output_head(teacher)[0] if head is not None else None
+    spec = LossSpec.of(loss_spec)
+    fused = spec.distillation
+    head = fusable_head(model)[0] if fused is not None else None
+    teacher_head = fusable_head(teacher)[0] if head is not None else None
     if teacher_head is None:
         return None
     with torch.no_grad():
@@ -188,8 +129,8 @@ def distillation_training_loss(
         return None
 
     def compute(selected: Any, targets: Any, _project: Any) -> Any:
-        return spec.call(fused, selected, head.weight, teacher_rows.to(selected.device), targets,
-                         num_label_tokens, bias=head.bias, **options)
+        return fused(selected, head.weight, teacher_rows.to(selected.device), targets, num_label_tokens,
+                     bias=head.bias, **options)
 
     terms, _ = _loss_inside_forward(model, head, inputs, labels, compute, autocast or contextlib.nullcontext,
                                     returned=lambda result: result[0])
@@ -206,7 +147,7 @@ def _loss_inside_forward(model: Any, head: Any, inputs: dict[str, Any], labels: 
     Returns ``(value, None)`` when that worked, ``(None, output)`` when the probe found it could
     not fuse or was never called (``output.logits`` are then the model's full logits), ``(None, None)``
     when the model changed what the head returned (nothing usable; computed again unfused). The
-    last two are remembered for ``output_head``. ``returned(value)`` is the tensor the probe
+    last two are remembered for ``fusable_head``. ``returned(value)`` is the tensor the probe
     hands back in place of the logits (checked to come out of the model unchanged).
     """
     from automodel_cli.components.loss.targets import shift_labels
@@ -256,15 +197,16 @@ def _remember(model: Any, reason: str) -> None:
 
 
 def _full_logits_loss(model: Any, inputs: dict[str, Any], labels: Any, num_label_tokens: Any,
-                      spec: TrainingLoss, autocast: Callable[[], Any]) -> Any:
+                      spec: LossSpec, autocast: Callable[[], Any]) -> Any:
     with autocast():
         logits = model(**inputs, use_cache=False).logits
-    return spec.call(spec.logits_fn, logits, labels.to(logits.device), num_label_tokens)
+    return spec.logits_fn(logits, labels.to(logits.device), num_label_tokens)
 
 
-def output_head(model: Any) -> tuple[Any, str | None]:
+def fusable_head(model: Any) -> tuple[Any, str | None]:
     """``(lm_head, None)`` when the loss may be computed from the head's input, else
-    ``(None, reason)``. Cached per model object."""
+    ``(None, reason)`` (``structure.output_head`` finds the head whatever it is; this says whether
+    a fused or rows loss may replace it). Cached per model object."""
     try:
         cached = _HEADS.get(model)
     except TypeError:  # not weak-referenceable

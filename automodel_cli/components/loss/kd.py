@@ -27,9 +27,10 @@ the whole ``[batch, sequence, vocab]`` logits for the teacher and the student. T
 receives a gradient.
 
 ``linear_distillation_loss`` goes further for ``loss.name=linear_ce``: it takes the student's
-hidden states and LM head instead of its logits and computes CE and KL chunk by chunk with
-``linear_ce``'s fused-head machinery, so the student's logits never exist in full (at Llama 3's
-vocabulary the peak a distillation step adds fell from 5.0 GB to 1.9 GB; docs/benchmarks.md).
+hidden states and LM head instead of its logits and computes CE and KL chunk by chunk with the
+fused-head machinery ``linear_ce`` uses (``fused_linear.py``), so the student's logits never
+exist in full (at Llama 3's vocabulary the peak a distillation step adds fell from 5.0 GB to
+1.9 GB; docs/benchmarks.md). It is ``linear_ce``'s ``distillation`` function (``builtin.py``).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def linear_distillation_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, ce, kl)`` of ``distillation_loss(masked_ce, kd_loss)`` computed from the
     student's final hidden states and LM head, chunk by chunk: the student's logits never exist
-    in full, in forward or backward (``linear_ce.fused_linear_loss``).
+    in full, in forward or backward (``fused_linear.fused_linear_loss``).
 
     ``hidden`` ``[N, H]`` are the student's hidden states at the rows to train, ``targets``
     ``[N]`` their (shifted) next tokens, -100 where a row is not trained, ``teacher_logits``
@@ -123,7 +124,7 @@ def linear_distillation_loss(
     gradient with respect to ``hidden``, ``weight`` and ``bias``; ``ce`` and ``kl`` are the
     detached terms (each divided by ``num_label_tokens``) for logging.
     """
-    from automodel_cli.components.loss.linear_ce import cross_entropy_chunk, fused_linear_loss
+    from automodel_cli.components.loss.fused_linear import cross_entropy_chunk, fused_linear_loss
     from automodel_cli.components.loss.targets import normaliser, rows_per_chunk
 
     if direction not in DIRECTIONS:

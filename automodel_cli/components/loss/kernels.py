@@ -5,8 +5,9 @@ Why they are separate from ``linear_ce``/``chunked_ce``: those are plain PyTorch
 everywhere; these need a CUDA GPU and a package installed as an extra
 (``pip install 'automodel-cli[liger]'`` / ``'automodel-cli[te]'``). Nothing here imports the
 kernels until a loss is called, so registering them (``plugins/kernels.py``) costs nothing and a
-machine without them never notices, unless the loss is selected: then ``check`` (run by the
-recipe before anything is loaded) or the first call raises a ``UserError`` naming the extra.
+machine without them never notices, unless the loss is selected: then its spec's ``check``
+(``builtin.py``; run before anything is loaded) or the first call raises a ``UserError`` naming
+the extra.
 
 Both keep our loss contract: a sum over trained tokens divided by ``num_label_tokens``.
 
@@ -21,7 +22,6 @@ import importlib.util
 import os
 from typing import Any
 
-from automodel_cli.components.loss.chunked_ce import chunked_cross_entropy
 from automodel_cli.components.loss.targets import IGNORE_INDEX, as_rows, normaliser
 from automodel_cli.errors import UserError
 
@@ -79,10 +79,6 @@ def liger_linear_cross_entropy(hidden, weight, labels, num_label_tokens=None, *,
     return total / normaliser(num_label_tokens, targets)
 
 
-liger_linear_cross_entropy.fused = True
-liger_linear_cross_entropy.logits_loss = chunked_cross_entropy
-liger_linear_cross_entropy.check = check_liger
-
 
 def te_cross_entropy(logits, labels, num_label_tokens=None):
     """Transformer Engine's cross-entropy kernel (fp32 math on bf16/fp32 logits), summed over
@@ -99,7 +95,3 @@ def te_cross_entropy(logits, labels, num_label_tokens=None):
                                        0.0, False)
     total = (per_token.float() * valid).sum()
     return total / normaliser(num_label_tokens, targets)
-
-
-te_cross_entropy.rows = True
-te_cross_entropy.check = check_te

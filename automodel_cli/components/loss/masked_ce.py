@@ -35,8 +35,3 @@ def masked_cross_entropy(
     if num_label_tokens is None:
         num_label_tokens = (targets != IGNORE_INDEX).sum()
     return total / torch.as_tensor(num_label_tokens, dtype=total.dtype, device=total.device).clamp(min=1)
-
-
-#: Accepts ``[N, vocab]`` logits of the trained positions only (``head.py`` then applies the LM
-#: head to those positions alone: less compute and no logits for prompt or padding tokens).
-masked_cross_entropy.rows = True

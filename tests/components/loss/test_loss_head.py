@@ -1,6 +1,6 @@
 """``training_loss`` (components/loss/head.py) on real Hugging Face models: every kind of loss
-gives the loss and parameter gradients of masked_ce on the model's full logits, and the head is
-fused only where that is exact."""
+spec gives the loss and parameter gradients of masked_ce on the model's full logits, and the head
+is fused only where that is exact."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from automodel_cli.components.loss.chunked_ce import chunked_cross_entropy
-from automodel_cli.components.loss.head import output_head, prepare_loss, training_loss
+from automodel_cli.components.loss.builtin import CHUNKED_CE, LINEAR_CE, MASKED_CE
+from automodel_cli.components.loss.head import fusable_head, training_loss
 from automodel_cli.components.loss.linear_ce import linear_cross_entropy
 from automodel_cli.components.loss.masked_ce import masked_cross_entropy
+from automodel_cli.components.loss.spec import LossSpec
 from tolerances import assert_close_f32, decoder_rounding
 
 VOCAB = 50
@@ -63,15 +64,18 @@ def assert_matches(got, want, rounding=ROUNDING):
         assert_close_f32(got[1][name], want[1][name], **rounding, msg=name)
 
 
-@pytest.mark.parametrize("loss_fn", [masked_cross_entropy, chunked_cross_entropy, linear_cross_entropy])
+BUILTINS = pytest.mark.parametrize("loss_spec", [MASKED_CE, CHUNKED_CE, LINEAR_CE],
+                                   ids=["masked_ce", "chunked_ce", "linear_ce"])
+
+
+@BUILTINS
 @pytest.mark.parametrize("tie", [True, False])
-def test_every_builtin_loss_matches_full_logits_masked_ce(loss_fn, tie):
+def test_every_builtin_loss_matches_full_logits_masked_ce(loss_spec, tie):
     model = tiny_llama(tie)
     inputs, labels = batch()
-    assert output_head(model)[0] is model.lm_head
+    assert fusable_head(model)[0] is model.lm_head
     want = reference(model, inputs, labels, 25)
-    spec = prepare_loss(loss_fn, chunk_size=4)
-    got = grads_of(model, training_loss(model, inputs, labels, 25, spec))
+    got = grads_of(model, training_loss(model, inputs, labels, 25, loss_spec.configured({"chunk_size": 4})))
     assert_matches(got, want)
     assert "forward" not in model.lm_head.__dict__  # the probe is gone
 
@@ -98,10 +102,10 @@ def test_the_head_is_applied_only_where_needed():
     trained = int((labels[:, 1:] != -100).sum())
     assert trained < 3 * 11
     largest = {}
-    for name, loss_fn in [("plain", lambda logits, labels, n=None: masked_cross_entropy(logits, labels, n)),
-                          ("masked_ce", masked_cross_entropy), ("linear_ce", linear_cross_entropy)]:
+    for name, loss_spec in [("plain", lambda logits, labels, n=None: masked_cross_entropy(logits, labels, n)),
+                            ("masked_ce", MASKED_CE), ("linear_ce", LINEAR_CE.configured({"chunk_size": 4}))]:
         with _VocabRows() as seen:
-            training_loss(model, inputs, labels, 10, prepare_loss(loss_fn, chunk_size=4)).backward()
+            training_loss(model, inputs, labels, 10, loss_spec).backward()
         largest[name] = max(seen.rows)
     assert largest == {"plain": 3 * 11, "masked_ce": trained, "linear_ce": 4}
 
@@ -114,12 +118,12 @@ def test_packed_inputs_with_position_ids():
     labels[position_ids == 0] = -100
     inputs = {"input_ids": input_ids, "position_ids": position_ids}
     want = reference(model, inputs, labels, 18)
-    got = grads_of(model, training_loss(model, inputs, labels, 18, prepare_loss(linear_cross_entropy, chunk_size=3)))
+    got = grads_of(model, training_loss(model, inputs, labels, 18, LINEAR_CE.configured({"chunk_size": 3})))
     assert_matches(got, want)
 
 
 def test_plain_logits_losses_still_get_full_logits():
-    """A third-party loss without attributes keeps the original contract."""
+    """A plain function registered as a loss keeps the original contract."""
     seen = []
 
     def plain_loss(logits, labels, num_label_tokens=None):
@@ -129,13 +133,14 @@ def test_plain_logits_losses_still_get_full_logits():
     model = tiny_llama()
     inputs, labels = batch()
     want = reference(model, inputs, labels, 20)
-    got = grads_of(model, training_loss(model, inputs, labels, 20, prepare_loss(plain_loss, chunk_size=4)))
+    loss_spec = LossSpec.of(plain_loss).configured({"chunk_size": 4})
+    got = grads_of(model, training_loss(model, inputs, labels, 20, loss_spec))
     assert seen == [(3, 11, VOCAB)]  # and chunk_size was not passed: it does not take one
     assert_matches(got, want)
 
 
-@pytest.mark.parametrize("loss_fn", [masked_cross_entropy, linear_cross_entropy])
-def test_lora_model(loss_fn):
+@pytest.mark.parametrize("loss_spec", [MASKED_CE, LINEAR_CE], ids=["masked_ce", "linear_ce"])
+def test_lora_model(loss_spec):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -143,9 +148,9 @@ def test_lora_model(loss_fn):
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
     inputs, labels = batch()
-    assert output_head(model)[0] is not None
+    assert fusable_head(model)[0] is not None
     want = reference(model, inputs, labels, 25)
-    got = grads_of(model, training_loss(model, inputs, labels, 25, prepare_loss(loss_fn, chunk_size=5)))
+    got = grads_of(model, training_loss(model, inputs, labels, 25, loss_spec.configured({"chunk_size": 5})))
     assert_matches(got, want)
     assert all("lora" in name for name in got[1])  # the frozen (tied) head got no gradient
 
@@ -154,11 +159,11 @@ def test_adapted_lm_head_falls_back_to_full_logits():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(tiny_llama(tie=False), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
-    head, reason = output_head(model)
+    head, reason = fusable_head(model)
     assert head is None and "not a plain torch.nn.Linear" in reason
     inputs, labels = batch()
     want = reference(model, inputs, labels, 25)
-    assert_matches(grads_of(model, training_loss(model, inputs, labels, 25, prepare_loss(linear_cross_entropy))), want)
+    assert_matches(grads_of(model, training_loss(model, inputs, labels, 25, LINEAR_CE)), want)
 
 
 def test_soft_capped_logits_are_never_fused():
@@ -171,11 +176,11 @@ def test_soft_capped_logits_are_never_fused():
     model = Gemma2ForCausalLM(config).float().train()
     with torch.no_grad():
         model.lm_head.weight.mul_(50)  # logits well beyond the cap, so capping matters
-    head, reason = output_head(model)
+    head, reason = fusable_head(model)
     assert head is None and "final_logit_softcapping" in reason
     inputs, labels = batch()
     want = reference(model, inputs, labels, 25)
-    got = grads_of(model, training_loss(model, inputs, labels, 25, prepare_loss(linear_cross_entropy)))
+    got = grads_of(model, training_loss(model, inputs, labels, 25, LINEAR_CE))
     assert_matches(got, want)
     # the fused loss on uncapped logits would be a different number
     hidden = model.model(**inputs).last_hidden_state
@@ -204,12 +209,12 @@ def test_a_model_that_transforms_the_head_output_is_caught_and_computed_exactly(
     inputs, labels = batch()
     want = reference(model, inputs, labels, 25)
     with pytest.warns(UserWarning, match="changes the logits after its LM head"):
-        got = grads_of(model, training_loss(model, inputs, labels, 25, prepare_loss(linear_cross_entropy)))
+        got = grads_of(model, training_loss(model, inputs, labels, 25, LINEAR_CE))
     assert_matches(got, want)
-    assert output_head(model)[0] is None  # remembered: no second attempt
+    assert fusable_head(model)[0] is None  # remembered: no second attempt
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert_matches(grads_of(model, training_loss(model, inputs, labels, 25, prepare_loss(linear_cross_entropy))),
+        assert_matches(grads_of(model, training_loss(model, inputs, labels, 25, LINEAR_CE)),
                        want)
 
 
@@ -218,22 +223,8 @@ def test_probe_is_removed_when_the_forward_fails():
     inputs, labels = batch()
     inputs["input_ids"] = inputs["input_ids"] + 10 * VOCAB  # out of range: the embedding raises
     with pytest.raises(IndexError):
-        training_loss(model, inputs, labels, 10, prepare_loss(linear_cross_entropy))
+        training_loss(model, inputs, labels, 10, LINEAR_CE)
     assert "forward" not in model.lm_head.__dict__
-
-
-def test_prepare_loss_runs_the_check_and_passes_only_accepted_options():
-    checked = []
-
-    def needs_a_gpu(logits, labels, num_label_tokens=None, *, chunk_size=None):
-        return masked_cross_entropy(logits, labels, num_label_tokens)
-
-    needs_a_gpu.check = checked.append
-    spec = prepare_loss(needs_a_gpu, device=torch.device("cpu"), chunk_size=None)
-    assert checked == [torch.device("cpu")] and spec.kind == "logits" and spec.options == {}
-    assert prepare_loss(linear_cross_entropy).kind == "fused"
-    assert prepare_loss(chunked_cross_entropy).kind == "rows"
-    assert prepare_loss(linear_cross_entropy).logits_fn is chunked_cross_entropy
 
 
 # ------------------------------------------------------------------ distillation_training_loss
@@ -267,8 +258,8 @@ def test_distillation_from_hidden_states_matches_full_logits(direction):
     kd = {"kd_weight": 0.4, "temperature": 2.0, "direction": direction}
     want = full_logits_distillation(model, teacher, inputs, labels, 30, **kd)
     want_grads = grads_of(model, want[0])[1]
-    spec = prepare_loss(linear_cross_entropy, chunk_size=5)
-    got = distillation_training_loss(model, teacher, inputs, labels, 30, spec, **kd)
+    got = distillation_training_loss(model, teacher, inputs, labels, 30, LINEAR_CE.configured({"chunk_size": 5}),
+                                     **kd)
     assert got is not None
     # the KL adds a second sum over the vocabulary and a few rounding steps
     kd_rounding = {"terms": ROUNDING["terms"] + VOCAB, "depth": ROUNDING["depth"] + 4}
@@ -286,4 +277,4 @@ def test_distillation_is_not_fused_for_unfused_losses_or_heads():
     kd = {"kd_weight": 0.5, "temperature": 1.0, "direction": "forward"}
     assert distillation_training_loss(model, teacher, inputs, labels, 30, masked_cross_entropy, **kd) is None
     teacher.config.final_logit_softcapping = 30.0  # a teacher whose logits are changed after its head
-    assert distillation_training_loss(model, teacher, inputs, labels, 30, linear_cross_entropy, **kd) is None
+    assert distillation_training_loss(model, teacher, inputs, labels, 30, LINEAR_CE, **kd) is None

@@ -32,13 +32,13 @@ def test_kernel_losses_are_listed_without_importing_their_packages():
         "from automodel_cli.plugin_host import get_registries\n"
         "losses = get_registries().losses\n"
         "print(sorted(losses.names()))\n"
-        "print(losses.get('liger_linear_ce').load().fused, losses.get('te_ce').load().rows)\n"
+        "print(losses.get('liger_linear_ce').load().kind, losses.get('te_ce').load().rows)\n"
         "print([m for m in ('liger_kernel', 'transformer_engine', 'triton') if m in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     names, flags, imported = out.strip().splitlines()
     assert {"masked_ce", "chunked_ce", "linear_ce", "liger_linear_ce", "te_ce"} <= set(eval(names))
-    assert flags == "True True"
+    assert flags == "fused True"
     assert imported == "[]"
 
 
