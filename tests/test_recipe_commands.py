@@ -9,12 +9,12 @@ from automodel_cli import hookimpl
 CALLS = []
 
 
-def record_run(config):
-    CALLS.append(config)
+def record_run(context):
+    CALLS.append(context.config)
     return 0
 
 
-def failing_run(config):
+def failing_run(context):
     return 3
 
 
