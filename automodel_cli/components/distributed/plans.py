@@ -47,11 +47,6 @@ from typing import Any
 from automodel_cli.components.models.structure import decoder_stack, output_head, text_config
 from automodel_cli.errors import UserError
 
-#: Model types with a built-in plan (the plugin registers these; kept here for docs and tests).
-BUILTIN_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gemma3_text",
-                       "phi3")
-
-
 # --------------------------------------------------------------------------- validation
 
 def validate_tp(config: Any, tp: int) -> None:

@@ -11,7 +11,10 @@ import pytest
 
 from automodel_cli import hookimpl
 from automodel_cli.components.distributed.mesh import MeshShape, dp_rank, dp_world_size, fsdp_mesh
-from automodel_cli.components.distributed.plans import BUILTIN_MODEL_TYPES, resolve_plan, validate_tp
+from automodel_cli.components.distributed.plans import resolve_plan, validate_tp
+from automodel_cli.plugins.families import FAMILIES
+
+BUILTIN_MODEL_TYPES = [t for family in FAMILIES.values() for t in family.plans]
 from automodel_cli.errors import UserError
 from automodel_cli.plugins import parallel_plans
 from automodel_cli.registry import ParallelPlanRegistry
