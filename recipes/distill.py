@@ -62,7 +62,7 @@ def run(context: Any) -> int:
 
     # 1. The teacher's settings (a resumed run keeps its teacher and KD settings), before anything.
     cfg = context.config
-    demo_entry = teachers.use_demo_teacher(cfg)
+    demo_entry = teachers.use_demo_teacher(cfg, context.registries)
     teachers.check_teacher_settings(cfg)
 
     # 2. Processes, mesh, run directory, loss (the CE term), precision.

@@ -28,9 +28,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from automodel_cli.run_layout import RunDir
 from automodel_cli.errors import UserError
+from automodel_cli.run_layout import RunDir
 
 #: Overrides where the cache lives (default ``$XDG_CACHE_HOME/automodel``, else ``~/.cache/automodel``).
 CACHE_ENV = "AUTOMODEL_CACHE_DIR"
@@ -52,15 +53,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "automodel"
 
 
-def teacher_key() -> str:
+def teacher_key(registries: Any) -> str:
     """Package version plus a hash of the demo assets and of the teacher's resolved config (its
     machine-specific ``model.path`` aside: the assets' contents stand for the model)."""
     from automodel_cli import __version__
     from automodel_cli.assets import demo_dir
     from automodel_cli.config.assemble import resolve_command, split_arguments
-    from automodel_cli.plugin_host import get_registries
 
-    registries = get_registries()
     target, overrides = split_arguments(list(TEACHER_ARGS[1:]))
     resolved = resolve_command(registries, recipe=registries.recipes.get(TEACHER_ARGS[0]), target=target,
                                config_files=[], overrides=overrides)
@@ -71,9 +70,9 @@ def teacher_key() -> str:
     return f"{__version__}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def cache_entry() -> Path:
+def cache_entry(registries: Any) -> Path:
     """The directory that holds (or will hold) the teacher's finetune run."""
-    return cache_root() / f"demo-teacher-{teacher_key()}"
+    return cache_root() / f"demo-teacher-{teacher_key(registries)}"
 
 
 def model_dir(entry: Path) -> Path:

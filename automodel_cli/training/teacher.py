@@ -38,7 +38,7 @@ def _is_demo_student(cfg: Any) -> bool:
     return bool(cfg.model.path) and Path(cfg.model.path).resolve() == demo_dir() and cfg.model.from_scratch
 
 
-def use_demo_teacher(cfg: Any) -> Path | None:
+def use_demo_teacher(cfg: Any, registries: Any) -> Path | None:
     """For the demo student without a teacher, ``distill.teacher_path`` becomes the cached demo
     teacher (``automodel finetune demo``, trained on first use by ``provide_demo_teacher``), so
     ``automodel distill demo`` runs by itself; returns its cache entry, else None."""
@@ -47,7 +47,7 @@ def use_demo_teacher(cfg: Any) -> Path | None:
 
     if cfg.distill.teacher_path or not _is_demo_student(cfg):
         return None
-    entry = demo_teacher.cache_entry()
+    entry = demo_teacher.cache_entry(registries)
     cfg.tree["distill"]["teacher_path"] = str(demo_teacher.model_dir(entry))
     cfg.sources["distill.teacher_path"] = Source("the cached demo teacher")
     return entry

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from automodel_cli import __version__
+from automodel_cli.plugin_host import get_registries
 from automodel_cli.training import demo_teacher
 from conftest import REPO
 
@@ -235,7 +236,7 @@ def test_demo_command_from_the_docs_trains_its_teacher_once(cli, demo_cache, mon
     command = shlex.split(block.strip().split("&&")[-1])
     assert command == ["automodel", "distill", "demo"]
     monkeypatch.chdir(tmp_path)
-    entry = demo_teacher.cache_entry()
+    entry = demo_teacher.cache_entry(get_registries())
     assert entry.parent == demo_cache and entry.name.startswith(f"demo-teacher-{__version__}-")
     (entry.parent / f".{entry.name}.tmp-killed" / "final").mkdir(parents=True)  # a first run killed mid-way
 
@@ -267,7 +268,7 @@ def test_concurrent_first_runs_train_the_demo_teacher_once(monkeypatch, tmp_path
 
     monkeypatch.setenv(demo_teacher.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(demo_teacher, "TEACHER_ARGS", TINY_TEACHER)
-    entry = demo_teacher.cache_entry()
+    entry = demo_teacher.cache_entry(get_registries())
     said: list[str] = []
     with ThreadPoolExecutor(2) as pool:
         paths = list(pool.map(lambda _: demo_teacher.ensure_teacher(entry, said.append), range(2)))
@@ -283,7 +284,7 @@ def test_a_failed_teacher_training_caches_nothing(cli, monkeypatch, tmp_path):
     error, no cache entry, no temporary directory, no run directory."""
     monkeypatch.setenv(demo_teacher.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(demo_teacher, "TEACHER_ARGS", (*TINY_TEACHER, "distributed.tp=2"))
-    entry = demo_teacher.cache_entry()
+    entry = demo_teacher.cache_entry(get_registries())
     run = tmp_path / "run"
     result = cli("distill", "demo", "-o", str(run), *FAST)
     assert result.exit_code == 2, result.stderr
