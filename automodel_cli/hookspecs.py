@@ -32,8 +32,10 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 def register_recipes(registry: RecipeRegistry) -> None:
     """Add recipes; each becomes a top-level command (``automodel NAME ...``).
 
-    ``registry.add(name, target, description=..., defaults=...)`` where ``target`` is
-    ``"module:function"`` taking the resolved config and returning an exit code.
+    ``registry.add(name, target, description=..., defaults=..., sections=...)`` where ``target``
+    is ``"module:function"``: ``run(context) -> int``, called with an
+    ``automodel_cli.context.RecipeContext`` (the resolved config, the registries, the recipe's
+    name) and returning the exit code.
     """
 
 
@@ -47,7 +49,8 @@ def register_models(registry: ModelRegistry) -> None:
 
 @hookspec
 def register_datasets(registry: DatasetRegistry) -> None:
-    """Add datasets usable as ``data.name``: ``registry.add(name, target, description=...)``."""
+    """Add datasets usable as ``data.name``: ``registry.add(name, target, options=...)`` where
+    ``target(path, split, options)`` returns a ``datasets.Dataset``."""
 
 
 @hookspec
@@ -59,14 +62,20 @@ def register_losses(registry: LossRegistry) -> None:
 
 @hookspec
 def register_parallel_plans(registry: ParallelPlanRegistry) -> None:
-    """Add tensor-parallel plans keyed by Hugging Face ``model_type``."""
+    """Add tensor-parallel plans keyed by Hugging Face ``model_type``: ``registry.add(model_type,
+    target)`` where ``target(model, tp_mesh, sequence_parallel)`` returns ``{module name:
+    torch ParallelStyle}``."""
 
 
 @hookspec
 def register_launchers(registry: LauncherRegistry) -> None:
-    """Add launchers usable as ``--launcher NAME`` (local, slurm, k8s, ...)."""
+    """Add launchers usable as ``--launcher NAME`` (local, slurm, k8s, ...): ``registry.add(name,
+    target)`` where ``target`` is a subclass of ``automodel_cli.components.launch.base.Launcher``
+    (options at ``launch.NAME``)."""
 
 
 @hookspec
 def register_loggers(registry: LoggerRegistry) -> None:
-    """Add metric loggers usable in ``logging.loggers`` (jsonl, wandb, tensorboard, ...)."""
+    """Add metric loggers usable in ``logging.loggers`` (jsonl, wandb, tensorboard, ...):
+    ``registry.add(name, target, options=...)`` where ``target(*, output_dir, options,
+    run_config)`` returns an object with ``log(metrics, step)`` and ``close()``."""

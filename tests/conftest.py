@@ -32,6 +32,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+def one_line(text: str) -> str:
+    """``text`` with every run of white space one space: messages wrap, YAML aligns comments."""
+    return " ".join(text.split())
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Every file and directory under ``root``: relative path -> sha256 ("dir" for a directory).
     Equal before and after a command means it left ``root`` byte-identical (nothing changed,

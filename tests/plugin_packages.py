@@ -18,6 +18,8 @@ BROKEN = REPO / "tests" / "fixtures" / "broken_plugin"
 #: Reuses a built-in name and the example's dataset name, misnames a hook argument, and has
 #: a loss that raises (tests/fixtures/rival_plugin).
 RIVAL = REPO / "tests" / "fixtures" / "rival_plugin"
+#: One entry of every registry kind, written from docs/plugins.md (tests/fixtures/full_plugin).
+FULL = REPO / "tests" / "fixtures" / "full_plugin"
 
 
 def install_plugins(target: Path, *packages: Path) -> dict[str, str]:

@@ -85,3 +85,12 @@ def decoder_rounding(*, layers: int, hidden: int, intermediate: int, positions: 
     if merged_rank:
         terms, depth = terms + 2 * merged_rank + intermediate, depth + 3
     return {"terms": terms, "depth": depth}
+
+
+def first_loss_tolerance(loss: float, *, layers: int, hidden: int, intermediate: int, vocab: int,
+                         positions: int, tokens: int) -> dict[str, float]:
+    """``pytest.approx`` keywords for two correct float32 computations of a small decoder's
+    first-step loss (before any update: the same weights, rounded in another order)."""
+    rtol, atol = f32_tol(loss, **decoder_rounding(layers=layers, hidden=hidden, intermediate=intermediate,
+                                                  positions=positions, vocab=vocab, tokens=tokens))
+    return {"rel": rtol, "abs": atol}

@@ -175,12 +175,15 @@ def open_loggers(cfg: Any, registries: Any, output_dir: Path, start_step: int, i
 
     if not is_main:
         return []
-    run_lock.mark_writing(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    # The loggers first: one that refuses its options (a UserError) or lacks its package stops
+    # the run before it has written a config, so the directory does not hold a run afterwards.
+    loggers = build_loggers(cfg, registries, output_dir)
+    run_lock.mark_writing(output_dir)
     save_config(cfg, output_dir)
     metrics_path = RunDir(output_dir).metrics
     truncate_after(metrics_path, start_step)
-    return [JsonlLogger(metrics_path), *build_loggers(cfg, registries, output_dir)]
+    return [JsonlLogger(metrics_path), *loggers]
 
 
 def optimizer_step(model: Any, optimizer: Any, scheduler: Any | None, max_grad_norm: float | None) -> tuple[Any, float]:
@@ -201,7 +204,11 @@ def log_step(cfg: Any, step: int, total_steps: int, metrics: dict[str, Any], *, 
              describe: Callable[[Any], str], loggers: list[Any], progress: Any) -> dict[str, Any] | None:
     """Warn about a non-finite loss, validate when due (every ``train.eval_every_steps`` steps and
     after the last one), add the result to ``metrics`` and log them; returns the validation
-    result, or None when none ran."""
+    result, or None when none ran.
+
+    ``loggers[0]`` (metrics.jsonl, from ``open_loggers``) gets every step; the other loggers and
+    the progress display get every ``train.log_every_steps``-th step, the last step and every
+    step that validated."""
     if not math.isfinite(metrics["loss"]):
         progress.log(f"warning: loss is {metrics['loss']} at step {step}")
     every = cfg.train.eval_every_steps
@@ -211,9 +218,11 @@ def log_step(cfg: Any, step: int, total_steps: int, metrics: dict[str, Any], *, 
             metrics.update(result)
             if step < total_steps:
                 progress.log(f"step {step}: {describe(result)}")
-    for logger in loggers:
+    due = step == total_steps or step % cfg.train.log_every_steps == 0 or result is not None
+    for logger in loggers if due else loggers[:1]:
         logger.log(metrics, step)
-    progress.update(step, metrics)
+    if due:
+        progress.update(step, metrics)
     return result
 
 

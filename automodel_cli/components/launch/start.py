@@ -21,13 +21,17 @@ from automodel_cli.runtime import inside_torchrun
 
 
 def make_launcher(registries: Registries, name: str) -> Launcher:
-    """Instantiate the registered launcher ``name`` (unknown names were refused at resolve)."""
+    """Instantiate the registered launcher ``name`` (unknown names were refused at resolve).
+
+    The instance's ``name`` is the registered one, whatever its class says: options are read
+    from ``launch.NAME`` and job records name the launcher by it."""
     factory = registries.launchers.get(name).load()
     launcher = factory() if callable(factory) else factory
     if not isinstance(launcher, Launcher):
         raise UserError(f"The launcher `{name}` from {registries.launchers.get(name).provider} is not "
                         f"a Launcher (got {type(launcher).__name__}).",
                         "Its plugin must register a subclass of automodel_cli.components.launch.base.Launcher.")
+    launcher.name = name
     return launcher
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from automodel_cli import hookimpl
 from automodel_cli.components.logging import JsonlLogger, MetricLogger, TensorBoardLogger, read_metrics
 from automodel_cli.errors import UserError
 from automodel_cli.plugin_host import PluginHost
@@ -52,3 +53,29 @@ def test_importing_the_plugin_and_logging_package_stays_light():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+class NeedsAMissingModule:
+    """A plugin logger whose backend is not installed here."""
+
+    @staticmethod
+    @hookimpl
+    def register_loggers(registry):
+        registry.add("remote", "automodel_cli.components.logging.factories:jsonl",
+                     requires=["automodel_backend_that_is_not_installed"])
+
+
+def test_a_plugin_loggers_missing_module_stops_the_run_before_it_writes(cli, automodel_plugin, tmp_path):
+    """The hint names the module to install (not an automodel extra), and the directory does
+    not hold a run afterwards: the same command runs there once the logger is dropped."""
+    automodel_plugin(NeedsAMissingModule(), name="remote-logger")
+    run = tmp_path / "run"
+    args = ("finetune", "demo", "-o", str(run), "train.max_steps=1", "data.eval_split=null",
+            "train.eval_every_steps=null", "logging.progress=false")
+    result = cli(*args, "logging.loggers=[remote]")
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert ("Logger `remote` (plugin remote-logger) needs automodel_backend_that_is_not_installed, which is not "
+            "installed. Install it (pip install automodel_backend_that_is_not_installed)") in message
+    assert not (run / "config.yaml").exists()
+    assert cli(*args).exit_code == 0

@@ -1,6 +1,7 @@
 """``log_step`` and ``step_rates`` (training/loop.py), shared by every training recipe:
-a non-finite loss is warned about, validation runs when due, and every step reaches the metrics
-file and the progress display (the real TrainingProgress and JsonlLogger)."""
+a non-finite loss is warned about, validation runs when due, every step reaches the metrics
+file, and the other loggers get the steps ``train.log_every_steps`` selects (the real
+TrainingProgress and JsonlLogger)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from automodel_cli.training.loop import log_step, step_rates
 from automodel_cli.components.training.progress import TrainingProgress
 
 
-def cfg(every):
-    return SimpleNamespace(train=SimpleNamespace(eval_every_steps=every))
+def cfg(every, log_every=1):
+    return SimpleNamespace(train=SimpleNamespace(eval_every_steps=every, log_every_steps=log_every))
 
 
 def logged(path):
@@ -46,6 +47,20 @@ def test_finite_losses_are_quiet_and_validation_runs_when_due(tmp_path, capsys):
     assert logged(tmp_path / "metrics.jsonl")[0]["eval_loss"] == 1.5
     err = capsys.readouterr().err
     assert "step 4: eval 1.5" in err and "warning" not in err
+
+
+def test_other_loggers_get_every_nth_step_the_last_and_validated_ones(tmp_path):
+    """metrics.jsonl (the first logger) gets every step; another logger steps 3 and 6
+    (log_every_steps=3), 4 (validated: eval_every_steps=4) and 7 (the last)."""
+    first, other = JsonlLogger(tmp_path / "metrics.jsonl"), JsonlLogger(tmp_path / "other.jsonl")
+    with TrainingProgress(7, 0, enabled=False) as progress:
+        for step in range(1, 8):
+            log_step(cfg(4, log_every=3), step, 7, {"step": step, "loss": 1.0, "tokens_per_s": 1.0},
+                     evaluate=lambda: {"eval_loss": 0.5}, describe=str, loggers=[first, other], progress=progress)
+    first.close()
+    other.close()
+    assert [row["step"] for row in logged(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6, 7]
+    assert [row["step"] for row in logged(tmp_path / "other.jsonl")] == [3, 4, 6, 7]
 
 
 def test_step_rates():
