@@ -188,6 +188,11 @@ class Registry:
     #: Config section whose sub-mapping ``SECTION.NAME`` holds entry NAME's options.
     options_section: str | None = None
 
+    @property
+    def chosen_by(self) -> str | None:
+        """The config key whose value chooses entries (their option tables are then filled)."""
+        return self.config_key if self.config_key and "." in self.config_key else None
+
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
         self.conflicts: list[Conflict] = []
@@ -299,6 +304,7 @@ class RecipeRegistry(Registry):
 
 class ModelRegistry(Registry):
     kind, listing, config_key, options_section = "model preset", "models", "TARGET", "model"
+    chosen_by = "model.preset"  # type: ignore[assignment]  # TARGET, recorded by the preset layer
 
     def add(  # type: ignore[override]
         self,

@@ -19,7 +19,6 @@ def _no_credentials(value: object) -> str | None:
     return "must not hold a key: export WANDB_API_KEY or run `wandb login` (a config is saved and printed)"
 
 
-JSONL = {"path": option(str, "metrics.jsonl", "File, relative to output_dir, for one JSON object per step.")}
 TENSORBOARD = {
     "log_dir": option(str, "tensorboard", "Event-file directory (relative: under output_dir)."),
     "flush_secs": option(int, 120, "Seconds between flushes of the event file.", ge=1),
@@ -48,7 +47,7 @@ WANDB = {
 
 @hookimpl
 def register_loggers(registry):
-    registry.add("jsonl", f"{_FACTORIES}:jsonl", options=JSONL,
+    registry.add("jsonl", f"{_FACTORIES}:jsonl",
                  description="One JSON object per optimizer step in OUTPUT_DIR/metrics.jsonl (always on).")
     registry.add("wandb", f"{_FACTORIES}:wandb", requires=["wandb"], options=WANDB,
                  description="Weights & Biases; offline under OUTPUT_DIR unless logged in or WANDB_MODE is set.")

@@ -58,7 +58,7 @@ def run(context: Any) -> int:
     from automodel_cli.training import teacher as teachers
     from automodel_cli.training.model_setup import adapter_base
     from automodel_cli.training.run import StepOutput, TrainingRun
-    from automodel_cli.training.sft_data import prepare_sft_data
+    from automodel_cli.training.sft_data import model_inputs, prepare_sft_data
 
     # 1. The teacher's settings (a resumed run keeps its teacher and KD settings), before anything.
     cfg = context.config
@@ -96,13 +96,12 @@ def run(context: Any) -> int:
         run.resume()
         loss_spec = run.loss_spec
 
-        def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-            return {k: batch[k].to(run.precision.device)
-                    for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        def inputs(batch: dict[str, Any]) -> dict[str, Any]:
+            return model_inputs(batch, run.precision.device)
 
         def forward(model_: Any, batch: dict[str, Any]) -> Any:
             with run.precision.autocast():
-                return model_(**model_inputs(batch), use_cache=False).logits
+                return model_(**inputs(batch), use_cache=False).logits
 
         def kl_of(logits: Any, teacher_logits: Any, labels: Any, normaliser: Any, temperature_: float) -> Any:
             return kd_loss(logits, teacher_logits, labels, normaliser, temperature=temperature_,
@@ -113,7 +112,7 @@ def run(context: Any) -> int:
         def fused_terms(batch: dict[str, Any], labels: Any, label_tokens: int) -> tuple[Any, Any, Any] | None:
             """CE and KL from the student's hidden states and LM head, chunk by chunk (a fused
             ``loss.name`` such as linear_ce); None when the heads cannot be fused."""
-            terms = distillation_training_loss(model, teacher.model, model_inputs(batch), labels, label_tokens,
+            terms = distillation_training_loss(model, teacher.model, inputs(batch), labels, label_tokens,
                                                loss_spec, run.precision.autocast, kd_weight=kd_weight,
                                                temperature=temperature, direction=cfg.distill.kl, vocab_size=vocab_size)
             fusion.setdefault("fused", terms is not None)
@@ -121,7 +120,7 @@ def run(context: Any) -> int:
 
         def full_logits_terms(batch: dict[str, Any], labels: Any, label_tokens: int) -> tuple[Any, Any, Any]:
             logits = forward(model, batch)
-            teacher_logits = teacher.logits(model_inputs(batch))
+            teacher_logits = teacher.logits(inputs(batch))
             with torch.set_grad_enabled(kd_weight < 1):  # a term of weight 0 needs no graph
                 ce = loss_spec.logits_fn(logits, labels, label_tokens)
             with torch.set_grad_enabled(kd_weight > 0):
@@ -165,7 +164,7 @@ def run(context: Any) -> int:
             def forward_and_compare(model_: Any, batch: dict[str, Any]) -> Any:
                 logits = forward(model_, batch)
                 labels = batch["labels"].to(run.precision.device)
-                totals["kl"] += kl_of(logits, teacher.logits(model_inputs(batch)), labels, 1, 1.0).item()
+                totals["kl"] += kl_of(logits, teacher.logits(inputs(batch)), labels, 1, 1.0).item()
                 totals["tokens"] += int((labels[:, 1:] != IGNORE_INDEX).sum())
                 return logits
 
@@ -176,7 +175,7 @@ def run(context: Any) -> int:
         before = teacher_eval = None
         if run.start_step == 0 and data.eval:
             teacher_eval = evaluate(teacher.model, eval_batches(),
-                                    lambda _teacher, batch: teacher.logits(model_inputs(batch)))
+                                    lambda _teacher, batch: teacher.logits(inputs(batch)))
             run.say(f"teacher:         {format_eval(teacher_eval)}")
             before = validate()
             run.say(f"before training: {format_distill_eval(before)}")

@@ -20,16 +20,13 @@ RECIPE = "finetune"
 
 
 def run(context: Any) -> int:
-    import torch
-
-    from automodel_cli.components.loss.head import training_loss
     from automodel_cli.components.models.loading import load_model, load_tokenizer
     from automodel_cli.components.training import steps as step_math
-    from automodel_cli.components.training.evaluation import evaluate, format_eval
+    from automodel_cli.components.training.evaluation import format_eval
     from automodel_cli.components.training.padding import Padding, run_padding
     from automodel_cli.training.model_setup import adapter_base
-    from automodel_cli.training.run import StepOutput, TrainingRun
-    from automodel_cli.training.sft_data import prepare_sft_data
+    from automodel_cli.training.run import TrainingRun
+    from automodel_cli.training.sft_data import prepare_sft_data, sft_step, sft_validation
 
     # 1. Processes, mesh, run directory, loss, precision (TrainingRun checks before anything loads).
     with TrainingRun(context) as run:
@@ -57,36 +54,9 @@ def run(context: Any) -> int:
         # 5. Resume, then the run's files.
         run.resume()
 
-        def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-            return {k: batch[k].to(run.precision.device)
-                    for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-
-        def forward(model_: Any, batch: dict[str, Any]) -> Any:  # full logits (validation)
-            with run.precision.autocast():
-                return model_(**model_inputs(batch), use_cache=False).logits
-
-        def validate() -> dict[str, float] | None:  # every rank: sharded forward passes are collective
-            if not data.eval:
-                return None
-            return evaluate(model, data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches), forward)
-
-        def step(index: int) -> StepOutput:
-            """One optimizer step's forward and backward passes on this rank's micro-batches."""
-            samples = plan.samples(index)
-            groups = step_math.micro_batches(samples, data.train_lengths, cfg.train.micro_batch_size)
-            label_tokens = sum(data.train_label_tokens[i] for i in samples)
-            loss_sum = torch.zeros((), device=run.precision.device)
-            for group in groups[run.dp_index::run.dp_size]:
-                batch = data.collate([data.train[i] for i in group])
-                loss = training_loss(model, model_inputs(batch), batch["labels"], label_tokens, run.loss_spec,
-                                     run.precision.autocast)
-                loss.backward()
-                loss_sum += loss.detach()
-            return StepOutput({"loss": loss_sum}, tokens=sum(data.train_lengths[i] for i in samples),
-                              metrics={"label_tokens": label_tokens, "padding_fraction": padding[index].fraction,
-                                       "epoch": plan.epoch_of(index)})
-
-        # 6. Train, validating before, during and after.
+        # 6. Train: the step of supervised fine-tuning, validating before, during and after.
+        step = sft_step(run, model, data, plan, lambda index: {"padding_fraction": padding[index].fraction})
+        validate = sft_validation(run, model, data)
         before = validate() if run.start_step == 0 else None
         if before:
             run.say(f"before training: {format_eval(before)}")

@@ -67,6 +67,7 @@ def preset_layers(name: str, registries: Registries, recipe: Entry | None = None
     for section, values in preset.metadata.get("defaults", {}).items():
         data[section] = dict(values) if isinstance(values, dict) else values
     data.setdefault("model", {})["path"] = preset.metadata["path"]
+    data["model"]["preset"] = name
     layers = [Layer(label=f"preset {name} ({preset.provider})", data=data)]
     for_recipe = preset.metadata.get("recipe_defaults", {}).get(recipe.name) if recipe is not None else None
     if for_recipe:
@@ -163,4 +164,8 @@ def resolve_command(registries: Registries, **kwargs: Any) -> ResolvedConfig:
     resolved = resolve(build_layers(registries, schema=schema, **kwargs), schema)
     check_registry_names(resolved, registries)
     complete(resolved)
+    recipe = kwargs.get("recipe")
+    if recipe is not None and resolved.tree.get("recipe") is None:  # plugins and loggers can tell
+        resolved.tree["recipe"] = recipe.name
+        resolved.sources["recipe"] = Source(f"the {recipe.name} command")
     return resolved

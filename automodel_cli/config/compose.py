@@ -59,8 +59,7 @@ def compose_schema(registries: Any, recipe: Any = None, *, launched: bool = Fals
                 continue
             path = f"{section}.{entry.name}"
             tree[section][entry.name] = dict(table)
-            chooser = registry.config_key if registry.config_key and "." in registry.config_key else None
-            tables[path] = OptionTable(path, registry.kind, entry.name, str(entry.provider), chooser)
+            tables[path] = OptionTable(path, registry.kind, entry.name, str(entry.provider), registry.chosen_by)
     return Schema(tree, tables, own, foreign, lenient=("launch",) if launched else ())
 
 

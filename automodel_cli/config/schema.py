@@ -107,6 +107,7 @@ OPT_INT = (int, NoneType)
 CORE: dict[str, dict[str, Key] | Key] = {
     "model": {
         "path": _k(OPT_STR, None, "Hugging Face hub id or local model directory."),
+        "preset": _k(OPT_STR, None, "The model preset TARGET named (set by the command); its options, if it declares any, are model.PRESET.*."),
         "tokenizer": _k(OPT_STR, None, "Tokenizer hub id or directory; defaults to model.path."),
         "revision": _k(OPT_STR, None, "Hub revision (branch, tag or commit) of model.path."),
         "from_scratch": _k(bool, False, "Initialise weights randomly from the model config instead of loading them."),

@@ -42,6 +42,7 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     """Activation checkpointing, adapters (peft.method), device, torch.compile and, on several
     processes, the tensor-parallel plan and FSDP2; returns the model in train mode."""
     from automodel_cli.components.distributed.parallelize import parallelize_model
+    from automodel_cli.config.compose import entry_options
     from automodel_cli.components.peft.lora import apply_peft
     from automodel_cli.components.training.memory import compile_decoder_layers, enable_activation_checkpointing
 
@@ -56,6 +57,7 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     if distributed:
         model = parallelize_model(
             model, mesh, plan_registry=registries.parallel_plans, tp=shape.tp,
+            plan_options=lambda model_type: entry_options(cfg, registries.parallel_plans, model_type),
             sequence_parallel=sequence_parallel,
             activation_checkpointing=cfg.train.activation_checkpointing,
             mixed_precision=precision.autocast_dtype is not None,

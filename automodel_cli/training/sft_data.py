@@ -119,3 +119,65 @@ def prepare_sft_data(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[s
         train_lengths=lengths,
         train_label_tokens=[sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in train],
     )
+
+
+# ---------------------------------------------------------------------- steps and validation
+#: The batch keys a causal LM's forward takes (labels go to the loss, not the model).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The model's inputs of a collated batch, on ``device``."""
+    return {key: batch[key].to(device) for key in MODEL_INPUTS if key in batch}
+
+
+def sft_step(run: Any, model: Any, data: SFTData, plan: Any,
+             extra_metrics: Callable[[int], dict[str, Any]] | None = None) -> Callable[[int], Any]:
+    """The step function of supervised fine-tuning, for ``TrainingRun.train``: the step's samples
+    (``plan``, a ``StepPlan``), cut into micro-batches of similar length; this rank takes its
+    share, computes ``run.loss_spec`` on each (normalised by the step's trained tokens over all
+    ranks) and backpropagates. ``extra_metrics(index)`` adds the recipe's own numbers to the
+    step's metrics (called after the step's backward passes)."""
+    import torch
+
+    from automodel_cli.components.loss.head import training_loss
+    from automodel_cli.components.training import steps as step_math
+    from automodel_cli.training.run import StepOutput
+
+    micro_batch_size = run.cfg.train.micro_batch_size
+
+    def step(index: int) -> StepOutput:
+        samples = plan.samples(index)
+        groups = step_math.micro_batches(samples, data.train_lengths, micro_batch_size)
+        label_tokens = sum(data.train_label_tokens[i] for i in samples)
+        loss_sum = torch.zeros((), device=run.precision.device)
+        for group in groups[run.dp_index::run.dp_size]:  # this rank's share of the step
+            batch = data.collate([data.train[i] for i in group])
+            loss = training_loss(model, model_inputs(batch, run.precision.device), batch["labels"], label_tokens,
+                                 run.loss_spec, run.precision.autocast)
+            loss.backward()
+            loss_sum += loss.detach()
+        metrics = {"label_tokens": label_tokens, **(extra_metrics(index) if extra_metrics else {}),
+                   "epoch": plan.epoch_of(index)}
+        return StepOutput({"loss": loss_sum}, tokens=sum(data.train_lengths[i] for i in samples), metrics=metrics)
+
+    return step
+
+
+def sft_validation(run: Any, model: Any, data: SFTData) -> Callable[[], dict[str, float] | None]:
+    """Validation for ``TrainingRun.train``: loss, exact match and token accuracy on the held-out
+    samples (``train.eval_batches`` batches of 4 micro-batches' size at most); None without
+    validation data. Every rank evaluates the same batches (sharded forwards are collective)."""
+    from automodel_cli.components.training.evaluation import evaluate
+
+    def forward(model_: Any, batch: dict[str, Any]) -> Any:
+        with run.precision.autocast():
+            return model_(**model_inputs(batch, run.precision.device), use_cache=False).logits
+
+    def validate() -> dict[str, float] | None:
+        if not data.eval:
+            return None
+        cfg = run.cfg
+        return evaluate(model, data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches), forward)
+
+    return validate

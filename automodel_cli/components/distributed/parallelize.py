@@ -53,6 +53,7 @@ def parallelize_model(
     mesh: Any,
     *,
     plan_registry: Any = None,
+    plan_options: Any = None,
     tp: int = 1,
     sequence_parallel: bool = False,
     activation_checkpointing: bool | str = False,
@@ -65,7 +66,9 @@ def parallelize_model(
     and return it.
 
     ``tp`` must equal the mesh's tp size (it is passed explicitly so a mismatch is caught);
-    ``plan_registry`` (the ``ParallelPlanRegistry``) is needed only when ``tp > 1``.
+    ``plan_registry`` (the ``ParallelPlanRegistry``) is needed only when ``tp > 1``;
+    ``plan_options(model_type)`` gives the chosen plan's declared options (``distributed.MODEL_TYPE``),
+    passed to it as keyword arguments.
     ``mixed_precision`` makes FSDP compute in bf16 and reduce gradients in fp32 (GPU runs).
     ``activation_checkpointing`` is false/true or none/full/selective (see
     ``components/training/memory.py``); ``compile`` compiles each decoder layer with
@@ -85,7 +88,8 @@ def parallelize_model(
         validate_tp(config, tp)
         plan_fn = resolve_plan(plan_registry, config.model_type, tp)
         tmesh = tp_mesh(mesh)
-        plan = plan_fn(model, tmesh, sequence_parallel)
+        options = plan_options(config.model_type) if plan_options is not None else {}
+        plan = plan_fn(model, tmesh, sequence_parallel, **options)
         plan = _expand_for_peft(model, plan, sequence_parallel)
         apply_tp_plan(model, tmesh, plan)
         if sequence_parallel:

@@ -17,14 +17,12 @@ from automodel_cli.errors import UserError
 
 
 def jsonl(*, output_dir: Path, options: Mapping[str, Any], run_config: Mapping[str, Any]) -> MetricLogger:
-    """``OUTPUT_DIR/metrics.jsonl`` (option ``path``, relative to the output directory)."""
-    from automodel_cli.components.logging.jsonl import METRICS_FILE, JsonlLogger
+    """``OUTPUT_DIR/metrics.jsonl``: its place in the run directory is fixed (``RunDir``), so it
+    takes no options; every run writes it whether or not ``logging.loggers`` names it."""
+    from automodel_cli.components.logging.jsonl import JsonlLogger
+    from automodel_cli.run_layout import RunDir
 
-    options = dict(options or {})
-    path = Path(options.pop("path", METRICS_FILE))
-    if options:
-        raise UserError(f"Unknown option for logger jsonl: {sorted(options)[0]}.", "The only option is `path`.")
-    return JsonlLogger(path if path.is_absolute() else Path(output_dir) / path)
+    return JsonlLogger(RunDir(output_dir).metrics)
 
 
 def wandb(*, output_dir: Path, options: Mapping[str, Any], run_config: Mapping[str, Any]) -> MetricLogger:
