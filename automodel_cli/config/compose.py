@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from automodel_cli.config.schema import CORE, Key, OptionTable, Schema
+from automodel_cli.config.schema import CORE, Key, OptionTable, Schema, copy_value
 from automodel_cli.config.yaml_io import Source
 from automodel_cli.errors import UserError
 
@@ -110,15 +110,7 @@ def entry_options(cfg: Any, registry: Any, name: str) -> dict[str, Any]:
     table = entry.option_table()
     given = cfg.get(f"{registry.options_section}.{name}") if registry.options_section else None
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
-    return {**{key: _copy(spec.default) for key, spec in table.items()}, **given}
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
+    return {**{key: copy_value(spec.default) for key, spec in table.items()}, **given}
 
 
 def builtin_schema(registries: Any) -> Schema:

@@ -273,7 +273,7 @@ class Schema:
         tree: dict[str, Any] = {}
         for dotted, key in self.keys.items():
             if not self.table_of(dotted):
-                set_dotted(tree, dotted, _copy(key.default))
+                set_dotted(tree, dotted, copy_value(key.default))
         return tree
 
     def table_of(self, dotted: str) -> OptionTable | None:
@@ -285,7 +285,7 @@ class Schema:
 
     def table_defaults(self, path: str) -> dict[str, Any]:
         node = self.node(path)
-        return {name: _copy(key.default) for name, key in (node or {}).items() if isinstance(key, Key)}
+        return {name: copy_value(key.default) for name, key in (node or {}).items() if isinstance(key, Key)}
 
     def suggest(self, dotted: str) -> str | None:
         """The closest valid key (or section) to a mistyped one."""
@@ -345,11 +345,12 @@ def option(types: type | tuple[type, ...], default: Any, doc: str, **kw: Any) ->
     return _k(types, default, doc, **kw)
 
 
-def _copy(value: Any) -> Any:
+def copy_value(value: Any) -> Any:
+    """A deep copy of a default (mappings and lists), so no two configs share one."""
     if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: copy_value(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy(v) for v in value]
+        return [copy_value(v) for v in value]
     return value
 
 
