@@ -46,7 +46,7 @@ def run(context: Any) -> int:
     import torch
 
     from automodel_cli.components.loss.head import training_loss
-    from automodel_cli.components.models.loading import load_config, load_model
+    from automodel_cli.components.models.loading import load_config
     from automodel_cli.components.peft.lora import count_parameters
     from automodel_cli.components.training import flops as flops_math
     from automodel_cli.training.loop import printer, step_rates
@@ -70,11 +70,9 @@ def run(context: Any) -> int:
                             f"Set benchmark.seq_len to a multiple of {run.shape.tp}.")
         step_batches = _batches(cfg, run.registries, architecture, run.dp_size, run.say)
 
-        # 3. Model (FLOPs are counted before it is sharded) and optimizer, without a schedule.
-        with run.init_device():
-            model = load_model(cfg.model, seed=cfg.train.seed, dtype=run.precision.param_dtype)
-        run.count_flops(model, bench.seq_len)
-        model = run.prepare_model(model)
+        # 3. Model (built empty, FLOPs counted on the bare model, shards loaded) and optimizer,
+        #    without a schedule.
+        model = run.load_model(flops_seq_len=bench.seq_len)
         run.build_optimizer(None)
         _, parameters = count_parameters(model)
         run.say(f"model: {cfg.model.path} ({parameters / 1e6:.2f}M parameters, {run.precision.describe()}, "

@@ -52,11 +52,10 @@ def run(context: Any) -> int:
 
     from automodel_cli.components.loss.head import distillation_training_loss, fusable_head
     from automodel_cli.components.loss.kd import distillation_loss, kd_loss
-    from automodel_cli.components.models.loading import load_config, load_model, load_tokenizer
+    from automodel_cli.components.models.loading import load_config, load_tokenizer
     from automodel_cli.components.training import steps as step_math
     from automodel_cli.components.training.evaluation import IGNORE_INDEX, evaluate, format_eval
     from automodel_cli.training import teacher as teachers
-    from automodel_cli.training.model_setup import adapter_base
     from automodel_cli.training.run import StepOutput, TrainingRun
     from automodel_cli.training.sft_data import model_inputs, prepare_sft_data
 
@@ -79,9 +78,7 @@ def run(context: Any) -> int:
                                 pad_to_multiple_of=run.shape.tp if run.sequence_parallel else None)
 
         # 4. The student, exactly as finetune; the teacher, frozen on the same mesh.
-        model = load_model(cfg.model, seed=cfg.train.seed, dtype=run.precision.param_dtype)
-        base_path = adapter_base(model, tokenizer, cfg, run.output_dir, run.env.is_main)
-        model = run.prepare_model(model)
+        model = run.load_model(tokenizer)
         run.describe_model(model, "student")
         teacher = teachers.FrozenTeacher(teacher_cfg, run)
         kd_weight, temperature = float(cfg.distill.kd_weight), float(cfg.distill.temperature)
@@ -188,8 +185,7 @@ def run(context: Any) -> int:
             return result.exit_code  # a signal stopped it after a checkpoint: resume continues
 
         # 7. The student as Hugging Face outputs (gathered from every rank, written by rank 0).
-        return run.finish(tokenizer, base_path=base_path,
-                          summary={"steps": result.step, "teacher": cfg.distill.teacher_path,
+        return run.finish(tokenizer, summary={"steps": result.step, "teacher": cfg.distill.teacher_path,
                                    "teacher_eval": teacher_eval, "before": before, "after": result.after})
 
 

@@ -20,11 +20,10 @@ RECIPE = "finetune"
 
 
 def run(context: Any) -> int:
-    from automodel_cli.components.models.loading import load_model, load_tokenizer
+    from automodel_cli.components.models.loading import load_tokenizer
     from automodel_cli.components.training import steps as step_math
     from automodel_cli.components.training.evaluation import format_eval
     from automodel_cli.components.training.padding import Padding, run_padding
-    from automodel_cli.training.model_setup import adapter_base
     from automodel_cli.training.run import TrainingRun
     from automodel_cli.training.sft_data import prepare_sft_data, sft_step, sft_validation
 
@@ -38,10 +37,8 @@ def run(context: Any) -> int:
         data = prepare_sft_data(cfg, tokenizer, run.registries, run.say,
                                 pad_to_multiple_of=run.shape.tp if run.sequence_parallel else None)
 
-        # 3. Model, adapters, parallelism.
-        model = load_model(cfg.model, seed=cfg.train.seed, dtype=run.precision.param_dtype)
-        base_path = adapter_base(model, tokenizer, cfg, run.output_dir, run.env.is_main)
-        model = run.prepare_model(model)
+        # 3. Model, adapters, parallelism: built empty, then each process's shards are loaded.
+        model = run.load_model(tokenizer)
         run.describe_model(model)
 
         # 4. Steps, optimizer and schedule; padding of the run's micro-batches (known up front).
@@ -70,6 +67,5 @@ def run(context: Any) -> int:
             return result.exit_code  # a signal stopped it after a checkpoint: resume continues
 
         # 7. Hugging Face outputs (gathered from every rank, written by rank 0).
-        return run.finish(tokenizer, base_path=base_path,
-                          summary={"steps": result.step, "before": before, "after": result.after,
+        return run.finish(tokenizer, summary={"steps": result.step, "before": before, "after": result.after,
                                    "padding_fraction": run_padded.fraction, "padding": run_padded.as_dict()})

@@ -29,7 +29,7 @@ def run(context: Any) -> int:
     import torch
 
     from automodel_cli.components.loss.head import training_loss
-    from automodel_cli.components.models.loading import load_config, load_model, load_tokenizer
+    from automodel_cli.components.models.loading import load_config, load_tokenizer
     from automodel_cli.training.run import StepOutput, TrainingRun
     from automodel_cli.training.text_data import prepare_text_data
 
@@ -48,11 +48,9 @@ def run(context: Any) -> int:
         eval_batch_size = cfg.train.micro_batch_size * 4
         data = prepare_text_data(cfg, tokenizer, run.registries, run.say, block_size, eval_batch_size)
 
-        # 3. Model and parallelism; the FLOPs count is taken before the model is sharded.
-        with run.init_device():
-            model = load_model(cfg.model, seed=cfg.train.seed, dtype=run.precision.param_dtype)
-        run.count_flops(model, block_size)
-        model = run.prepare_model(model)
+        # 3. Model and parallelism, built empty and loaded (or seeded) shard by shard; the FLOPs
+        #    count is taken on the bare model.
+        model = run.load_model(tokenizer, flops_seq_len=block_size)
         run.describe_model(model, extra="random init, " if cfg.model.from_scratch else "pretrained weights, ")
         flops = run.flops
         run.say(f"FLOPs per token: {flops.total:.4g} (6 x {flops.matmul_parameters / 1e6:.2f}M matmul weights + "

@@ -31,6 +31,22 @@ def save_model(directory: Path, *, bin_state: dict | None = None) -> Path:
     return directory
 
 
+def save_sharded_model(directory: Path, *, shards: int = 3, seed: int = 0, **config: object) -> Path:
+    """The demo architecture with ``config`` overrides (layer sizes), initialised at random and
+    saved by save_pretrained as about ``shards`` safetensors files with ``model.safetensors.index.json``,
+    plus the demo tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(demo_dir(), **config))
+    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    model.save_pretrained(directory, max_shard_size=int(total / shards * 1.15))  # whole layers per file
+    del model
+    for name in TOKENIZER_FILES:
+        shutil.copy(demo_dir() / name, directory / name)
+    return directory
+
+
 def remote_code_model(directory: Path) -> Path:
     """A model whose config.json maps an architecture transformers does not know to code files."""
     save_model(directory)
@@ -45,3 +61,36 @@ def write_prompts(path: Path, count: int = 8) -> Path:
     """A prompt/completion JSONL file for the demo tokenizer."""
     path.write_text("".join(json.dumps({"prompt": f"reverse: ab{i}", "completion": "ba"}) + "\n" for i in range(count)))
     return path
+
+
+#: Custom modelling code that reads a weight while the model is constructed: it cannot be built
+#: on the meta device (``model.meta_init=false`` loads it whole instead).
+READS_WEIGHTS_AT_INIT = {
+    "configuration_fancy.py": (
+        "from transformers import LlamaConfig\n\n\n"
+        "class FancyConfig(LlamaConfig):\n    model_type = 'fancy_lm'\n"),
+    "modeling_fancy.py": (
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_fancy import FancyConfig\n\n\n"
+        "class FancyForCausalLM(LlamaForCausalLM):\n    config_class = FancyConfig\n\n"
+        "    def __init__(self, config):\n        super().__init__(config)\n"
+        "        self.head_scale = float(self.lm_head.weight.detach().abs().mean())\n"),
+}
+
+
+def weight_reading_model(directory: Path) -> Path:
+    """A custom-code model (``trust_remote_code``) whose construction reads a weight's value."""
+    remote_code_model(directory)
+    for name, code in READS_WEIGHTS_AT_INIT.items():
+        (directory / name).write_text(code)
+    return directory
+
+
+def reshape_tensor(directory: Path, key: str, shape: tuple[int, ...]) -> None:
+    """Rewrite the single-file checkpoint of ``directory`` with ``key`` of another shape."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / model_files.SAFE_WEIGHTS
+    state = load_file(path)
+    state[key] = torch.zeros(shape)
+    save_file(state, path, metadata={"format": "pt"})
+

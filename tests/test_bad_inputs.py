@@ -21,7 +21,7 @@ from typing import Callable
 
 import pytest
 
-from model_dirs import remote_code_model, save_model
+from model_dirs import remote_code_model, reshape_tensor, save_model, save_sharded_model, weight_reading_model
 
 from automodel_cli import hookimpl
 from automodel_cli.assets import demo_dir
@@ -77,12 +77,21 @@ def saved_model(relative: str, damage: str | None = None) -> Callable[[Path], No
         if damage == "unsafe-pickle":
             save_model(directory, bin_state={"weight": RunsCode()})
             return
+        if damage == "shard-missing":
+            save_sharded_model(directory, shards=3)
+            sorted(directory.glob("model-*.safetensors"))[1].unlink()
+            return
+        if damage == "reads-weights-at-init":
+            weight_reading_model(directory)
+            return
         save_model(directory)
         weights = directory / "model.safetensors"
         if damage == "truncated":
             weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
         elif damage == "no-config":
             (directory / "config.json").unlink()
+        elif damage == "wrong-shape":
+            reshape_tensor(directory, "model.layers.1.mlp.up_proj.weight", (300, 128))
     return setup
 
 
@@ -220,6 +229,16 @@ CASES = [
          ["model.safetensors` (model.path) is corrupt or truncated"], setup=saved_model("m", "truncated")),
     Case("model-unsafe-pickle", ["finetune", "model.path={tmp}/m", "data.path={data}", "-o", "{new}", *FAST],
          ["pytorch_model.bin` (model.path): unsafe pickle refused"], setup=saved_model("m", "unsafe-pickle")),
+    Case("model-shard-missing", ["finetune", "model.path={tmp}/m", "data.path={data}", "-o", "{new}", *FAST],
+         ["model.safetensors.index.json lists 3 weight files and 1 are missing", "model-00002-of-00003.safetensors"],
+         setup=saved_model("m", "shard-missing")),
+    Case("model-wrong-shape", ["finetune", "model.path={tmp}/m", "data.path={data}", "-o", "{new}", *FAST],
+         ["`model.layers.1.mlp.up_proj.weight`", "model.safetensors has shape [300, 128]", "[352, 128]"],
+         setup=saved_model("m", "wrong-shape")),
+    Case("model-not-on-meta", ["finetune", "model.path={tmp}/m", "data.path={data}", "model.trust_remote_code=true",
+                               "model.from_scratch=true", "-o", "{new}", *FAST],
+         ["cannot be built on the meta device", "model.meta_init=false"],
+         setup=saved_model("m", "reads-weights-at-init")),
     Case("model-no-config", ["finetune", "model.path={tmp}/m", "data.path={data}", "-o", "{new}", *FAST],
          ["config.json"], setup=saved_model("m", "no-config")),
     Case("model-remote-code", ["finetune", "model.path={tmp}/m", "data.path={data}", "-o", "{new}", *FAST],

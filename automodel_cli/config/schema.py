@@ -111,6 +111,7 @@ CORE: dict[str, dict[str, Key] | Key] = {
         "tokenizer": _k(OPT_STR, None, "Tokenizer hub id or directory; defaults to model.path."),
         "revision": _k(OPT_STR, None, "Hub revision (branch, tag or commit) of model.path."),
         "from_scratch": _k(bool, False, "Initialise weights randomly from the model config instead of loading them."),
+        "meta_init": _k(bool, True, "Build the model on the meta device and read only each process's shards from the safetensors files; false loads the whole model in every process first (architectures whose construction needs real tensors)."),
         "config": _k(dict, {}, "Overrides applied to the model's HF config (e.g. num_hidden_layers).", open=True),
         "trust_remote_code": _k(bool, False, "Run modelling code shipped with the checkpoint. Off unless you trust it."),
         "dtype": _k(str, "auto", "Parameter dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",

@@ -19,6 +19,22 @@ def init_device(cfg: Any, device: Any) -> Any:
     return contextlib.nullcontext()
 
 
+def save_random_base(cfg: Any, tokenizer: Any, directory: Any, dtype: Any) -> None:
+    """Write the random base weights a sharded run of ``model.from_scratch`` starts from (the
+    same values: they are seeded per parameter) as a Hugging Face directory, built whole on this
+    CPU: an adapter trained on a random base needs them (a corner case; the whole model is small
+    enough to hold when anyone trains adapters on random weights)."""
+    import torch
+
+    from types import SimpleNamespace
+
+    one = SimpleNamespace(device=torch.device("cpu"), autocast_dtype=None)
+    model = build_model(cfg, cfg.model, precision=one, mesh=None, shape=SimpleNamespace(tp=1), registries=None,
+                        sequence_parallel=False, dtype=dtype, trainable=False, say=lambda _: None)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
 def adapter_base(model: Any, tokenizer: Any, cfg: Any, output_dir: Any, is_main: bool) -> str:
     """Where the base weights of the trained model live, for adapter outputs and merges.
 
@@ -38,9 +54,10 @@ def adapter_base(model: Any, tokenizer: Any, cfg: Any, output_dir: Any, is_main:
 
 
 def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any, registries: Any,
-                  sequence_parallel: bool = False) -> Any:
+                  sequence_parallel: bool = False, on_meta: bool = False) -> Any:
     """Activation checkpointing, adapters (peft.method), device, torch.compile and, on several
-    processes, the tensor-parallel plan and FSDP2; returns the model in train mode."""
+    processes, the tensor-parallel plan and FSDP2; returns the model in train mode. A model still
+    on the meta device (``on_meta``) stays there: ``materialize`` allocates its shards after."""
     from automodel_cli.components.distributed.parallelize import parallelize_model
     from automodel_cli.config.compose import entry_options
     from automodel_cli.components.peft.lora import apply_peft
@@ -50,7 +67,8 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     if not distributed:
         enable_activation_checkpointing(model, cfg.train.activation_checkpointing)
     model = apply_peft(model, cfg.peft)
-    model.to(precision.device)
+    if not on_meta:
+        model.to(precision.device)
     model.train()
     if cfg.train.compile and not distributed:
         compile_decoder_layers(model, cfg.train.compile_backend)
@@ -62,4 +80,221 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
             activation_checkpointing=cfg.train.activation_checkpointing,
             mixed_precision=precision.autocast_dtype is not None,
             compile=cfg.train.compile, compile_backend=cfg.train.compile_backend)
+    return model
+
+
+# ----------------------------------------------------------------- sharded construction
+def weight_files(model_cfg: Any) -> list[Any] | None:
+    """The safetensors files of ``model_cfg.path`` (local, or the hub's, downloaded once into the
+    cache), each checked whole, or None when the model has none (only ``.bin`` weights): it then
+    loads the old way. A shard the index names but the directory lacks is a ``UserError``."""
+    import os
+    from pathlib import Path
+
+    from automodel_cli.components.models import model_files
+    from automodel_cli.components.models.loading import resolve_model_source, role_of, source_access
+
+    role = role_of(model_cfg)
+    source = resolve_model_source(model_cfg.path, role)
+    if not os.path.isdir(source):
+        from huggingface_hub import snapshot_download
+
+        access = source_access(source, model_cfg.revision, role.path_key)
+        source = snapshot_download(source, revision=model_cfg.revision, allow_patterns=["*.safetensors", "*.json"],
+                                   local_files_only=bool(access.get("local_files_only")))
+        if not any(Path(source).glob("*.safetensors")):
+            return None  # a hub model with .bin weights only
+    files = model_files.weight_files(Path(source), model_cfg.path, role)
+    if any(path.suffix != ".safetensors" for path in files):
+        return None
+    for path in files:
+        model_files.check_weight_file(path, model_cfg.path, role)
+    return files
+
+
+def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: Any, registries: Any,
+                sequence_parallel: bool, dtype: Any, trainable: bool, say: Any,
+                on_empty: Any = None) -> Any:
+    """The model as the run trains (or, ``trainable=False``, runs) it, built without ever
+    holding it whole: on the meta device, with activation checkpointing and adapters (when
+    ``trainable``), the tensor-parallel plan and FSDP2 applied while empty, then each process's
+    shards allocated and filled from the safetensors files (or seeded per parameter for
+    ``model.from_scratch``). A model this path cannot take (only ``.bin`` weights, keys that
+    are not the architecture's, or ``model.meta_init=false``) is loaded whole in every process
+    and sharded afterwards. ``on_empty(model)`` sees the bare model before anything wraps it
+    (to count FLOPs). Says one line: how many parameter bytes each process allocated."""
+    from automodel_cli.components.models import materialize as meta
+    from automodel_cli.components.models.loading import load_config, load_model
+
+    import time
+
+    config = load_config(model_cfg)
+    _import_model_code(config, trainable and cfg.peft.method != "none")
+    started = (time.perf_counter(), resident_bytes())  # after imports: the growth is the model's
+    seed = cfg.train.seed
+    files = None if model_cfg.from_scratch else weight_files(model_cfg)
+
+    def whole(note: str | None) -> Any:
+        if note:
+            say(f"note: {note}: every process loads the whole model before sharding")
+        model = load_model(model_cfg, seed=seed, dtype=dtype)
+        if on_empty is not None:
+            on_empty(model)
+        model = _prepare(model, cfg, precision, mesh, shape, registries, sequence_parallel, trainable)
+        _report_load(model, "loaded whole in every process, then sharded", mesh, say, started, whole=True)
+        return model
+
+    if not model_cfg.meta_init:
+        return whole(None)
+    if not model_cfg.from_scratch and files is None:
+        return whole("the model has no safetensors weights")
+    model = _empty_model(config, model_cfg, dtype)
+    if on_empty is not None:
+        on_empty(model)
+    read = init = None
+    if files is not None:
+        reader = meta.CheckpointReader(files)
+        expected = [meta.checkpoint_key(name) for name, _ in model.named_parameters()]
+        mapping = meta.key_mapping(expected, reader.keys(), getattr(model, "base_model_prefix", ""))
+        if mapping is None:
+            return whole("the checkpoint's tensor names are not this architecture's")
+        _check_shapes(model, reader, mapping)
+        read = lambda key, offset, local: reader.read(mapping[key], offset, local)  # noqa: E731
+        how = f"read shard by shard from {len(files)} safetensors file{'s' * (len(files) > 1)}"
+    else:
+        init = meta.SeededInit(_empty_model(config, model_cfg, dtype), seed)
+        how = "initialised shard by shard, seeded per parameter"
+    model = _prepare(model, cfg, precision, mesh, shape, registries, sequence_parallel, trainable, on_meta=True)
+    meta.materialize(model, precision.device, read=read, init=init, adapter_seed=seed)
+    model.train(trainable)
+    _report_load(model, how, mesh, say, started, whole=False)
+    return model
+
+
+def _empty_model(config: Any, model_cfg: Any, dtype: Any) -> Any:
+    """The architecture of ``config`` on the meta device (no memory), or a ``UserError`` when its
+    construction needs real tensors (``model.meta_init=false`` then loads it whole)."""
+    from transformers import AutoModelForCausalLM
+
+    from automodel_cli.components.models import materialize as meta
+    from automodel_cli.errors import UserError
+
+    kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    try:
+        with meta.parameters_on_meta():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    except (NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"The {config.model_type} model of `{model_cfg.path}` (config.json) cannot be built on the meta "
+            f"device, where each process allocates only its own shards: {detail}.",
+            "Set model.meta_init=false to build the whole model in every process before sharding it "
+            "(one full copy of the model per process).",
+        ) from None
+
+
+def _import_model_code(config: Any, adapters: bool) -> None:
+    """Import the architecture's modelling code (and peft) now, so the memory they take is not
+    counted as the model's."""
+    from transformers import AutoModelForCausalLM
+
+    mapping = getattr(AutoModelForCausalLM, "_model_mapping", None)
+    try:
+        if mapping is not None:
+            mapping[type(config)]
+    except (KeyError, ValueError, ImportError):  # custom code: imported when it is built
+        pass
+    if adapters:
+        import peft  # noqa: F401
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS; the peak so far where /proc is missing)."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _report_load(model: Any, how: str, mesh: Any, say: Any, started: tuple[float, int], *, whole: bool) -> None:
+    """One line from the main process: how the weights were built and how long it took, the
+    most parameter bytes any process allocated (the whole model on the old path) of the model's
+    total, and the largest process's peak host memory and its growth while the model was built."""
+    import resource
+    import time
+
+    import torch
+
+    from automodel_cli.components.checkpoint.describe import human_size
+    from automodel_cli.components.models import materialize as meta
+
+    total = local = 0
+    for param in model.parameters():
+        total += param.numel() * param.element_size()
+        part = meta.local_part(param)[0]
+        local += part.numel() * part.element_size()
+    allocated = total if whole else local
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mine = (allocated, peak, max(0, peak - started[1]))
+    if mesh is not None and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+        mine = tuple(max(values) for values in zip(*gathered))
+    allocated, peak, growth = mine
+    say(f"weights: {how} in {time.perf_counter() - started[0]:.1f} s; parameters per process: {human_size(allocated)} "
+        f"of {human_size(total)}; host memory: peak {human_size(peak)}, +{human_size(growth)} while building "
+        f"(largest process)")
+
+
+def _check_shapes(model: Any, reader: Any, mapping: dict[str, str]) -> None:
+    """Every checkpoint tensor has the shape the config gives its parameter (before any shard is
+    allocated): a mismatch names the file and the tensor."""
+    from automodel_cli.components.models import materialize as meta
+    from automodel_cli.errors import UserError
+
+    for name, param in model.named_parameters():
+        key = mapping[meta.checkpoint_key(name)]
+        if reader.shape(key) != tuple(param.shape):
+            raise UserError(
+                f"Tensor `{key}` in {reader.where[key]} has shape {list(reader.shape(key))}, but the model's "
+                f"config gives it {list(param.shape)}: the weights do not belong to this config.",
+                "Check model.path, and model.config overrides that change layer sizes (they cannot apply to "
+                "trained weights).",
+            )
+
+
+def _prepare(model: Any, cfg: Any, precision: Any, mesh: Any, shape: Any, registries: Any,
+             sequence_parallel: bool, trainable: bool, on_meta: bool = False) -> Any:
+    if trainable:
+        return prepare_model(model, cfg, precision=precision, mesh=mesh, shape=shape, registries=registries,
+                             sequence_parallel=sequence_parallel, on_meta=on_meta)
+    return prepare_frozen(model, precision=precision, mesh=mesh, shape=shape, registries=registries,
+                          sequence_parallel=sequence_parallel, on_meta=on_meta)
+
+
+def prepare_frozen(model: Any, *, precision: Any, mesh: Any, shape: Any, registries: Any,
+                   sequence_parallel: bool, on_meta: bool = False) -> Any:
+    """A model that only runs forward (a distillation teacher): no gradients, eval mode; on
+    several processes parallelised on the mesh with parameters freed after every forward."""
+    from automodel_cli.components.distributed.parallelize import parallelize_model
+
+    model.requires_grad_(False)
+    if not on_meta:
+        model.to(precision.device)
+    model.eval()
+    if mesh is not None:
+        model = parallelize_model(model, mesh, plan_registry=registries.parallel_plans, tp=shape.tp,
+                                  sequence_parallel=sequence_parallel, mixed_precision=False)
+        # No backward follows a forward: free every gathered parameter right after use (FSDP2
+        # otherwise keeps the root's parameters gathered between forward and backward).
+        if hasattr(model, "set_reshard_after_forward"):
+            model.set_reshard_after_forward(True)
     return model

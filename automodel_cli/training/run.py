@@ -96,6 +96,7 @@ class TrainingRun:
         self.precision = loop.seeded_precision(self.cfg, self.env, self.dp_size)
         self.sequence_parallel = bool(self.cfg.distributed.sequence_parallel and self.shape.tp > 1)
         self.model: Any = None
+        self.base_path: Any = None  # where an adapter's base weights live (load_model)
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.loggers: list[Any] = []
@@ -117,6 +118,33 @@ class TrainingRun:
         from automodel_cli.training.model_setup import init_device
 
         return init_device(self.cfg, self.precision.device)
+
+    def load_model(self, tokenizer: Any = None, *, flops_seq_len: int | None = None) -> Any:
+        """``model.*`` as this run trains it, never whole in any process: built on the meta
+        device, with activation checkpointing, adapters, tensor parallelism and FSDP2 applied
+        while empty, then each process's shards read from the safetensors (or seeded per
+        parameter for ``model.from_scratch``). ``flops_seq_len``: count FLOPs per token at this
+        sequence length (``count_flops``) on the bare model. ``tokenizer`` is saved with the
+        random base weights an adapter trained from scratch needs (``base_path``)."""
+        from automodel_cli.components.models.loading import resolve_model_source
+        from automodel_cli.run_layout import RunDir
+        from automodel_cli.training.model_setup import build_model, save_random_base
+
+        cfg = self.cfg
+        if cfg.model.from_scratch and cfg.peft.method != "none" and self.output_dir is not None:
+            self.base_path = str(RunDir(self.output_dir).base_model.resolve())
+            if self.env.is_main:
+                from automodel_cli.components.training import run_lock
+
+                run_lock.mark_writing(self.output_dir)
+                save_random_base(cfg, tokenizer, self.base_path, self.precision.param_dtype)
+        else:
+            self.base_path = resolve_model_source(cfg.model.path)
+        on_empty = (lambda model: self.count_flops(model, flops_seq_len)) if flops_seq_len else None
+        self.model = build_model(cfg, cfg.model, precision=self.precision, mesh=self.mesh, shape=self.shape,
+                                 registries=self.registries, sequence_parallel=self.sequence_parallel,
+                                 dtype=self.precision.param_dtype, trainable=True, say=self.say, on_empty=on_empty)
+        return self.model
 
     def prepare_model(self, model: Any) -> Any:
         """Activation checkpointing, adapters (``peft.method``), device, ``torch.compile`` and,
@@ -251,7 +279,7 @@ class TrainingRun:
         from automodel_cli.components.models.loading import resolve_model_source
         from automodel_cli.training.loop import save_outputs
 
-        base = base_path if base_path is not None else resolve_model_source(self.cfg.model.path)
+        base = base_path if base_path is not None else self.base_path or resolve_model_source(self.cfg.model.path)
         save_outputs(self.model, tokenizer, self.cfg, self.env, self.output_dir, self.say, base_path=base,
                      summary=summary)
         return 0

@@ -108,7 +108,7 @@ def teacher_model_config(cfg: Any) -> Any:
     teacher_cfg = SimpleNamespace(
         path=cfg.distill.teacher_path, revision=cfg.distill.teacher_revision, from_scratch=False, config={},
         trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
-        tokenizer=cfg.distill.teacher_tokenizer, chat_template=None, role=TEACHER,
+        tokenizer=cfg.distill.teacher_tokenizer, chat_template=None, role=TEACHER, meta_init=cfg.model.meta_init,
     )
     check_model_source(teacher_cfg, weights=True)
     return teacher_cfg
@@ -193,29 +193,20 @@ def check_vocabularies(student_config: Any, tokenizer: Any, teacher_cfg: Any, sa
 
 class FrozenTeacher:
     """The teacher model: frozen (no gradients, no optimizer, never checkpointed or saved), in
-    eval mode, in ``distill.teacher_dtype``; on several processes parallelised on the student's
-    mesh (its TP plan, then FSDP2 resharding after every forward, since no backward follows)."""
+    eval mode, in ``distill.teacher_dtype``; built like the student (empty, then each process
+    loads its shards), parallelised on the student's mesh (its TP plan, then FSDP2 resharding
+    after every forward, since no backward follows)."""
 
     def __init__(self, teacher_cfg: Any, run: Any):
-        from automodel_cli.components.distributed.parallelize import parallelize_model
-        from automodel_cli.components.models.loading import load_model, torch_dtype
+        from automodel_cli.components.models.loading import torch_dtype
+        from automodel_cli.training.model_setup import build_model
 
         cfg = run.cfg
         self.dtype = torch_dtype(cfg.distill.teacher_dtype, run.env.device.type)
-        self.device = run.precision.device
-        model = load_model(teacher_cfg, seed=cfg.train.seed, dtype=self.dtype)
-        model.requires_grad_(False)
-        model.to(self.device)
-        model.eval()
-        if run.mesh is not None:
-            model = parallelize_model(model, run.mesh, plan_registry=run.registries.parallel_plans, tp=run.shape.tp,
-                                      sequence_parallel=run.sequence_parallel, mixed_precision=False)
-            # No backward follows a teacher forward: free every gathered parameter right after use
-            # (FSDP2 otherwise keeps the root's parameters gathered between forward and backward).
-            if hasattr(model, "set_reshard_after_forward"):
-                model.set_reshard_after_forward(True)
-        self.model = model
-        self.parameters = sum(p.numel() for p in model.parameters())
+        self.model = build_model(cfg, teacher_cfg, precision=run.precision, mesh=run.mesh, shape=run.shape,
+                                 registries=run.registries, sequence_parallel=run.sequence_parallel,
+                                 dtype=self.dtype, trainable=False, say=run.say)
+        self.parameters = sum(p.numel() for p in self.model.parameters())
 
     def logits(self, inputs: dict[str, Any]) -> Any:
         """The teacher's logits for model ``inputs`` (already on the device), without gradients."""

@@ -43,6 +43,7 @@ from typing import Any
 
 from automodel_cli.components.distributed.mesh import fsdp_mesh, tp_mesh, tp_size
 from automodel_cli.components.distributed.plans import resolve_plan, validate_tp
+from automodel_cli.components.models.structure import retie, shared_parameters
 from automodel_cli.components.models.structure import decoder_layers, unwrap
 from automodel_cli.components.training.memory import compile_decoder_layers, enable_activation_checkpointing
 from automodel_cli.errors import UserError
@@ -148,7 +149,7 @@ def apply_tp_plan(model: Any, tmesh: Any, plan: dict[str, Any]) -> None:
 
     from automodel_cli.components.distributed.plans import ReplicateParallel
 
-    shared = _shared_parameters(model)
+    shared = shared_parameters(model)
     trainable = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
     parallelize_module(model, tmesh, plan)
     # Parameters the plan left alone become Replicate DTensors (a plain tensor next to DTensors
@@ -156,7 +157,7 @@ def apply_tp_plan(model: Any, tmesh: Any, plan: dict[str, Any]) -> None:
     for module in list(model.modules()):
         if any(not isinstance(p, DTensor) for p in module.parameters(recurse=False)):
             ReplicateParallel(Replicate())._apply(module, tmesh)
-    _retie(model, shared)
+    retie(model, shared)
     # SequenceParallel re-creates parameters as trainable; frozen (LoRA base) weights stay frozen.
     for name, param in model.named_parameters(remove_duplicate=False):
         if name in trainable and param.requires_grad != trainable[name]:
@@ -179,40 +180,6 @@ def _materialize_partial_grads(model: Any) -> None:
     for param in model.parameters():
         if isinstance(param, DTensor) and param.requires_grad:
             param.register_post_accumulate_grad_hook(hook)
-
-
-def _shared_parameters(model: Any) -> list[list[tuple[str, str]]]:
-    """Groups of (module FQN, parameter name) that hold the same Parameter object."""
-    seen: dict[int, list[tuple[str, str]]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
-            seen.setdefault(id(param), [])
-            if (module_name, param_name) not in seen[id(param)]:
-                seen[id(param)].append((module_name, param_name))
-    return [group for group in seen.values() if len(group) > 1]
-
-
-def _retie(model: Any, shared: list[list[tuple[str, str]]]) -> None:
-    for group in shared:
-        owner = model.get_submodule(group[0][0])
-        keep = getattr(owner, group[0][1])
-        for module_name, param_name in group[1:]:
-            module = model.get_submodule(module_name)
-            other = getattr(module, param_name)
-            if other is keep:
-                continue
-            if _layout(other) != _layout(keep) or other.shape != keep.shape:
-                raise UserError(
-                    f"Tied parameters {group[0][0]}.{group[0][1]} and {module_name}.{param_name} "
-                    f"got different tensor-parallel layouts ({_layout(keep)} vs {_layout(other)}).",
-                    "Give both modules the same sharding in the parallel plan.",
-                )
-            module.register_parameter(param_name, keep)
-
-
-def _layout(tensor: Any) -> Any:
-    placements = getattr(tensor, "placements", None)
-    return tuple(placements) if placements is not None else "plain"
 
 
 def _is_lora_layer(module: Any) -> bool:

@@ -82,3 +82,39 @@ def output_head(model: Any) -> tuple[Any, str | None]:
         return None, None
     name = next((name for name, module in model.named_modules() if module is head), None)
     return head, name
+
+
+def shared_parameters(model: Any) -> list[list[tuple[str, str]]]:
+    """Groups of (module FQN, parameter name) that hold the same Parameter object."""
+    seen: dict[int, list[tuple[str, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            seen.setdefault(id(param), [])
+            if (module_name, param_name) not in seen[id(param)]:
+                seen[id(param)].append((module_name, param_name))
+    return [group for group in seen.values() if len(group) > 1]
+
+
+def retie(model: Any, shared: list[list[tuple[str, str]]]) -> None:
+    """Make every group of ``shared_parameters`` one Parameter again (after an operation that
+    replaced them one by one: a tensor-parallel plan, ``to_empty``)."""
+    for group in shared:
+        owner = model.get_submodule(group[0][0])
+        keep = getattr(owner, group[0][1])
+        for module_name, param_name in group[1:]:
+            module = model.get_submodule(module_name)
+            other = getattr(module, param_name)
+            if other is keep:
+                continue
+            if layout(other) != layout(keep) or other.shape != keep.shape:
+                raise UserError(
+                    f"Tied parameters {group[0][0]}.{group[0][1]} and {module_name}.{param_name} "
+                    f"got different tensor-parallel layouts ({layout(keep)} vs {layout(other)}).",
+                    "Give both modules the same sharding in the parallel plan.",
+                )
+            module.register_parameter(param_name, keep)
+
+
+def layout(tensor: Any) -> Any:
+    placements = getattr(tensor, "placements", None)
+    return tuple(placements) if placements is not None else "plain"
