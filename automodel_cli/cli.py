@@ -20,6 +20,7 @@ from automodel_cli.commands.checkpoint import checkpoint_app
 from automodel_cli.commands.convert import convert_app
 from automodel_cli.commands.data import data_app
 from automodel_cli.commands.launch import launch_app
+from automodel_cli.commands.plan import plan_command
 from automodel_cli.commands.run import ARGS_HELP, CONFIG_HELP, recipe_command
 from automodel_cli.errors import UserError
 from automodel_cli.plugin_host import PluginHost, PluginRecord, host_for_command, warnings_shown_once
@@ -222,6 +223,7 @@ def build_app(host: PluginHost) -> typer.Typer:
 
     for entry in registries.recipes:
         app.command(entry.name, help=entry.description)(recipe_command(entry, registries))
+    app.command("plan")(plan_command(registries))
     app.add_typer(launch_app(registries), name="launch")
     app.add_typer(checkpoint_app, name="checkpoint")
     app.add_typer(convert_app, name="convert")

@@ -23,12 +23,14 @@ NPROC_HELP = "Processes per node; > 1 starts torchrun (launch.nproc_per_node)."
 GPUS_HELP = "GPUs per node: requests them from the cluster and runs one process per GPU (launch.gpus_per_node)."
 NODES_HELP = "Nodes for the job; > 1 needs --launcher slurm or k8s (launch.nodes)."
 LAUNCHER_HELP = "Where to run: local (default), slurm, k8s or a plugin's (launch.launcher)."
-DRY_RUN_HELP = "Print the resolved config and the batch script or manifest; run nothing."
+DRY_RUN_HELP = "Print the resolved config, the memory plan and the batch script or manifest; run nothing."
 
 
 #: Options shared by the recipe commands and `automodel launch FILE` (OptionInfo objects are
 #: plain declarations, so one instance can serve several commands).
+ARGUMENTS = typer.Argument(None, help=ARGS_HELP, show_default=False)
 CONFIG_OPTION = typer.Option([], "-c", "--config", help=CONFIG_HELP)
+PEFT_OPTION = typer.Option(None, "--peft", help=PEFT_HELP)
 NPROC_OPTION = typer.Option(None, "--nproc-per-node", help=NPROC_HELP)
 GPUS_OPTION = typer.Option(None, "--gpus-per-node", help=GPUS_HELP)
 NODES_OPTION = typer.Option(None, "--nodes", help=NODES_HELP)
@@ -60,6 +62,7 @@ def resolve_and_start(registries: Registries, entry: Entry, *, target: Optional[
     """Resolve a recipe's config and run, print (--dry-run) or submit it through its launcher."""
     from automodel_cli.components.launch.start import start
     from automodel_cli.config.assemble import resolve_command
+    from automodel_cli.training.memory_plan import launch_plan_text
 
     resolved = resolve_command(registries, recipe=entry, target=target, config_files=config_files,
                                flags=flags, overrides=overrides)
@@ -68,7 +71,8 @@ def resolve_and_start(registries: Registries, entry: Entry, *, target: Optional[
         raise UserError(f"{resolved.source_of('recipe')}: this config is for the `{named}` recipe, not "
                         f"`{entry.name}`.",
                         f"Run `automodel {named} ...` or `automodel launch FILE`, or change `recipe:`.")
-    code = start(entry, resolved, registries, dry_run=dry_run, echo=lambda text: typer.echo(text, nl=False))
+    code = start(entry, resolved, registries, dry_run=dry_run, echo=lambda text: typer.echo(text, nl=False),
+                 memory_plan=lambda spec, launcher: launch_plan_text(spec, launcher, registries))
     if code:
         raise typer.Exit(code)
 
@@ -77,9 +81,9 @@ def recipe_command(entry: Entry, registries: Registries):
     """A top-level command that resolves the config and hands it to the recipe's launcher."""
 
     def command(
-        arguments: Optional[list[str]] = typer.Argument(None, help=ARGS_HELP, show_default=False),
+        arguments: Optional[list[str]] = ARGUMENTS,
         config: list[str] = CONFIG_OPTION,
-        peft: Optional[str] = typer.Option(None, "--peft", help=PEFT_HELP),
+        peft: Optional[str] = PEFT_OPTION,
         nproc_per_node: Optional[int] = NPROC_OPTION,
         gpus_per_node: Optional[int] = GPUS_OPTION,
         nodes: Optional[int] = NODES_OPTION,

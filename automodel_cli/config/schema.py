@@ -197,6 +197,7 @@ CORE: dict[str, dict[str, Key] | Key] = {
         "nodes": _k(int, 1, "Nodes (machines) for the job; > 1 needs a cluster launcher (also --nodes).", ge=1),
         "nproc_per_node": _k(OPT_INT, None, "Processes per node; > 1 starts torchrun (also --nproc-per-node; --gpus-per-node sets it too).", ge=1),
         "gpus_per_node": _k(OPT_INT, None, "GPUs a cluster launcher requests per node (also --gpus-per-node, which runs one process per GPU).", ge=0),
+        "device_memory_gib": _k((int, float, NoneType), None, "GiB of memory of one GPU of the job (on CPU: of one node) that the memory plan checks the peak against; null: this machine's when the processes run here, no verdict for a cluster job (docs/memory.md).", gt=0),
         "job_name": _k(OPT_STR, None, "Name of the cluster job; default: the output directory's name."),
         "env": _k(dict, {}, "Environment variables set for every process of a cluster job (secrets: pass them through the cluster instead).", open=True),
         "setup": _k(list, [], "Shell commands run on each node before training (module load, source venv, ...)."),

@@ -81,7 +81,7 @@ class TrainingRun:
     """
 
     def __init__(self, context: Any, *, output: bool = True, stream: TextIO | None = None):
-        from automodel_cli.training import loop
+        from automodel_cli.training import loop, memory_plan
 
         self.context = context
         self.cfg = context.config
@@ -95,6 +95,7 @@ class TrainingRun:
         # The same seed on every rank: identical initial weights.
         self.precision = loop.seeded_precision(self.cfg, self.env, self.dp_size)
         self.sequence_parallel = bool(self.cfg.distributed.sequence_parallel and self.shape.tp > 1)
+        memory_plan.say_plan(self)  # the memory plan: the first lines of a run
         self.model: Any = None
         self.base_path: Any = None  # where an adapter's base weights live (load_model)
         self.optimizer: Any = None

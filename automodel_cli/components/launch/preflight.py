@@ -103,42 +103,54 @@ def gpus_problem(cfg: Any, spec: Any, launcher: Any) -> tuple[str | None, str | 
 
 
 def estimated_parameters(cfg: Any) -> int | None:
-    """Parameters of the configured model from its config.json (a local one, or the bundled
-    copy of a preset's), with ``model.config`` overrides; None when no config is at hand."""
+    """Parameters of the configured model from its config.json (``offline_config``); None when
+    no config is at hand."""
+    from automodel_cli.components.training.memory_plan import Architecture
+
+    config = offline_config(cfg)
+    architecture = Architecture.from_config(config) if config is not None else None
+    return architecture.parameters().total if architecture is not None else None
+
+
+def offline_config(cfg: Any, path_key: str = "model.path", overrides_key: str | None = "model.config") -> dict[str, Any] | None:
+    """The config.json of the model ``path_key`` names, read without network: a local file or
+    model directory, the bundled copy of a preset's, or a copy in the Hugging Face cache; with
+    ``overrides_key``'s overrides applied. None when none is at hand."""
     from automodel_cli.assets import bundled_config
 
-    path = cfg.get("model.path")
+    path = cfg.get(path_key)
     if not path:
         return None
     local = Path(path).expanduser()
-    candidates = [local, local / "config.json", bundled_config(path)]
+    candidates = (local, local / "config.json", bundled_config(path))
     file = next((c for c in candidates if c is not None and c.is_file() and c.suffix == ".json"), None)
+    file = file or _cached_hub_config(path)
     if file is None:
         return None
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    config = {**config.get("text_config", {}), **config} if isinstance(config.get("text_config"), dict) else config
-    overrides = cfg.get("model.config") or {}
-    return transformer_parameters({**config, **overrides})
-
-
-def transformer_parameters(config: dict[str, Any]) -> int | None:
-    """Parameter count of a decoder-only transformer from its HF config fields (embeddings,
-    attention and gated-MLP matrices; norms and biases are too small to matter)."""
-    try:
-        vocab, hidden, layers = int(config["vocab_size"]), int(config["hidden_size"]), int(config["num_hidden_layers"])
-        heads = int(config.get("num_attention_heads") or 1)
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        mlp = int(config.get("intermediate_size") or 4 * hidden)
-        experts = int(config.get("num_local_experts") or config.get("num_experts") or 1)
-    except (KeyError, TypeError, ValueError):
+    if not isinstance(config, dict):
         return None
-    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
-    return embeddings + layers * (attention + 3 * hidden * mlp * experts)
+    overrides = (cfg.get(overrides_key) if overrides_key else None) or {}
+    overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+    return {**config, **overrides}
+
+
+def _cached_hub_config(path: str) -> Path | None:
+    """A hub model's config.json from the local Hugging Face cache, if it was downloaded before."""
+    if path.count("/") != 1 or Path(path).expanduser().exists():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return None
+    try:
+        found = try_to_load_from_cache(path, "config.json")
+    except Exception:  # noqa: BLE001 - an unusual id is simply not cached
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 # ---------------------------------------------------------------------------- helpers

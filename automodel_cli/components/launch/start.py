@@ -45,7 +45,7 @@ def run_recipe(entry: Entry, cfg: Any, registries: Registries) -> int:
 def build_spec(entry: Entry, cfg: Any, launcher: Launcher, registries: Registries) -> LaunchSpec:
     """Check the launch settings and describe the job; nothing is written yet."""
     launch = cfg.launch
-    nproc = launch.nproc_per_node or launch.gpus_per_node or 1  # ranges: the config schema
+    nproc = processes_per_node(cfg)
     env = launch.env.to_dict() if hasattr(launch.env, "to_dict") else dict(launch.env or {})
     bad_env = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(name))]
     if bad_env:
@@ -59,7 +59,7 @@ def build_spec(entry: Entry, cfg: Any, launcher: Launcher, registries: Registrie
         run_here=lambda: run_recipe(entry, cfg, registries),
     )
     refuse_credentials(cfg, spec, launcher)  # first: nothing below may print a credential
-    spec.mesh = _check_mesh(cfg, spec.world_size)
+    spec.mesh = job_mesh(cfg, spec.world_size)
     launcher.check(spec)
     if launcher.uses_frozen_config(spec):  # what would otherwise fail in the queue
         problems = job_problems(entry.name, cfg, spec, launcher)
@@ -68,7 +68,12 @@ def build_spec(entry: Entry, cfg: Any, launcher: Launcher, registries: Registrie
     return spec
 
 
-def _check_mesh(cfg: Any, world_size: int) -> MeshShape:
+def processes_per_node(cfg: Any) -> int:
+    """Processes the job starts on each node (ranges: the config schema)."""
+    return cfg.launch.nproc_per_node or cfg.launch.gpus_per_node or 1
+
+
+def job_mesh(cfg: Any, world_size: int) -> MeshShape:
     """The mesh must fit the job's processes: refuse before submitting, not on the cluster."""
     dist = cfg.distributed
     return MeshShape.resolve(dist.dp_replicate, dist.dp_shard, dist.tp, world_size=world_size)
@@ -81,8 +86,9 @@ def _launch_error(cfg: Any, dotted: str, message: str) -> UserError:
 
 
 def start(entry: Entry, cfg: Any, registries: Registries, *, dry_run: bool,
-          echo: Callable[[str], None]) -> int:
-    """Run, print (--dry-run) or submit the recipe's job; returns the exit code."""
+          echo: Callable[[str], None], memory_plan: Callable[[LaunchSpec, Launcher], str] | None = None) -> int:
+    """Run, print (--dry-run) or submit the recipe's job; returns the exit code. ``memory_plan``
+    gives the comment lines of the job's memory plan that --dry-run prints after the mesh."""
     if inside_torchrun():
         return run_recipe(entry, cfg, registries)
     launcher = make_launcher(registries, cfg.launch.launcher)
@@ -91,6 +97,8 @@ def start(entry: Entry, cfg: Any, registries: Registries, *, dry_run: bool,
         rendered = launcher.render(spec)
         echo(f"# resolved config ({spec.describe()}, launcher {launcher.name})\n")
         echo(f"# mesh: {spec.describe_mesh()}\n")
+        if memory_plan is not None:
+            echo(memory_plan(spec, launcher))
         echo(cfg.to_yaml(with_sources=True))
         if rendered:
             echo(f"\n# ---- {launcher.name}: what would be submitted (nothing was) ----\n")

@@ -11,12 +11,16 @@ Two input layouts are accepted by the built-in losses, told apart by the number 
   hand a loss only the trained positions (``components/loss/head.py``).
 
 In both, ``-100`` marks positions that are not trained.
+
+No torch at import time: the memory plan reads ``rows_per_chunk`` on machines that only submit jobs.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100
 #: Values in one ``[rows, vocab]`` chunk when ``loss.chunk_size`` is null: 2**25 floats are
@@ -28,6 +32,8 @@ CHUNK_ELEMENTS = 2**25
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """``[batch, seq]`` labels -> targets of the same shape: ``targets[:, t] = labels[:, t + 1]``,
     ``-100`` at the last position."""
+    import torch.nn.functional as F
+
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 

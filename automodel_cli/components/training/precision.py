@@ -25,15 +25,9 @@ class Precision:
         fp32 there and FSDP's own mixed-precision policy computes in bf16."""
         import torch
 
-        cuda = device.type == "cuda"
-        bf16 = cuda and torch.cuda.is_bf16_supported()
-        if dtype_name == "auto":
-            autocast = torch.bfloat16 if bf16 else None
-            lean_base = bf16 and peft_method != "none" and not sharded
-            return cls(device, torch.bfloat16 if lean_base else torch.float32, autocast)
-        param = getattr(torch, dtype_name)
-        autocast = param if (cuda and param != torch.float32) else None
-        return cls(device, param, autocast)
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        param, autocast = dtype_policy(dtype_name, peft_method, device.type, bf16=bf16, sharded=sharded)
+        return cls(device, getattr(torch, param), getattr(torch, autocast) if autocast else None)
 
     def autocast(self) -> Any:
         import torch
@@ -46,3 +40,16 @@ class Precision:
         params = str(self.param_dtype).replace("torch.", "")
         mixed = f", {str(self.autocast_dtype).replace('torch.', '')} autocast" if self.autocast_dtype else ""
         return f"{self.device.type}, {params} weights{mixed}"
+
+
+def dtype_policy(dtype_name: str, peft_method: str, device_type: str, *, bf16: bool,
+                 sharded: bool = False) -> tuple[str, str | None]:
+    """(parameter dtype, autocast dtype or None) by name, without torch: the policy of the module
+    docstring, which ``Precision.choose`` applies and the memory plan predicts. ``bf16``: the
+    device computes in bf16 (a CUDA GPU that supports it)."""
+    cuda = device_type == "cuda"
+    if dtype_name == "auto":
+        bf16 = bf16 and cuda
+        lean_base = bf16 and peft_method != "none" and not sharded
+        return ("bfloat16" if lean_base else "float32"), ("bfloat16" if bf16 else None)
+    return dtype_name, (dtype_name if cuda and dtype_name != "float32" else None)
