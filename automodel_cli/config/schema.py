@@ -186,6 +186,7 @@ CORE: dict[str, dict[str, Key] | Key] = {
         "every_steps": _k(OPT_INT, None, "Save a resumable checkpoint every N optimizer steps.", ge=1),
         "keep": _k(int, 2, "How many recent checkpoints to keep.", ge=1),
         "resume": _k((str, bool, NoneType), "off", "auto (latest in output_dir), a checkpoint path, or off."),
+        "async": _k(bool, False, "Write checkpoints in the background: the shards are copied to host memory and written while training continues; the checkpoint is published (meta.json, rename, latest) once written."),
         "allow_changes": _k(bool, False, "On resume, apply changed optimizer and schedule settings (optim.*, train.max_steps, train.epochs, train.max_grad_norm) from the resumed step on; without it such a resume is refused, listing the changes."),
     },
     "logging": {

@@ -5,7 +5,7 @@
 - ``printer``, ``barrier``, ``any_rank``: rank 0 speaks for the run; ranks agree on stopping.
 - ``resume``: restore the checkpoint ``checkpoint.resume`` names (or none) and return its train
   state; ``open_loggers``: the run's config and metric files, cut back to the resumed step.
-- ``optimizer_step``, ``log_step``, ``checkpoint_due``: the end of every step.
+- ``optimizer_step``, ``log_step``, ``checkpoint_due``, ``Checkpoints``: the end of every step.
 - ``close_loop``: how a run stopped by a signal ends; ``save_outputs``: how a finished run ends.
 """
 
@@ -242,6 +242,42 @@ def checkpoint_due(cfg: Any, step: int, total_steps: int, stop: Any, env: Any) -
     return bool(every and step % every == 0) or stopping, stopping
 
 
+class Checkpoints:
+    """The loop's checkpoints, blocking or, with ``checkpoint.async``, written in the background
+    one at a time: a checkpoint in flight is published at the first step boundary where every
+    rank's writes are done, and at the latest before the next one starts and when the loop ends
+    (``close``). A checkpoint for a stop signal is written blocking, so the run exits with it
+    published. Every call is collective (each rank calls it at the same step)."""
+
+    def __init__(self, cfg: Any, output_dir: Path, *, model: Any, optimizer: Any, scheduler: Any,
+                 tokenizer: Any) -> None:
+        self._output_dir, self._keep = output_dir, cfg.checkpoint.keep
+        self._background = bool(getattr(cfg.checkpoint, "async"))  # ``async`` is a Python keyword
+        self._objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "tokenizer": tokenizer}
+        self._pending: Any = None
+
+    def at_step(self, step: int, *, save_now: bool, stopping: bool,
+                train_state: Callable[[], dict[str, Any]]) -> None:
+        """After optimizer step ``step``: publish a finished (or, before a save, any) background
+        checkpoint, then save one if ``save_now`` (``train_state()`` is its train state)."""
+        from automodel_cli.components.checkpoint import start_checkpoint
+
+        if self._pending is not None and (save_now or self._pending.ready()):
+            self.close()
+        if save_now:
+            background = self._background and not stopping
+            self._pending = start_checkpoint(self._output_dir, step, train_state=train_state(), keep=self._keep,
+                                             background=background, **self._objects)
+            if not background:
+                self.close()
+
+    def close(self) -> None:
+        """Publish the checkpoint in flight, waiting for its writes (before ``final/`` is written)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.finish()
+
+
 def close_loop(loggers: list[Any], stop: Any, step: int, total_steps: int, output_dir: Path, say: Any) -> int | None:
     """Close the loggers; when a signal stopped the run early (after saving a checkpoint), say
     how to continue and return its exit code (128 + signal), else None."""
@@ -256,19 +292,14 @@ def close_loop(loggers: list[Any], stop: Any, step: int, total_steps: int, outpu
 
 def save_outputs(model: Any, tokenizer: Any, cfg: Any, env: Any, output_dir: Path, say: Callable[[str], None], *,
                  base_path: Any, summary: dict[str, Any]) -> None:
-    """Gather the model from every rank, write ``final/`` and ``summary.json`` (rank 0), wait for
-    every rank and close the process group."""
-    from automodel_cli.components.checkpoint.collective import run_agreed
+    """Write ``final/`` (every rank gathers the model one tensor at a time, rank 0 writes) and
+    ``summary.json`` (rank 0), wait for every rank and close the process group."""
     from automodel_cli.components.distributed import env as dist_env
-    from automodel_cli.components.distributed.parallelize import gather_full_state_dict
     from automodel_cli.components.models.saving import save_final
 
-    state_dict = (gather_full_state_dict(model, trainable_only=cfg.peft.method != "none")
-                  if env.distributed else None)
-    # Rank 0 writes; a failure there (a full disk) is raised on every rank instead of leaving
-    # the others waiting at the barrier.
-    final_dir = run_agreed(lambda: save_final(model, tokenizer, output_dir, merge=cfg.peft.merge, base_path=base_path,
-                                              state_dict=state_dict) if env.is_main else None)
+    # A failure on rank 0 (a full disk) is raised on every rank instead of leaving the others
+    # waiting at the barrier.
+    final_dir = save_final(model, tokenizer, output_dir, merge=cfg.peft.merge, base_path=base_path)
     if env.is_main:
         summary = {"steps": summary.pop("steps", None), "output_dir": str(output_dir), "final": str(final_dir),
                    **summary}

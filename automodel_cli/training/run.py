@@ -231,7 +231,7 @@ class TrainingRun:
         """
         import torch
 
-        from automodel_cli.components.checkpoint import GracefulStop, save_checkpoint
+        from automodel_cli.components.checkpoint import GracefulStop
         from automodel_cli.components.distributed import mesh as meshes
         from automodel_cli.components.training import flops as flops_math
         from automodel_cli.components.training.progress import TrainingProgress
@@ -239,6 +239,8 @@ class TrainingRun:
 
         cfg, env = self.cfg, self.env
         step, after, stopping, first, metrics = self.start_step, None, False, None, None
+        checkpoints = loop.Checkpoints(cfg, self.output_dir, model=self.model, optimizer=self.optimizer,
+                                       scheduler=self.scheduler, tokenizer=tokenizer)
         with GracefulStop() as stop, TrainingProgress(total_steps, step, cfg.logging.progress and env.is_main) as progress:
             while step < total_steps and not stopping:
                 started = time.perf_counter()
@@ -261,11 +263,9 @@ class TrainingRun:
                 after = loop.log_step(cfg, step, total_steps, metrics, evaluate=evaluate or (lambda: None),
                                       describe=describe, loggers=self.loggers, progress=progress) or after
                 save_now, stopping = loop.checkpoint_due(cfg, step, total_steps, stop, env)
-                if save_now:
-                    state = {"step": step, **(checkpoint_state(step) if checkpoint_state else {})}
-                    save_checkpoint(self.output_dir, step, model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, train_state=state, keep=cfg.checkpoint.keep,
-                                    tokenizer=tokenizer)
+                checkpoints.at_step(step, save_now=save_now, stopping=stopping, train_state=lambda: {
+                    "step": step, **(checkpoint_state(step) if checkpoint_state else {})})
+            checkpoints.close()  # the last checkpoint is published before final/ is written
         code = loop.close_loop(self.loggers, stop, step, total_steps, self.output_dir, self.say)
         self.loggers = []
         if code is None and after:

@@ -32,6 +32,29 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
+_side_groups: list[Any] = []
+_side_groups_of: Any = None  # the default group they were made for
+
+
+def side_group(index: int) -> Any:
+    """The ``index``-th extra gloo process group, for collectives that a background thread runs
+    while the main thread runs its own on the default group (one group must never carry both:
+    the ranks could order them differently). None without a process group.
+
+    Collective the first time an index is asked for (every rank creates the group); later calls
+    return the same group, until the default group is replaced.
+    """
+    global _side_groups_of
+    if not active():
+        return None
+    if _side_groups_of is not dist.group.WORLD:
+        _side_groups.clear()
+        _side_groups_of = dist.group.WORLD
+    while len(_side_groups) <= index:
+        _side_groups.append(dist.new_group(backend="gloo"))
+    return _side_groups[index]
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

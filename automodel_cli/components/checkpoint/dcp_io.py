@@ -12,6 +12,9 @@ A checkpoint downloaded from somewhere must never run code, so this module repla
 
 Tensor payloads are already read with ``weights_only=True`` by DCP itself.
 
+Writing goes through ``save`` (blocking) or ``BackgroundWrites`` (``dcp.async_save``: the state
+is copied to host memory at once, the files are written by a thread while training goes on).
+
 It also offers the checks a resume needs before it changes anything (every file a
 checkpoint's metadata refers to exists and is long enough, digests match) and
 ``read_tensor``: one tensor at a time, with no process group, for ``checkpoint consolidate``.
@@ -183,6 +186,51 @@ def save(state: dict[str, Any], directory: Path, *, distributed: bool) -> None:
 
     with _quiet():
         dcp.save(state, storage_writer=SafeWriter(str(directory), sync_files=True), no_dist=not distributed)
+
+
+class BackgroundWriteFailed(RuntimeError):
+    """A background DCP write failed; the original failure is its ``__cause__`` (where
+    ``storage.storage_error`` finds a full disk)."""
+
+
+class BackgroundWrites:
+    """DCP saves whose files are written by threads while the caller goes on (``dcp.async_save``).
+
+    ``save`` copies the state to host memory before it returns (DCP's staging), so the caller may
+    change its tensors at once (the next optimizer step); a thread then plans and writes the
+    files. Under a process group each save's thread runs its collectives on a gloo group of its
+    own (``collective.side_group``): the training's collectives on the default group, and two
+    saves in flight at once, never interleave on one group. ``wait`` blocks until every file is
+    written and raises ``BackgroundWriteFailed`` if any write failed.
+    """
+
+    def __init__(self) -> None:
+        self._futures: list[Any] = []
+
+    def save(self, state: dict[str, Any], directory: Path) -> None:
+        """Collective under a process group: every rank calls it the same number of times."""
+        import torch.distributed.checkpoint as dcp
+
+        from automodel_cli.components.checkpoint import collective
+
+        group = collective.side_group(len(self._futures))
+        if group is None:  # one process: DCP warns from its thread, where _quiet cannot reach
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        self._futures.append(dcp.async_save(state, storage_writer=SafeWriter(str(directory), sync_files=True),
+                                            process_group=group, no_dist=group is None))
+
+    def wait_quietly(self) -> None:
+        """Wait for every write to end, ignoring failures (before the caller discards them)."""
+        import concurrent.futures
+
+        concurrent.futures.wait(self._futures)
+
+    def wait(self) -> None:
+        for future in self._futures:
+            try:
+                future.result()
+            except BaseException as exc:  # DCP raises CheckpointException, a BaseException
+                raise BackgroundWriteFailed(f"writing checkpoint shards failed ({checkpoint_error(exc)})") from exc
 
 
 def load(state: dict[str, Any], directory: Path, *, distributed: bool,

@@ -13,6 +13,12 @@ The sequence, each step durable before the next (every rank calls ``save_checkpo
 4. rank 0 points ``latest`` at it (temp file + ``os.replace``) and prunes old checkpoints by
    renaming them to ``.trash-*`` first, then deleting; barrier.
 
+In the background mode (``start_checkpoint(..., background=True)``, ``checkpoint.async``) step 2
+copies the model and optimizer shards to host memory (DCP's async save) and returns; threads
+write them and hash every rank's files while training goes on, and ``PendingCheckpoint.finish``
+does step 3 and 4 later, from the main thread at a point every rank reaches (the training loop
+calls it once every rank's writes are done, before the next save, and at the end of the loop).
+
 Until step 3 nothing visible changed; between 3 and 4 ``latest`` still names the previous
 checkpoint, which is whole; pruning never touches the new checkpoint or ``latest``'s target.
 An error on any rank is raised on every rank (``collective.agree``), so no rank waits forever.
@@ -28,6 +34,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +63,14 @@ FORMAT_NAME = "automodel-checkpoint"
 _OWNED_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 
-def save_checkpoint(
+def save_checkpoint(run_dir: Path, step: int, **options: Any) -> Path:
+    """Save ``run_dir/checkpoints/step_{step:08d}/`` atomically, blocking until it is published,
+    and return its path: ``start_checkpoint(run_dir, step, **options).finish()`` (options as
+    there, without ``background``)."""
+    return start_checkpoint(run_dir, step, **options).finish()
+
+
+def start_checkpoint(
     run_dir: Path,
     step: int,
     *,
@@ -68,8 +82,10 @@ def save_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
     tokenizer: Any = None,
     extra_files: Mapping[str, bytes | str] | None = None,
-) -> Path:
-    """Save ``run_dir/checkpoints/step_{step:08d}/`` atomically and return its path.
+    background: bool = False,
+) -> PendingCheckpoint:
+    """Steps 1 and 2 of the sequence: the temporary directory and every file in it; ``finish()``
+    on the result publishes it (steps 3 and 4) as ``run_dir/checkpoints/step_{step:08d}/``.
 
     Collective: with a process group every rank must call it with the same arguments
     (``model``/``optimizer`` being each rank's shard of them). ``train_state`` must be
@@ -82,6 +98,12 @@ def save_checkpoint(
     ``adapter_config.json``) are stored in ``hf/`` automatically; pass ``tokenizer`` (anything
     with ``save_pretrained``) to store it too, and ``extra_files`` (relative name -> content)
     for anything else ``checkpoint consolidate`` should copy into the exported model.
+
+    With ``background`` the model and optimizer shards are copied to host memory now (DCP's
+    async save) and written, then hashed, by threads, so the caller can train on meanwhile; the
+    small files (RNG, scheduler, train state, ``hf/``) are written before it returns. The
+    checkpoint stays invisible until ``finish``, which waits for the writes: a crash before
+    then leaves the previous checkpoint in charge.
     """
     if keep is not None and keep < 1:
         raise UserError(f"checkpoint.keep must be at least 1, got {keep}.",
@@ -89,11 +111,8 @@ def save_checkpoint(
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     state_json = _train_state_json(train_state, step)  # fail before touching the disk
-
-    root = layout.checkpoints_root(run_dir)
-    final = root / layout.step_dir_name(step)
-    is_main = collective.rank() == 0
-    published = False
+    pending = PendingCheckpoint(Path(run_dir), step, keep, model, optimizer)
+    root, is_main = pending.final.parent, collective.rank() == 0
 
     def prepare() -> str | None:
         if not is_main:
@@ -105,33 +124,86 @@ def save_checkpoint(
         tmp.mkdir()
         return str(tmp)
 
-    def point_and_prune() -> None:
-        if is_main:
-            layout.write_latest(root, final.name)
-            prune(root, keep, protect={final.name})
-
     try:
-        tmp = Path(collective.broadcast(collective.run_agreed(prepare)))
+        pending.tmp = Path(collective.broadcast(collective.run_agreed(prepare)))
         try:
-            write_payload(tmp, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                          state_json=state_json, generators=generators, tokenizer=tokenizer,
-                          extra_files=extra_files)
-            collective.run_agreed(lambda: publish(tmp, final) if is_main else None)
+            pending.saved, pending.writes = write_files(
+                pending.tmp, step, model=model, optimizer=optimizer, scheduler=scheduler, state_json=state_json,
+                generators=generators, tokenizer=tokenizer, extra_files=extra_files, background=background)
         except BaseException:
-            if is_main:
-                remove_tree(tmp)  # best effort; a SIGKILL leaves it for the next save to clean
+            pending.discard()
             raise
-        published = True
-        collective.run_agreed(point_and_prune)
     except BaseException as exc:  # every rank gets here together (DCP raises a BaseException)
+        raise pending.failure(exc, published=False) from None
+    return pending
+
+
+class PendingCheckpoint:
+    """A checkpoint whose files are being written into its temporary directory (from
+    ``start_checkpoint``); ``finish`` publishes it. ``writes`` resolves to the digests of the
+    files this rank wrote once they are all on disk (at once for a blocking save)."""
+
+    def __init__(self, run_dir: Path, step: int, keep: int | None, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer | None) -> None:
+        self.run_dir = run_dir
+        self.step = step
+        self.keep = keep
+        self.final = layout.checkpoints_root(run_dir) / layout.step_dir_name(step)
+        self.tmp: Path | None = None
+        self.saved: dict[str, Any] = {}  # parameter signature and mesh, for meta.json
+        self.writes: Future | None = None
+        self._model, self._optimizer = model, optimizer
+
+    def done(self) -> bool:
+        """This rank's writes are finished (successfully or not)."""
+        return self.writes is None or self.writes.done()
+
+    def ready(self) -> bool:
+        """Every rank's writes are finished, so ``finish`` will not wait (collective)."""
+        return all(collective.gather(self.done()))
+
+    def finish(self) -> Path:
+        """Wait for the writes, then hash, write ``meta.json``, publish, point ``latest`` at the
+        checkpoint and prune (steps 3 and 4; collective). A failed write, here or in the
+        background, removes the temporary directory and raises on every rank: a disk error as
+        the ``UserError`` naming the intact previous checkpoint."""
+        is_main = collective.rank() == 0
+        published = False
+        try:
+            try:
+                seal(self.tmp, self.step, self._model, self.saved, self.writes)
+                collective.run_agreed(lambda: publish(self.tmp, self.final) if is_main else None)
+            except BaseException:
+                self.discard()
+                raise
+            published = True
+            collective.run_agreed(self._point_and_prune if is_main else lambda: None)
+        except BaseException as exc:
+            raise self.failure(exc, published=published) from None
+        return self.final
+
+    def _point_and_prune(self) -> None:
+        root = self.final.parent
+        layout.write_latest(root, self.final.name)
+        prune(root, self.keep, protect={self.final.name})
+
+    def discard(self) -> None:
+        """Remove the temporary directory (rank 0, best effort; a SIGKILL leaves it for the
+        next save to clean)."""
+        if collective.rank() == 0 and self.tmp is not None:
+            remove_tree(self.tmp)
+
+    def failure(self, exc: BaseException, *, published: bool) -> BaseException:
+        """The error to raise for ``exc``: a ``UserError`` when the disk refused a write, else
+        ``exc`` itself."""
         error = storage.storage_error(exc)
         if error is None:
-            raise
+            return exc
+        root = self.final.parent
         previous = layout.resolve_latest(root)  # what checkpoint.resume=auto would use now
-        needed = storage.checkpoint_bytes(previous) or state_bytes(model, optimizer)
-        raise storage.checkpoint_write_failed(error, run_dir=Path(run_dir), step_name=final.name,
-                                              previous=previous, needed=needed, published=published) from None
-    return final
+        needed = storage.checkpoint_bytes(previous) or state_bytes(self._model, self._optimizer)
+        return storage.checkpoint_write_failed(error, run_dir=self.run_dir, step_name=self.final.name,
+                                               previous=previous, needed=needed, published=published)
 
 
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
@@ -170,10 +242,23 @@ def write_payload(directory: Path, step: int, *, model, optimizer, scheduler, st
                   generators: dict[str, torch.Generator] | None, tokenizer: Any = None,
                   extra_files: Mapping[str, bytes | str] | None = None) -> None:
     """Write every file of a checkpoint into ``directory``; ``meta.json`` goes last (collective)."""
+    saved, digests = write_files(directory, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 state_json=state_json, generators=generators, tokenizer=tokenizer,
+                                 extra_files=extra_files)
+    seal(directory, step, model, saved, digests)
+
+
+def write_files(directory: Path, step: int, *, model, optimizer, scheduler, state_json: str,
+                generators: dict[str, torch.Generator] | None, tokenizer: Any = None,
+                extra_files: Mapping[str, bytes | str] | None = None,
+                background: bool = False) -> tuple[dict[str, Any], Future]:
+    """Write every file of a checkpoint but ``meta.json`` into ``directory`` (collective).
+
+    Returns the parameter signature and mesh (for ``write_meta``) and a future of the digests
+    of the files this rank owns (``file_owner``): resolved already, or with ``background``
+    once the threads writing the shards are done and the files are hashed.
+    """
     rank, world = collective.rank(), collective.world_size()
-    saved = save_model_state(model, directory)
-    if optimizer is not None:
-        save_optimizer_state(model, optimizer, directory)
 
     def write_local() -> None:
         rng_path = directory / layout.rng_file(rank)
@@ -190,48 +275,89 @@ def write_payload(directory: Path, step: int, *, model, optimizer, scheduler, st
             target.parent.mkdir(parents=True, exist_ok=True)
             write_bytes_durably(target, content)
 
-    collective.run_agreed(write_local)  # also the barrier: every rank's files are on disk now
+    # The small files first: once threads write the shards, only they can fail in the background.
+    collective.run_agreed(write_local)
+    shards = dcp_io.BackgroundWrites() if background else None
+    writer = (shards,) if shards else ()  # blocking: the state I/O functions' plain signature
+    try:
+        saved = save_model_state(model, directory, *writer)
+        if optimizer is not None:
+            save_optimizer_state(model, optimizer, directory, *writer)
+    except BaseException:
+        if shards:  # let a thread already writing end before the caller removes its directory
+            shards.wait_quietly()
+        raise
 
     def hash_mine() -> dict[str, dict[str, Any]]:
-        mine = {}
-        for name in _list_files(directory):
-            if file_owner(name) % world == rank:
-                path = directory / name
-                mine[name] = {"size": path.stat().st_size, "sha256": dcp_io.sha256_file(path)}
-        return mine
+        if shards:
+            shards.wait()
+        return _hash_owned(directory, rank, world)
 
+    if shards:
+        return saved, _in_background(hash_mine)
+    digests: Future = Future()
+    try:
+        digests.set_result(hash_mine())
+    except Exception as exc:  # raised on every rank by finish (collective.run_agreed)
+        digests.set_exception(exc)
+    return saved, digests
+
+
+def _hash_owned(directory: Path, rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the files of ``directory`` that ``rank`` wrote (``file_owner``)."""
+    mine = {}
+    for name in _list_files(directory):
+        if file_owner(name) % world == rank:
+            path = directory / name
+            mine[name] = {"size": path.stat().st_size, "sha256": dcp_io.sha256_file(path)}
+    return mine
+
+
+def _in_background(fn: Any) -> Future:
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writes")
+    try:
+        return executor.submit(fn)
+    finally:
+        executor.shutdown(wait=False)
+
+
+def seal(directory: Path, step: int, model: torch.nn.Module, saved: dict[str, Any], writes: Future) -> None:
+    """Wait for every rank's writes (``write_files``), gather their digests and write
+    ``meta.json`` on rank 0 (collective; a failed write on any rank raises on all)."""
     digests: dict[str, dict[str, Any]] = {}
-    for part in collective.gather(collective.run_agreed(hash_mine)):
+    for part in collective.gather(collective.run_agreed(writes.result)):
         digests.update(part)
+    collective.run_agreed(lambda: write_meta(directory, step, model, saved, digests)
+                          if collective.rank() == 0 else None)
 
-    def write_meta() -> None:
-        if rank != 0:
-            return
-        trainable = set(trainable_names(model))
-        every = {n for n, _ in model.named_parameters()}
-        adapter = hf_files.adapter_info(model)
-        meta = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "torch_version": torch.__version__,
-            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "hf_architecture": hf_files.hf_class_name(unwrap(model)),
-            "world_size": world,
-            "mesh": saved["mesh"],
-            "trainable_only": len(trainable) < len(every),
-            "peft": None if adapter is None else {k: v for k, v in adapter.items() if k != "config"},
-            "tied": tied_aliases(model),
-            "params_sha256": signature_checksum(saved["params"]),
-            "params": saved["params"],
-            "files": dict(sorted(digests.items())),
-        }
-        write_bytes_durably(directory / layout.META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
-        for sub in {directory / Path(name).parent for name in digests} | {directory}:
-            fsync_dir(sub)
 
-    collective.run_agreed(write_meta)
+def write_meta(directory: Path, step: int, model: torch.nn.Module, saved: dict[str, Any],
+               digests: dict[str, dict[str, Any]]) -> None:
+    """``meta.json`` (rank 0, last: its presence marks a finished checkpoint), then fsync the
+    directories, so the publishing rename is durable."""
+    trainable = set(trainable_names(model))
+    every = {n for n, _ in model.named_parameters()}
+    adapter = hf_files.adapter_info(model)
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch_version": torch.__version__,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "hf_architecture": hf_files.hf_class_name(unwrap(model)),
+        "world_size": collective.world_size(),
+        "mesh": saved["mesh"],
+        "trainable_only": len(trainable) < len(every),
+        "peft": None if adapter is None else {k: v for k, v in adapter.items() if k != "config"},
+        "tied": tied_aliases(model),
+        "params_sha256": signature_checksum(saved["params"]),
+        "params": saved["params"],
+        "files": dict(sorted(digests.items())),
+    }
+    write_bytes_durably(directory / layout.META_FILE, json.dumps(meta, indent=2).encode("utf-8"))
+    for sub in {directory / Path(name).parent for name in digests} | {directory}:
+        fsync_dir(sub)
 
 
 def publish(tmp: Path, final: Path) -> None:

@@ -145,14 +145,23 @@ def mesh_description(tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
     return None
 
 
-def save_model_state(model: torch.nn.Module, directory: Path) -> dict[str, Any]:
-    """Write the trainable parameters to ``directory/model/`` (collective when distributed);
-    return their signature and the mesh they were sharded over."""
+def save_model_state(model: torch.nn.Module, directory: Path,
+                     background: dcp_io.BackgroundWrites | None = None) -> dict[str, Any]:
+    """Write the trainable parameters to ``directory/model/`` (collective when distributed), or
+    with ``background`` stage them and let it write them; return their signature and the mesh
+    they were sharded over."""
+    tensors = model_state(model)
+    _dcp_save(tensors, directory / MODEL_DIR, background)
+    return {"params": param_signature(tensors), "mesh": mesh_description(tensors)}
+
+
+def _dcp_save(state: dict[str, Any], directory: Path, background: dcp_io.BackgroundWrites | None) -> None:
     from automodel_cli.components.checkpoint import collective
 
-    tensors = model_state(model)
-    dcp_io.save(tensors, directory / MODEL_DIR, distributed=collective.active())
-    return {"params": param_signature(tensors), "mesh": mesh_description(tensors)}
+    if background is not None:
+        background.save(state, directory)
+    else:
+        dcp_io.save(state, directory, distributed=collective.active())
 
 
 def check_model_matches(model: torch.nn.Module, metadata: Any, checkpoint: Path,
@@ -217,10 +226,9 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return get_optimizer_state_dict(model, optimizer, options=_optim_options())
 
 
-def save_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    from automodel_cli.components.checkpoint import collective
-
-    dcp_io.save(optimizer_state(model, optimizer), directory / OPTIMIZER_DIR, distributed=collective.active())
+def save_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path,
+                         background: dcp_io.BackgroundWrites | None = None) -> None:
+    _dcp_save(optimizer_state(model, optimizer), directory / OPTIMIZER_DIR, background)
 
 
 def check_optimizer_matches(template: dict[str, Any], metadata: Any, checkpoint: Path) -> None:

@@ -32,8 +32,9 @@ What the recipe does (see ``tests/components/distributed/_dist_worker.py`` for a
    backward each, then ``clip_grad_norm_`` (the true total norm; call it on every rank, also
    with ``max_norm=None`` to just measure) and ``optimizer.step()``. For logging, sum the
    per-rank loss with ``all_reduce_dp``.
-4. Save with ``gather_full_state_dict`` (collective; rank 0 writes; with peft pass the dict,
-   or ``trainable_only=True``, to ``save_pretrained(state_dict=...)``).
+4. Save with ``components/models/saving.save_final`` (collective; gathers one tensor at a time
+   with ``full_tensor`` and rank 0 writes it); small state such as LoRA adapters may be gathered
+   whole with ``gather_full_state_dict(trainable_only=True)``.
 """
 
 from __future__ import annotations
@@ -311,26 +312,44 @@ def clip_grad_norm_(parameters: Iterable[Any], max_norm: float | None, norm_type
     return total_value
 
 
-def gather_full_state_dict(model: Any, *, trainable_only: bool = False) -> dict[str, Any]:
-    """The whole model's state dict as plain CPU tensors on rank 0 (``{}`` on other ranks).
-
-    Collective under a process group: every rank must call it. Keys are the model's own
-    parameter names (for peft models ``base_model.model...``, as ``save_pretrained(state_dict=)``
-    expects). ``trainable_only`` skips frozen parameters (LoRA: gather just the adapters).
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        state = model.state_dict()
-        if trainable_only:
-            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-            state = {k: v for k, v in state.items() if k in trainable}
-        return {k: v.detach().cpu() for k, v in state.items()}
+def sharded_state_dict(model: Any, *, trainable_only: bool = False) -> dict[str, Any]:
+    """The model's state dict as this rank holds it, gathering nothing: DTensor shards under
+    FSDP2/TP, plain tensors otherwise (they share storage with the parameters). Keys are the
+    model's canonical names (no FSDP, compile or activation-checkpoint wrapper prefixes; for
+    peft models ``base_model.model...``), in module order, the same on every rank.
+    ``trainable_only`` keeps only parameters that require gradients (LoRA: the adapters)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    state = get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=trainable_only))
     if trainable_only:  # DCP keeps the second name of a tied frozen weight (lm_head = embed)
         frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         state = {k: v for k, v in state.items() if k not in frozen}
     return state
+
+
+def full_tensor(value: Any, *, keep: bool) -> Any:
+    """``value`` (a DTensor shard or a plain tensor) as one whole CPU tensor where ``keep``, else
+    None. Collective for a DTensor: every rank must call it, for the same value, in the same
+    order. Only this one tensor is gathered, so a caller that writes each tensor before it asks
+    for the next holds one tensor at a time."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return value.detach().cpu() if keep else None
+
+
+def gather_full_state_dict(model: Any, *, trainable_only: bool = False) -> dict[str, Any]:
+    """The whole model's state dict as plain CPU tensors on rank 0 (``{}`` on other ranks).
+
+    Collective under a process group: every rank must call it. Keys as ``sharded_state_dict``,
+    as ``save_pretrained(state_dict=)`` expects them. ``trainable_only`` skips frozen parameters
+    (LoRA: gather just the adapters). For the whole model, prefer gathering one tensor at a
+    time with ``full_tensor`` (``components/models/hf_stream.py`` does).
+    """
+    import torch.distributed as dist
+
+    keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    state = sharded_state_dict(model, trainable_only=trainable_only)
+    gathered = {name: full_tensor(value, keep=keep) for name, value in state.items()}
+    return gathered if keep else {}

@@ -9,52 +9,70 @@ from typing import Any
 from automodel_cli.run_layout import RunDir
 
 
-def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, base_path: Any,
-               state_dict: dict[str, Any] | None = None) -> Path:
+def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, base_path: Any) -> Path:
     """``final/``: the full model (safetensors, config, generation config, tokenizer), or with
     LoRA/DoRA the adapter that ``PeftModel.from_pretrained`` loads; ``final/merged`` when
-    ``merge``. ``state_dict`` is the gathered full state of a sharded model (None: the model's
-    own). ``base_path`` is what the adapter is recorded against and merged into.
+    ``merge``. ``base_path`` is what the adapter is recorded against and merged into.
+
+    Collective under a process group: every rank calls it and rank 0 writes. A sharded model is
+    gathered one tensor at a time, each written before the next is gathered (``hf_stream``), so
+    no rank ever holds the whole model; an adapter is small and is gathered whole.
 
     Writing goes to a temporary directory renamed into place, so ``final/`` is never half written;
     when the disk refuses the write (full, over quota, read-only) the temporary copy is removed
-    and a ``UserError`` says which checkpoint the run can continue from.
+    and a ``UserError``, raised on every rank, says which checkpoint the run can continue from.
     """
     from peft import PeftModel
 
+    from automodel_cli.components.checkpoint import collective
+    from automodel_cli.components.distributed.parallelize import gather_full_state_dict
+    from automodel_cli.components.models import hf_stream
+
+    is_main = collective.rank() == 0
     final = RunDir(output_dir).final
     staging = output_dir / ".final.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
     is_adapter = isinstance(model, PeftModel)
     if is_adapter:
         model.peft_config["default"].base_model_name_or_path = str(base_path)
-    kwargs = {"state_dict": state_dict} if state_dict is not None else {}
-    try:
-        model.save_pretrained(staging, safe_serialization=True, **kwargs)
-        tokenizer.save_pretrained(staging)
-        if is_adapter and merge:
-            merge_adapter(base_path, staging, staging / "merged")
-            tokenizer.save_pretrained(staging / "merged")
-    except Exception as exc:
-        shutil.rmtree(staging, ignore_errors=True)  # frees the space a partial copy took
-        disk = _disk_error(exc, output_dir, _output_bytes(model, state_dict, is_adapter))
-        if disk is None:
-            raise
-        raise disk from None
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
+
+    def write() -> None:
+        try:
+            if is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            if is_adapter:
+                adapter = gather_full_state_dict(model, trainable_only=True) if collective.active() else None
+                if is_main:
+                    model.save_pretrained(staging, safe_serialization=True,
+                                          **({"state_dict": adapter} if adapter is not None else {}))
+            else:
+                hf_stream.write_weights(model, staging if is_main else None)
+                if is_main:
+                    hf_stream.write_model_files(model, staging)
+            if is_main:
+                tokenizer.save_pretrained(staging)
+                if is_adapter and merge:
+                    merge_adapter(base_path, staging, staging / "merged")
+                    tokenizer.save_pretrained(staging / "merged")
+        except Exception as exc:
+            if is_main:
+                shutil.rmtree(staging, ignore_errors=True)  # frees the space a partial copy took
+            disk = _disk_error(exc, output_dir, _output_bytes(model, is_adapter))
+            if disk is None:
+                raise
+            raise disk from None
+
+    collective.run_agreed(write)  # a failure on any rank is raised on every rank
+    if is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
     return final
 
 
-def _output_bytes(model: Any, state_dict: dict[str, Any] | None, is_adapter: bool) -> int:
-    """About what ``final/`` holds: the gathered state, the adapter weights, or the model."""
-    if state_dict is not None:
-        tensors = list(state_dict.values())
-    elif is_adapter:
-        tensors = [p for p in model.parameters() if p.requires_grad]
-    else:
-        tensors = list(model.state_dict().values())
+def _output_bytes(model: Any, is_adapter: bool) -> int:
+    """About what ``final/`` holds: the adapter weights, or the model (global sizes when sharded)."""
+    tensors = [p for p in model.parameters() if p.requires_grad] if is_adapter else list(model.state_dict().values())
     return sum(t.numel() * t.element_size() for t in tensors if hasattr(t, "element_size"))
 
 

@@ -3,13 +3,17 @@
     torchrun --standalone --nproc-per-node N dist_worker.py train  RUN_DIR OUT.json
     torchrun --standalone --nproc-per-node N dist_worker.py resume RUN_DIR OUT.json
     torchrun --standalone --nproc-per-node 2 dist_worker.py recover RUN_DIR OUT.json
+    torchrun --standalone --nproc-per-node 2 dist_worker.py background RUN_DIR OUT.json
     torchrun --standalone --nproc-per-node 1 dist_worker.py cuda   RUN_DIR OUT.json   (NCCL, GPU)
 
 ``cuda`` saves from a CUDA FSDP2 model and loads into a fresh one in the same job (exact
 state and CUDA RNG), for the GPU test. ``recover`` saves two checkpoints, then: a full disk on
 rank 1 during a third save (every rank must raise the same UserError); damage only rank 1
 can see (a flipped byte in its own shard of the latest checkpoint: every rank must fall back to
-the older one); both damaged (every rank must raise the same UserError). ``train`` runs SAVE_AT steps, saves a checkpoint, writes the full (gathered) model and
+the older one); both damaged (every rank must raise the same UserError). ``background``
+saves in the background at step SAVE_AT while training goes on (the checkpoint must hold the
+state of step SAVE_AT exactly), then saves again while a file-size limit on rank 1 only makes
+its background write fail (every rank must raise the same UserError when finishing). ``train`` runs SAVE_AT steps, saves a checkpoint, writes the full (gathered) model and
 optimizer state to RUN_DIR/reference.pt, then runs two more steps and records their losses
 and the random numbers each rank draws right after the save. ``resume`` builds the model from
 a different seed, loads the checkpoint on its own world size, compares the gathered state
@@ -170,6 +174,51 @@ def recover(run_dir: Path, mesh) -> dict:
     return result
 
 
+def background(run_dir: Path, mesh) -> dict:
+    """Background saves on two ranks (see the module doc)."""
+    import resource
+
+    from automodel_cli.components.checkpoint import find_checkpoint, load_checkpoint
+    from automodel_cli.components.checkpoint.save import start_checkpoint
+
+    model, optimizer, scheduler = build(0, mesh)
+    for step in range(SAVE_AT):
+        train_step(model, optimizer, scheduler, step)
+    reference = full_state(model, optimizer)
+
+    def start(step: int):
+        return start_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                train_state={"epoch": 0}, keep=3, background=True)
+
+    pending = start(SAVE_AT)
+    result: dict = {"next": []}
+    while True:  # train on (FSDP collectives on the default group) until every rank's writes are done
+        result["next"].append(train_step(model, optimizer, scheduler, SAVE_AT + len(result["next"])))
+        if pending.ready():
+            break
+    result["published"] = pending.finish().name
+    fresh, fresh_optimizer, fresh_scheduler = build(1, mesh)
+    load_checkpoint(find_checkpoint("auto", run_dir), model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    mine = full_state(fresh, fresh_optimizer)
+    result["state_mismatches"] = sorted(k for k in reference if not torch.equal(mine[k], reference[k]))
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if dist.get_rank() == 1:  # rank 1's shards (> 100 KB) exceed it; its RNG file does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))
+    try:
+        refused = start(SAVE_AT + 10)
+        train_step(model, optimizer, scheduler, SAVE_AT + 10)
+        refused.finish()
+        result["refused"] = "no error"
+    except Exception as exc:
+        result["refused"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    dist.barrier()
+    result["entries"] = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    return result
+
+
 def lora(run_dir: Path, mesh) -> None:
     """LoRA on an FSDP2-sharded model: only the adapter is saved; logits for the tests."""
     from peft import LoraConfig, get_peft_model
@@ -219,6 +268,8 @@ def main() -> None:
     result: dict = {"world": world}
     if mode == "recover":
         result.update(recover(run_dir, mesh))
+    elif mode == "background":
+        result.update(background(run_dir, mesh))
     elif mode == "train":
         model, optimizer, scheduler = build(0, mesh)
         result["losses"] = [train_step(model, optimizer, scheduler, 0)]

@@ -138,6 +138,11 @@ CHILD = textwrap.dedent("""
     train(run, 1)
 
     from automodel_cli.components.checkpoint import save as save_module
+    {dying}
+    print("not reached", flush=True)
+""")
+
+DIE_WRITING_OPTIMIZER = """
     real_save = save_module.save_optimizer_state
     def dying_save(model, optimizer, directory):
         # Write the optimizer shards, cut one in half, then die without any chance to clean up.
@@ -147,14 +152,25 @@ CHILD = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)
     save_module.save_optimizer_state = dying_save
     save_checkpoint(run_dir, 2, model=run.model, optimizer=run.optimizer,
-                    scheduler=run.scheduler, train_state={{}}, keep=2)
-    print("not reached", flush=True)
-""")
+                    scheduler=run.scheduler, train_state={}, keep=2)
+"""
+
+DIE_IN_BACKGROUND = """
+    def dying_hash(directory, rank, world):
+        # The background thread has written the shards; the process dies before it publishes.
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_module._hash_owned = dying_hash
+    pending = save_module.start_checkpoint(run_dir, 2, model=run.model, optimizer=run.optimizer,
+                                           scheduler=run.scheduler, train_state={}, keep=2, background=True)
+    train(run, 1)  # training goes on in the main thread meanwhile
+    pending.finish()
+"""
 
 
-def test_sigkill_mid_save_keeps_previous_and_next_save_cleans_up(tmp_path):
+@pytest.mark.parametrize("dying", [DIE_WRITING_OPTIMIZER, DIE_IN_BACKGROUND], ids=["blocking", "background"])
+def test_sigkill_mid_save_keeps_previous_and_next_save_cleans_up(tmp_path, dying):
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(here=str(HERE)))
+    script.write_text(CHILD.format(here=str(HERE), dying=textwrap.dedent(dying)))
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr

@@ -24,6 +24,7 @@ from conftest import tree_digest
 
 from automodel_cli.components.checkpoint import load_checkpoint, save_checkpoint
 from automodel_cli.components.checkpoint.load import find_intact_checkpoint
+from automodel_cli.components.checkpoint.save import start_checkpoint
 from automodel_cli.components.checkpoint.storage import storage_error
 from automodel_cli.errors import UserError
 
@@ -69,18 +70,27 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(path)], check=False)
 
 
-def refused_second_save(run_dir: Path, refusing: contextlib.AbstractContextManager) -> tuple[str, Any]:
+def refused_second_save(run_dir: Path, refusing: contextlib.AbstractContextManager,
+                        background: bool = False) -> tuple[str, Any]:
     """Save step 1, train a step, save step 2 while ``refusing`` makes the disk refuse it; check
     that step 1 stayed byte-identical (no scratch left) and that a resume restores it exactly.
-    Returns the error message and the run."""
+    ``background``: step 2's shards are written in the background, so the refusal surfaces only
+    when the save is finished. Returns the error message and the run."""
     run = tiny(hidden=HIDDEN)
     train(run, 1)
     save(run, run_dir, 1)
     saved = [p.detach().clone() for p in run.model.parameters()]
     before = tree_digest(run_dir)
     train(run, 1)
+    started = False
     with refusing, pytest.raises(UserError) as caught:
-        save(run, run_dir, 2)
+        pending = start_checkpoint(run_dir, 2, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                                   train_state={"epoch": 0}, keep=2, background=background)
+        started = True
+        if background:
+            train(run, 1)  # training goes on while the shard the disk refuses is being written
+        pending.finish()
+    assert started == background  # a blocking save fails at once, a background one when finished
     assert tree_digest(run_dir) == before
     path = find_intact_checkpoint(run_dir)
     assert path is not None and path.name == "step_00000001"
@@ -90,9 +100,10 @@ def refused_second_save(run_dir: Path, refusing: contextlib.AbstractContextManag
     return caught.value.render(), run
 
 
-def test_full_disk_keeps_the_previous_checkpoint(small_disk):
+@pytest.mark.parametrize("background", [False, True], ids=["blocking", "background"])
+def test_full_disk_keeps_the_previous_checkpoint(small_disk, background):
     run_dir = small_disk("800k") / "run"
-    message, _ = refused_second_save(run_dir, contextlib.nullcontext())
+    message, _ = refused_second_save(run_dir, contextlib.nullcontext(), background)
     for fragment in ("Could not save checkpoint step_00000002", "no space left on the device",
                      "a checkpoint of this run takes about", "KiB is free there now",
                      "the previous checkpoint, step_00000001, is intact",
@@ -100,8 +111,9 @@ def test_full_disk_keeps_the_previous_checkpoint(small_disk):
         assert fragment in message, message
 
 
-def test_file_size_limit_keeps_the_previous_checkpoint(tmp_path):
-    message, run = refused_second_save(tmp_path, file_size_limit(100_000))
+@pytest.mark.parametrize("background", [False, True], ids=["blocking", "background"])
+def test_file_size_limit_keeps_the_previous_checkpoint(tmp_path, background):
+    message, run = refused_second_save(tmp_path, file_size_limit(100_000), background)
     for fragment in ("Could not save checkpoint step_00000002", "ulimit -f", "while writing",
                      "step_00000001, is intact", "checkpoint.resume=auto"):
         assert fragment in message, message

@@ -173,3 +173,18 @@ def test_disk_errors_and_damaged_checkpoints_are_decided_alike_on_every_rank(tmp
     assert "__1_0.distcp" in ranks[0]["none_intact"] and ranks[0]["none_intact"] == ranks[1]["none_intact"]
     assert len(ranks[0]["notes"]) == 1 and "step_00000002 is damaged" in ranks[0]["notes"][0]
     assert "sha256" in ranks[0]["notes"][0] and "resuming from step_00000001" in ranks[0]["notes"][0]
+
+
+@pytest.mark.slow
+def test_background_saves_on_two_ranks(tmp_path):
+    """A background save holds the state of the step it was started at although both ranks
+    trained on (with collectives of their own) while it was written; a background write that
+    only rank 1's disk refuses is the same UserError on both ranks, and nothing is published."""
+    ranks = torchrun(2, "background", str(tmp_path / "run"))
+    for rank in ranks:
+        assert rank["published"] == "step_00000002" and len(rank["next"]) >= 1
+        assert rank["state_mismatches"] == []
+        assert rank["refused"].startswith("UserError: Could not save checkpoint step_00000012"), rank["refused"]
+        assert "the previous checkpoint, step_00000002, is intact" in rank["refused"]
+        assert rank["entries"] == ["latest", "step_00000002"]
+    assert ranks[0]["next"] == ranks[1]["next"]

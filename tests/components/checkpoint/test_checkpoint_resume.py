@@ -10,6 +10,7 @@ from checkpoint_helpers import VOCAB, TinyLM, llama, make_run, tiny, train
 
 from automodel_cli.components.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from automodel_cli.components.checkpoint.dcp_io import read_metadata, tensor_infos
+from automodel_cli.components.checkpoint.save import start_checkpoint
 from automodel_cli.errors import UserError
 
 
@@ -25,13 +26,20 @@ def save(run, run_dir, step, keep=2, **train_state):
                            keep=keep, generators=run.generators)
 
 
-def test_full_finetune_resume_is_bitwise_exact(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["blocking", "background"])
+def test_full_finetune_resume_is_bitwise_exact(tmp_path, background):
     reference = make_run(llama(seed=0))
     expected = train(reference, 8)
 
     first = make_run(llama(seed=0))
     assert_bitwise_equal(train(first, 4), expected[:4])
-    path = save(first, tmp_path, 4, samples_consumed=16, data_seed=1234)
+    pending = start_checkpoint(tmp_path, 4, model=first.model, optimizer=first.optimizer, scheduler=first.scheduler,
+                               train_state={"epoch": 0, "samples_consumed": 16, "data_seed": 1234}, keep=2,
+                               generators=first.generators, background=background)
+    if background:  # training goes on (changing every tensor in place) while the shards are written
+        assert_bitwise_equal(train(first, 4), expected[4:])
+        assert find_checkpoint("auto", tmp_path) is None  # published by finish() only
+    path = pending.finish()
 
     # A fresh process would build everything anew, from different random init and RNG states.
     resumed = make_run(llama(seed=99))
