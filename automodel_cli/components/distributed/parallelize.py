@@ -44,8 +44,7 @@ from typing import Any
 
 from automodel_cli.components.distributed.mesh import fsdp_mesh, tp_mesh, tp_size
 from automodel_cli.components.distributed.plans import resolve_plan, validate_tp
-from automodel_cli.components.models.structure import retie, shared_parameters
-from automodel_cli.components.models.structure import decoder_layers, unwrap
+from automodel_cli.components.models.structure import decoder_layers, retie, shared_parameters, unwrap
 from automodel_cli.components.training.memory import compile_decoder_layers, enable_activation_checkpointing
 from automodel_cli.errors import UserError
 
