@@ -107,6 +107,7 @@ def main() -> None:
                 row = run(directory, f"{mode}-{nproc}", nproc, extra)
                 row["mode"] = mode
                 rows.append(row)
+                print(json.dumps(row), flush=True)  # each run as it ends
                 for path in sorted((directory / row["name"]).glob("**/*"), reverse=True):  # free the disk
                     path.unlink() if path.is_file() or path.is_symlink() else path.rmdir()
         gib = 2**30
