@@ -18,7 +18,7 @@ DEMO_DEFAULTS = {
     "data": {"name": "demo", "eval_split": "validation", "max_length": 64},
     "train": {"global_batch_size": 32, "micro_batch_size": 32, "max_steps": 300,
               "eval_every_steps": 100},
-    "optim": {"lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.01},
+    "optim": {"lr": 2e-3, "warmup_steps": 30, "weight_decay": 0.01},
 }
 #: What the demo preset sets for one recipe only: `automodel distill demo` distils the trained
 #: demo model (two decoder layers, the teacher) into a student with one; `automodel benchmark
