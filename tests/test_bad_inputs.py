@@ -26,6 +26,7 @@ from model_dirs import remote_code_model, reshape_tensor, save_model, save_shard
 from automodel_cli import hookimpl
 from automodel_cli.assets import demo_dir
 from automodel_cli.errors import UserError
+from automodel_cli.plugins.models import DEMO_DEFAULTS
 
 FAST = ["train.max_steps=1", "train.global_batch_size=4", "train.micro_batch_size=4", "train.eval_every_steps=null",
         "data.eval_split=null", "logging.progress=false"]
@@ -202,7 +203,7 @@ CASES = [
     Case("resume-other-run", [*FT, "-o", "{run}", "checkpoint.resume=auto", *FAST, "train.seed=7"],
          ["holds a different run", "train.seed"]),
     Case("resume-changed-lr", [*FT, "-o", "{run}", "checkpoint.resume=auto", *FAST, "optim.lr=1e-2"],
-         ["optim.lr: saved 0.003, now 0.01", "checkpoint.allow_changes=true"]),
+         [f"optim.lr: saved {DEMO_DEFAULTS['optim']['lr']}, now 0.01", "checkpoint.allow_changes=true"]),
     Case("resume-auto-no-dir", [*FT, "checkpoint.resume=auto", *FAST], ["needs the output_dir"]),
     # data
     Case("data-missing", ["finetune", "demo", "data.name=auto", "data.path={tmp}/nope.jsonl", "-o", "{new}", *FAST],

@@ -11,8 +11,9 @@ import pytest
 
 from automodel_cli.components.optim.build import lr_multiplier
 
+#: The learning rate is pinned (not the demo preset's) because the expected messages name it.
 BASE = ["finetune", "demo", "train.global_batch_size=16", "train.micro_batch_size=16", "train.eval_every_steps=null",
-        "data.eval_split=null", "checkpoint.every_steps=2", "logging.progress=false"]
+        "data.eval_split=null", "checkpoint.every_steps=2", "logging.progress=false", "optim.lr=3e-3"]
 
 
 def metrics(run: Path) -> list[dict]:
