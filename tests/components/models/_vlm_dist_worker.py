@@ -1,6 +1,6 @@
 """Multi-process worker for the VLM FSDP2 parity test (launched by torchrun).
 
-    torchrun --standalone --nproc-per-node N _vlm_dist_worker.py OUT.json MODEL_DIR
+    torchrun --standalone --nproc-per-node N _vlm_dist_worker.py OUT.json MODEL_DIR [tp]
 
 Builds the tiny Qwen2-VL of MODEL_DIR as the recipe does (``build_model``: meta device, FSDP2 on
 every decoder layer and vision block when N > 1, then each rank reads its shards), with the vision
@@ -8,6 +8,8 @@ tower trained too (``model.freeze_vision=false``) so its sharded gradients matte
 few optimizer steps on a fixed global batch of images and text split over the data-parallel
 ranks (loss = token CE sum / label tokens of the whole step, gradients summed). Rank 0 writes the
 losses, the gradient norms and how many FSDP units hold vision blocks and decoder layers.
+With ``tp`` the N processes are one tensor-parallel group instead (the language model sharded by
+its plan, the vision tower replicated), all seeing the whole batch.
 """
 
 from __future__ import annotations
@@ -49,16 +51,18 @@ def share(inputs: dict, rank: int, ranks: int) -> dict:
 
 def main() -> None:
     out, model_dir = sys.argv[1], sys.argv[2]
+    env_tp = sys.argv[3:] == ["tp"]
     torch.set_num_threads(1)
     env = init_distributed()
     cfg = resolve([defaults_layer(), layer_from_overrides([f"model.path={model_dir}", "model.freeze_vision=false"])])
     registry = ParallelPlanRegistry()
     parallel_plans.register_parallel_plans(registry)
     mesh = None
+    tp = env.world_size if env_tp else 1
     if env.world_size > 1:
-        mesh = build_mesh(MeshShape.resolve(1, env.world_size, 1, env.world_size), "cpu")
+        mesh = build_mesh(MeshShape.resolve(1, env.world_size // tp, tp, env.world_size), "cpu")
     cpu = types.SimpleNamespace(device=torch.device("cpu"), autocast_dtype=None)
-    model = build_model(cfg, cfg.model, precision=cpu, mesh=mesh, shape=types.SimpleNamespace(tp=1),
+    model = build_model(cfg, cfg.model, precision=cpu, mesh=mesh, shape=types.SimpleNamespace(tp=tp),
                         registries=types.SimpleNamespace(parallel_plans=registry), sequence_parallel=False,
                         dtype=torch.float32, trainable=True, say=lambda _: None)
     optimizer = build_optimizer(model, types.SimpleNamespace(weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8), 1e-3)

@@ -231,3 +231,29 @@ def test_a_fresh_vlm_has_a_vision_tower_and_a_projector():
     tower, projector = vlm.vision_parts(make_vlm("qwen2_vl"))
     assert tower and all(n.startswith("model.visual.") and ".merger." not in n for n in tower)
     assert projector and all(n.startswith("model.visual.merger.") for n in projector)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_checkpoint_consolidates_to_an_adapter_and_a_merged_vlm(saved, tmp_path, arch):
+    """The adapter's keys name the modules (``model.language_model.layers.*``), the base model's
+    files the checkpoint format (``model.layers.*``): merging pairs them by the model's own names."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from automodel_cli.components.checkpoint import save_checkpoint
+    from automodel_cli.components.checkpoint.consolidate import consolidate
+
+    model = build(saved[arch], "peft.method=lora")
+    train_a_little(model, arch)
+    model.peft_config["default"].base_model_name_or_path = str(saved[arch])
+    save_checkpoint(tmp_path / "run", 2, model=model, optimizer=None, scheduler=None, train_state={}, keep=None)
+    inputs = vlm_inputs(arch)
+    expected = vlm_logits(model, inputs)
+    tolerance = 1e-5 * expected.abs().max().item()  # the merged sums, in another order
+    assert consolidate(tmp_path / "run", tmp_path / "adapter", base_model=saved[arch]).kind == "adapter"
+    loaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(saved[arch]), tmp_path / "adapter")
+    assert torch.allclose(vlm_logits(loaded, inputs), expected, rtol=0, atol=tolerance)
+    result = consolidate(tmp_path / "run", tmp_path / "merged", merge_lora=True, base_model=saved[arch])
+    assert result.kind == "merged"
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(vlm_logits(merged, inputs), expected, rtol=0, atol=tolerance)
