@@ -1,6 +1,7 @@
 """The built-in model families: one table, read by the model-preset and parallel-plan plugins.
 
-A family is the Hugging Face ``model_type``(s) it covers, the tensor-parallel plan each uses
+A family is the Hugging Face ``model_type``(s) it covers (causal LMs, and vision-language
+models, which load with ``AutoModelForImageTextToText``), the tensor-parallel plan each uses
 (a function in ``automodel_cli.components.distributed.plans``) and its presets (short names
 for hub ids, with the defaults that suit it). Adding a family is one entry here; any other
 causal LM already trains through ``model.path`` without one (a family adds presets and tensor
@@ -50,7 +51,21 @@ FAMILIES: dict[str, Family] = {
     "gemma3": Family(
         {"gemma3": ("gemma3_plan", "Gemma 3 (multimodal): language model as qwen3; vision tower replicated"),
          "gemma3_text": ("gemma3_plan", "Gemma 3 text-only: as qwen3")},
-        {"gemma3": ("google/gemma-3-1b-it", "Gemma 3 1B IT (text)", {})}),
+        {"gemma3": ("google/gemma-3-1b-it", "Gemma 3 1B IT (text)", {}),
+         "gemma3-vl": ("google/gemma-3-4b-it", "Gemma 3 4B IT, vision-language (SigLIP vision tower)", {})}),
+    # Vision-language models: the tensor-parallel plan shards the language model only; the vision
+    # tower and projector are replicated on every tensor-parallel rank (FSDP2 still shards them).
+    "qwen2_vl": Family(
+        {"qwen2_vl": ("llama_plan", "Qwen2-VL: language model as qwen2; vision tower replicated"),
+         "qwen2_5_vl": ("llama_plan", "Qwen2.5-VL: language model as qwen2; vision tower replicated")},
+        {"qwen2.5-vl": ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL 3B Instruct, vision-language", {})}),
+    "llava": Family(
+        {},
+        {"llava": ("llava-hf/llava-1.5-7b-hf", "Llava 1.5 7B, vision-language (CLIP vision tower)", {})}),
+    "smolvlm": Family(
+        {},
+        {"smolvlm": ("HuggingFaceTB/SmolVLM-256M-Instruct", "SmolVLM 256M Instruct, vision-language (Idefics3)",
+                     {})}),
     "phi3": Family(
         {"phi3": ("phi3_plan", "Phi-3/Phi-4-mini: fused qkv/gate_up sharded, outputs gathered (exact)")},
         {"phi3": ("microsoft/Phi-3-mini-4k-instruct", "Phi-3 mini 4k Instruct", {"data": {"max_length": 4096}}),

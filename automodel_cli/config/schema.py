@@ -118,6 +118,8 @@ CORE: dict[str, dict[str, Key] | Key] = {
                     choices=("auto", "float32", "bfloat16", "float16")),
         "attn_implementation": _k(OPT_STR, None, "Attention backend passed to from_pretrained (sdpa, eager, flash_attention_2)."),
         "chat_template": _k(OPT_STR, None, "Jinja chat template overriding the tokenizer's own."),
+        "freeze_vision": _k(bool, True, "Vision-language models: keep the vision tower's weights fixed (the projector is set by model.freeze_projector); text-only models ignore it."),
+        "freeze_projector": _k(bool, False, "Vision-language models: keep the projector (the layers mapping image features into the language model, e.g. multi_modal_projector, Qwen-VL's visual.merger) fixed; text-only models ignore it."),
     },
     "data": {
         "name": _k(str, "auto", "Dataset from the dataset registry; auto picks the instruction loader for data.path."),
@@ -144,7 +146,7 @@ CORE: dict[str, dict[str, Key] | Key] = {
         "rank": _k(int, 8, "LoRA rank r.", ge=1),
         "alpha": _k((int, float), 16, "LoRA alpha (scaling = alpha / rank).", gt=0),
         "dropout": _k((int, float), 0.0, "Dropout on the LoRA input.", ge=0, lt=1),
-        "target_modules": _k((str, list), "all-linear", "Modules to adapt: all-linear (every decoder linear layer) or a list of names."),
+        "target_modules": _k((str, list), "all-linear", "Modules to adapt: all-linear (every decoder linear layer; for a vision-language model, the language model's only) or a list of names."),
         "merge": _k(bool, False, "Also write the base model with the adapter merged into final/merged."),
     },
     "train": {

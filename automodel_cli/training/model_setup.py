@@ -55,17 +55,20 @@ def adapter_base(model: Any, tokenizer: Any, cfg: Any, output_dir: Any, is_main:
 
 def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any, registries: Any,
                   sequence_parallel: bool = False, on_meta: bool = False) -> Any:
-    """Activation checkpointing, adapters (peft.method), device, torch.compile and, on several
+    """Activation checkpointing, the frozen parts of a vision-language model (model.freeze_vision,
+    model.freeze_projector), adapters (peft.method), device, torch.compile and, on several
     processes, the tensor-parallel plan and FSDP2; returns the model in train mode. A model still
     on the meta device (``on_meta``) stays there: ``materialize`` allocates its shards after."""
     from automodel_cli.components.distributed.parallelize import parallelize_model
     from automodel_cli.config.compose import entry_options
+    from automodel_cli.components.models.vlm import apply_freezing
     from automodel_cli.components.peft.lora import apply_peft
     from automodel_cli.components.training.memory import compile_decoder_layers, enable_activation_checkpointing
 
     distributed = mesh is not None
     if not distributed:
         enable_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    apply_freezing(model, freeze_vision=cfg.model.freeze_vision, freeze_projector=cfg.model.freeze_projector)
     model = apply_peft(model, cfg.peft)
     if not on_meta:
         model.to(precision.device)
@@ -155,7 +158,8 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
     if files is not None:
         reader = meta.CheckpointReader(files)
         expected = [meta.checkpoint_key(name) for name, _ in model.named_parameters()]
-        mapping = meta.key_mapping(expected, reader.keys(), getattr(model, "base_model_prefix", ""))
+        mapping = meta.key_mapping(expected, reader.keys(), getattr(model, "base_model_prefix", ""),
+                                   meta.saved_names(model, expected))
         if mapping is None:
             return whole("the checkpoint's tensor names are not this architecture's")
         _check_shapes(model, reader, mapping)
@@ -174,9 +178,8 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
 def _empty_model(config: Any, model_cfg: Any, dtype: Any) -> Any:
     """The architecture of ``config`` on the meta device (no memory), or a ``UserError`` when its
     construction needs real tensors (``model.meta_init=false`` then loads it whole)."""
-    from transformers import AutoModelForCausalLM
-
     from automodel_cli.components.models import materialize as meta
+    from automodel_cli.components.models.vlm import auto_class
     from automodel_cli.errors import UserError
 
     kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code}
@@ -184,7 +187,7 @@ def _empty_model(config: Any, model_cfg: Any, dtype: Any) -> Any:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     try:
         with meta.parameters_on_meta():
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+            return auto_class(config).from_config(config, dtype=dtype, **kwargs)
     except (NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
@@ -198,9 +201,9 @@ def _empty_model(config: Any, model_cfg: Any, dtype: Any) -> Any:
 def _import_model_code(config: Any, adapters: bool) -> None:
     """Import the architecture's modelling code (and peft) now, so the memory they take is not
     counted as the model's."""
-    from transformers import AutoModelForCausalLM
+    from automodel_cli.components.models.vlm import auto_class
 
-    mapping = getattr(AutoModelForCausalLM, "_model_mapping", None)
+    mapping = getattr(auto_class(config), "_model_mapping", None)
     try:
         if mapping is not None:
             mapping[type(config)]

@@ -15,6 +15,9 @@ meta device) has a different count. Deliberate differences from the hub files:
 
 - Phi-4-mini: its LongRoPE factors (long-context scaling) are not reproduced, so the config
   keeps the 4096-token window RoPE was trained on (``max_position_embeddings=4096``).
+- The vision-language configs (Qwen2.5-VL 3B, Gemma 3 4B, Llava 1.5 7B, SmolVLM 256M) were
+  written without network access from the published hyperparameters; their parameter counts
+  match the published ones (checked below), processor settings are not part of config.json.
 - Token ids that matter only for generation (several EOS ids, chat-turn ids) are reduced to
   the primary BOS/EOS/pad ids.
 """
@@ -94,6 +97,51 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         original_max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True,
         bos_token_id=199999, eos_token_id=199999, pad_token_id=199999,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})),
+    # Vision-language models (AutoModelForImageTextToText): the language model's and the vision
+    # tower's hyperparameters as nested text_config / vision_config, as on the hub.
+    "Qwen/Qwen2.5-VL-3B-Instruct": ("qwen2_5_vl", dict(
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                         rms_norm_eps=1e-6, sliding_window=32768, max_window_layers=70, tie_word_embeddings=True,
+                         bos_token_id=151643, eos_token_id=151645,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
+                           out_hidden_size=2048, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
+                           tokens_per_second=2),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=True)),
+    "google/gemma-3-4b-it": ("gemma3", dict(
+        text_config=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                         sliding_window=1024, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                         hidden_activation="gelu_pytorch_tanh",
+                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                          "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                             "rope_theta": 1000000.0}}),
+        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                           image_size=896, patch_size=14, vision_use_head=False),
+        mm_tokens_per_image=256, boi_token_index=255999, eoi_token_index=256000, image_token_index=262144,
+        bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0)),
+    "llava-hf/llava-1.5-7b-hf": ("llava", dict(
+        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                         max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         pad_token_id=32001),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
+                           projection_dim=768),
+        image_token_index=32000, projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_feature_select_strategy="default", pad_token_id=32001, tie_word_embeddings=False)),
+    "HuggingFaceTB/SmolVLM-256M-Instruct": ("idefics3", dict(
+        text_config=dict(model_type="llama", vocab_size=49280, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=512, patch_size=16),
+        scale_factor=4, image_token_id=49190, tie_word_embeddings=False)),
 }
 
 #: Published parameter counts (embedding included once when tied).
@@ -110,6 +158,10 @@ PARAMETERS = {
     "google/gemma-3-1b-it": 999_885_952,
     "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552,
     "microsoft/Phi-4-mini-instruct": 3_836_021_760,
+    "Qwen/Qwen2.5-VL-3B-Instruct": 3_754_622_976,
+    "google/gemma-3-4b-it": 4_300_079_472,
+    "llava-hf/llava-1.5-7b-hf": 7_063_427_072,
+    "HuggingFaceTB/SmolVLM-256M-Instruct": 256_484_928,
 }
 
 
@@ -128,10 +180,11 @@ def build(hub_id: str):
 
 def count_parameters(config) -> int:
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from automodel_cli.components.models.vlm import auto_class
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_class(config).from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -150,9 +203,9 @@ def write_configs(out: Path) -> None:
 
 
 def type_name(config) -> str:
-    from transformers import AutoModelForCausalLM
+    from automodel_cli.components.models.vlm import auto_class
 
-    return AutoModelForCausalLM._model_mapping[type(config)].__name__
+    return auto_class(config)._model_mapping[type(config)].__name__
 
 
 if __name__ == "__main__":

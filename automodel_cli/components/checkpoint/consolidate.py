@@ -14,6 +14,8 @@ activation-checkpoint prefixes).
   ``adapter_config.json``, keys as peft saves them) that ``PeftModel.from_pretrained`` loads.
 * LoRA/DoRA with ``merge_lora``: base weights (safetensors, read one tensor at a time) with
   ``W + scale * B @ A`` (DoRA: rescaled by the magnitude vector) folded in: a plain HF model.
+  For a vision-language base model the adapter's module names are paired with the base files'
+  saved names by the model's own weight conversions (``_module_names``).
 
 Config and tokenizer come from the checkpoint's ``hf/`` folder (written at save time), else
 from the run directory (``final/``, ``base_model/``, or ``model.path``/``model.tokenizer`` of
@@ -260,9 +262,10 @@ def _plan_overlay(ckpt: _Checkpoint, base: BaseWeights, cast, *, peft: dict[str,
     outputs = []
     cfg = adapter_config or {}
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+    module_names = _module_names(base) if peft else {}
     for key in base.keys():
         dtype, shape = base.entry(key)
-        module, _, suffix = key.rpartition(".")
+        module, _, suffix = module_names.get(key, key).rpartition(".")
         replacements = [f"{prefix}{key}", f"{prefix}{module}.base_layer.{suffix}",
                         f"{prefix}{module}.modules_to_save.{adapter}.{suffix}"] if peft else [key]
         found = next((r for r in replacements if r in ckpt.infos), None)
@@ -317,6 +320,25 @@ def _plan_overlay(ckpt: _Checkpoint, base: BaseWeights, cast, *, peft: dict[str,
             "Merging supports LoRA/DoRA on linear layers and modules_to_save; export the adapter "
             "without --merge-lora, or check --base-model.")
     return outputs
+
+
+def _module_names(base: BaseWeights) -> dict[str, str]:
+    """Saved key -> the model's parameter name, for a vision-language base model whose weight
+    conversions rename keys on load (``model.layers.*`` on disk is ``model.language_model.layers.*``
+    in the module, under which the adapter was trained); empty for any other model. The model is
+    built on the meta device (no memory) only to ask transformers for its names."""
+    from transformers import AutoConfig
+
+    from automodel_cli.components.models.materialize import saved_names
+    from automodel_cli.components.models.vlm import auto_class, is_vision_language
+
+    config_json = _read_json(base.directory / CONFIG)
+    if not config_json or not is_vision_language(config_json):
+        return {}
+    config = AutoConfig.from_pretrained(base.directory)
+    with torch.device("meta"):
+        model = auto_class(config).from_config(config)
+    return {saved: name for name, saved in saved_names(model, [n for n, _ in model.named_parameters()]).items()}
 
 
 # ------------------------------------------------------------------------ side files

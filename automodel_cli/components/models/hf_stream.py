@@ -45,8 +45,8 @@ def plan(model: Any, state: dict[str, Any]) -> list[Group]:
     names = [n for n in state if n not in set(getattr(model, "_keys_to_ignore_on_save", None) or ())]
     names = _without_tied_duplicates(model, names)
     meta = {n: torch.empty(state[n].shape, dtype=state[n].dtype, device="meta") for n in names}
-    groups = [Group((n,), _entries(_reverted(model, {n: meta[n]}))) for n in names]
-    together = _entries(_reverted(model, meta))
+    groups = [Group((n,), _entries(reverted(model, {n: meta[n]}))) for n in names]
+    together = _entries(reverted(model, meta))
     if set(together) != {e for g in groups for e in g.outputs}:
         # A conversion that joins several model tensors into one output: gather them together.
         groups = [Group(tuple(names), together)]
@@ -76,7 +76,7 @@ def _without_tied_duplicates(model: Any, names: list[str]) -> list[str]:
     return [n for n in names if n in kept]
 
 
-def _reverted(model: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def reverted(model: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` in the checkpoint format the model was loaded from (its weight conversions
     reversed, as ``save_pretrained`` does)."""
     try:
@@ -95,7 +95,7 @@ def gathered(model: Any, state: dict[str, Any], groups: list[Group], *,
 
     for group in groups:
         tensors = {name: full_tensor(state[name], keep=keep) for name in group.sources}
-        made = _reverted(model, tensors) if keep else {}
+        made = reverted(model, tensors) if keep else {}
         del tensors
         for entry in group.outputs:
             yield entry, made.pop(entry.name, None)

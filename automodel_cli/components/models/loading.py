@@ -1,7 +1,8 @@
-"""Load a causal LM and its tokenizer from a hub id or a local directory.
+"""Load a causal LM (or a vision-language model) and its tokenizer from a hub id or a local directory.
 
 Everything goes through the real ``from_pretrained`` / ``from_config`` paths of transformers, so
-any ``AutoModelForCausalLM`` architecture works. Failures users can fix (a missing directory, a
+any ``AutoModelForCausalLM`` architecture works, and any ``AutoModelForImageTextToText`` one: the
+auto class is chosen from the config (``vlm.auto_class``) before anything loads. Failures users can fix (a missing directory, a
 directory that is not a model, truncated or unsafe weight files, custom code not trusted, no
 network) become ``UserError`` with the fix in the message, found by cheap checks before anything
 loads where possible (``model_files``, ``hub``). ``trust_remote_code`` is passed through only
@@ -174,9 +175,11 @@ def load_model(model_cfg: Any, *, seed: int, dtype: Any) -> Any:
 
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+
+    from automodel_cli.components.models.vlm import auto_class
 
     config = load_config(model_cfg)
+    model_class = auto_class(config)
     kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code}
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
@@ -184,14 +187,14 @@ def load_model(model_cfg: Any, *, seed: int, dtype: Any) -> Any:
     source = resolve_model_source(model_cfg.path, role)
     if model_cfg.from_scratch:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        model = model_class.from_config(config, dtype=dtype, **kwargs)
         return model
     check_model_source(model_cfg, weights=True)
     access = source_access(source, model_cfg.revision, role.path_key)
     if access.get("local_files_only"):  # the adapter-config lookup has its own hub arguments
         kwargs["adapter_kwargs"] = {"local_files_only": True}
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        return model_class.from_pretrained(
             source, config=config, dtype=dtype, revision=model_cfg.revision, **access, **kwargs,
         )
     except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as exc:

@@ -277,17 +277,38 @@ class CheckpointReader:
         return out
 
 
-def key_mapping(expected: list[str], available: set[str], prefix: str) -> dict[str, str] | None:
+def saved_names(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
+    """Model key -> the name ``save_pretrained`` gives it, where the model's weight conversions
+    rename it (a VLM's modules are ``model.language_model.layers.*`` and ``model.visual.*``; its
+    checkpoints, written in the original format, say ``model.layers.*`` and ``visual.*``).
+    Conversions that join several tensors into one have no per-key name and are left out."""
+    from automodel_cli.components.models.hf_stream import reverted
+
+    names = {}
+    for key in keys:
+        out = list(reverted(model, {key: torch.empty(0, device="meta")}))
+        if len(out) == 1 and out[0] != key:
+            names[key] = out[0]
+    return names
+
+
+def key_mapping(expected: list[str], available: set[str], prefix: str,
+                saved: dict[str, str] | None = None) -> dict[str, str] | None:
     """Model key -> checkpoint key, allowing for the base-model prefix (a checkpoint saved from
-    the base model lacks ``model.``, one saved from a wrapper has it twice); None when some
+    the base model lacks ``model.``, one saved from a wrapper has it twice) and for the names the
+    model's own weight conversions give its keys on save (``saved``, from ``saved_names``: both
+    the module names and the saved names load, as with ``from_pretrained``); None when some
     expected key has no match (the checkpoint is not this architecture's)."""
     mapping = {}
+    saved = saved or {}
     for key in expected:
         candidates = [key]
         if prefix and key.startswith(prefix + "."):
             candidates.append(key[len(prefix) + 1:])
         elif prefix:
             candidates.append(f"{prefix}.{key}")
+        if key in saved:
+            candidates.append(saved[key])
         match = next((c for c in candidates if c in available), None)
         if match is None:
             return None

@@ -13,6 +13,9 @@ def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, bas
     """``final/``: the full model (safetensors, config, generation config, tokenizer), or with
     LoRA/DoRA the adapter that ``PeftModel.from_pretrained`` loads; ``final/merged`` when
     ``merge``. ``base_path`` is what the adapter is recorded against and merged into.
+    ``tokenizer`` is anything with ``save_pretrained``: for a vision-language model pass its
+    processor (tokenizer, image processor and chat template are then saved beside the weights, so
+    ``AutoProcessor.from_pretrained(final)`` works).
 
     Collective under a process group: every rank calls it and rank 0 writes. A sharded model is
     gathered one tensor at a time, each written before the next is gathered (``hf_stream``), so
@@ -89,10 +92,13 @@ def _disk_error(exc: Exception, output_dir: Path, needed: int) -> Exception | No
 
 
 def merge_adapter(base_path: Any, adapter_dir: Path, out_dir: Path) -> None:
-    """Load the base and the adapter on CPU, fold the adapter into the weights, save."""
+    """Load the base (with the auto class its config calls for: a VLM's is image-text-to-text)
+    and the adapter on CPU, fold the adapter into the weights, save."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    base = AutoModelForCausalLM.from_pretrained(base_path)
+    from automodel_cli.components.models.vlm import auto_class
+
+    base = auto_class(AutoConfig.from_pretrained(base_path)).from_pretrained(base_path)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
