@@ -3,6 +3,7 @@
 Targets are ``"module:function"`` strings resolved on first use, so listing datasets imports
 neither ``datasets`` nor torch. Each factory is ``fn(path, split, options) -> datasets.Dataset``
 with prompt/completion or messages columns (see automodel_cli/components/data/sources.py), or,
+for vision-language models, the normalised image-text table of components/data/multimodal.py, or,
 for pre-training, a text column (components/data/text.py; ``options["streaming"]`` asks for a
 ``datasets.IterableDataset``).
 """
@@ -32,6 +33,12 @@ DATASETS: dict[str, tuple[str, str]] = {
     "demo": (
         "demo",
         "Bundled offline demo: reverse short strings (4000 train / 200 eval samples).",
+    ),
+    "vlm": (
+        "automodel_cli.components.data.multimodal:vlm",
+        "Image-text data for vision-language models from data.path: chat messages with text/image "
+        "parts, image + prompt/completion, or CORD-v2-style image + ground_truth rows (images as "
+        "paths relative to the data file, base64, URLs or a datasets Image column).",
     ),
     "text": (
         f"{_TEXT}:text_dataset",

@@ -139,6 +139,8 @@ CORE: dict[str, dict[str, Key] | Key] = {
         "text_column": _k(str, "text", "Column holding the documents for pretrain (.txt files: one document per blank-line-separated paragraph)."),
         "streaming": _k(bool, False, "pretrain: read data.path lazily, in order (datasets streaming); the position is checkpointed."),
         "num_proc": _k(OPT_INT, None, "Processes tokenising text for pretrain (map-style data; null: one).", ge=1),
+        "min_pixels": _k(OPT_INT, None, "Vision-language models with a dynamic resolution (Qwen2-VL style): smallest image area in pixels after resizing (null: the processor's own).", ge=1),
+        "max_pixels": _k(OPT_INT, None, "Vision-language models with a dynamic resolution: largest image area in pixels after resizing; fewer pixels, fewer image tokens (null: the processor's own).", ge=1),
     },
     "peft": {
         "method": _k(str, "none", "Parameter-efficient method: none (full fine-tuning), lora or dora.",

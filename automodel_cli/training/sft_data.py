@@ -37,7 +37,7 @@ def dataset_options(cfg: Any, registries: Any, name: str) -> dict[str, Any]:
     return {**cfg.data.options.to_dict(), **entry_options(cfg, registries.datasets, name)}
 
 
-def _dataset_name(cfg: Any) -> str:
+def _dataset_name(cfg: Any, auto: str = "instruction") -> str:
     name = cfg.data.name
     if name == "auto":
         if not cfg.data.path:
@@ -46,12 +46,13 @@ def _dataset_name(cfg: Any) -> str:
                 "Set data.path to a jsonl/json/parquet/csv file or a hub dataset id, or "
                 "data.name to a registered dataset (`automodel list datasets`).",
             )
-        name = "instruction"
+        name = auto
     return name
 
 
-def _load_tables(cfg: Any, registries: Any) -> tuple[Any, Any | None]:
-    name = _dataset_name(cfg)
+def _load_tables(cfg: Any, registries: Any, auto: str = "instruction") -> tuple[Any, Any | None]:
+    """Training and validation tables; ``auto`` is the loader data.name=auto means."""
+    name = _dataset_name(cfg, auto)
     factory = registries.datasets.get(name).load()
     options = dataset_options(cfg, registries, name)
     train = factory(cfg.data.path, cfg.data.split, options)
@@ -72,19 +73,25 @@ def _load_tables(cfg: Any, registries: Any) -> tuple[Any, Any | None]:
 def _tokenize(table: Any, tokenizer: Any, cfg: Any, say: Callable[[str], None], what: str) -> Any:
     from automodel_cli.components.data import tokenize_sft
 
+    return _reporting(say, what, lambda: tokenize_sft(
+        table, tokenizer,
+        prompt_column=cfg.data.prompt_column, completion_column=cfg.data.completion_column,
+        messages_column=cfg.data.messages_column, max_length=cfg.data.max_length,
+        chat_template=cfg.model.chat_template,
+    ))
+
+
+def _reporting(say: Callable[[str], None], what: str, encode: Callable[[], tuple[Any, Any]]) -> Any:
+    """Run ``encode() -> (samples, SFTStats)``, telling the user its warnings and counts."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tokenized, stats = tokenize_sft(
-            table, tokenizer,
-            prompt_column=cfg.data.prompt_column, completion_column=cfg.data.completion_column,
-            messages_column=cfg.data.messages_column, max_length=cfg.data.max_length,
-            chat_template=cfg.model.chat_template,
-        )
+        encoded, stats = encode()
     for warning in caught:
         say(f"warning ({what} data): {warning.message}")
     say(f"{what} data: {stats.n_samples} samples, {stats.n_tokens} tokens, "
-        f"{stats.n_trainable_tokens} trained tokens, {stats.n_truncated} truncated")
-    return tokenized
+        f"{stats.n_trainable_tokens} trained tokens, {stats.n_truncated} truncated"
+        + (f", {stats.n_dropped} dropped" if stats.n_dropped else ""))
+    return encoded
 
 
 def _samples(tokenized: Any) -> list[dict[str, Any]]:
@@ -96,29 +103,70 @@ def prepare_sft_data(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[s
                      pad_to_multiple_of: int | None = None) -> SFTData:
     """``pad_to_multiple_of``: sequence parallelism splits the sequence over the tensor-parallel
     ranks, so batches are padded to a multiple of that degree."""
-    from automodel_cli.components.data import IGNORE_INDEX, SFTCollator, pack_sequences, padding_fraction
-
     train_table, eval_table = _load_tables(cfg, registries)
     train = _samples(_tokenize(train_table, tokenizer, cfg, say, "train"))
     evaluation = _samples(_tokenize(eval_table, tokenizer, cfg, say, "eval")) if eval_table is not None else []
     pad_id = tokenizer.pad_token_id
     if cfg.data.packing:
-        packs = pack_sequences([s["input_ids"] for s in train], [s["labels"] for s in train], cfg.data.max_length)
-        say(f"packing: {len(train)} samples into {len(packs)} sequences of up to "
-            f"{cfg.data.max_length} tokens ({padding_fraction(packs, cfg.data.max_length):.1%} padding)")
-        train = packs
+        train = _pack(train, cfg, say)
+    return _sft_data(train, evaluation, cfg, pad_id, pad_to_multiple_of)
+
+
+def _pack(train: list[dict[str, Any]], cfg: Any, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    from automodel_cli.components.data import pack_sequences, padding_fraction
+
+    packs = pack_sequences([s["input_ids"] for s in train], [s["labels"] for s in train], cfg.data.max_length)
+    say(f"packing: {len(train)} samples into {len(packs)} sequences of up to "
+        f"{cfg.data.max_length} tokens ({padding_fraction(packs, cfg.data.max_length):.1%} padding)")
+    return packs
+
+
+def _sft_data(train: list[dict[str, Any]], evaluation: list[dict[str, Any]], cfg: Any, pad_id: int,
+              pad_to_multiple_of: int | None, collator: Any = None) -> SFTData:
+    """``collator``: batches train and eval samples (default: ``SFTCollator``, packed as configured)."""
+    from automodel_cli.components.data import IGNORE_INDEX, SFTCollator
+
     lengths = [len(s["input_ids"]) for s in train]
     return SFTData(
         train=train,
         eval=evaluation,
         # Flash attention finds document boundaries from position ids only in a batch of one
         # row, so packs are laid end to end there; sdpa/eager get a block-diagonal mask instead.
-        collate=SFTCollator(pad_id, packed=cfg.data.packing, pad_to_multiple_of=pad_to_multiple_of,
-                            flatten=cfg.data.packing and str(cfg.model.attn_implementation or "").startswith("flash")),
-        eval_collate=SFTCollator(pad_id, packed=False, pad_to_multiple_of=pad_to_multiple_of),
+        collate=collator or SFTCollator(
+            pad_id, packed=cfg.data.packing, pad_to_multiple_of=pad_to_multiple_of,
+            flatten=cfg.data.packing and str(cfg.model.attn_implementation or "").startswith("flash")),
+        eval_collate=collator or SFTCollator(pad_id, packed=False, pad_to_multiple_of=pad_to_multiple_of),
         train_lengths=lengths,
         train_label_tokens=[sum(label != IGNORE_INDEX for label in s["labels"][1:]) for s in train],
     )
+
+
+def prepare_vlm_data(cfg: Any, processor: Any, registries: Any, say: Callable[[str], None],
+                     pad_to_multiple_of: int | None = None) -> SFTData:
+    """``prepare_sft_data`` for vision-language models, given the model's processor: data.name=auto
+    means the ``vlm`` image-text loader, data.min_pixels/max_pixels set the processor's image
+    resolution, samples carry their image tensors (components/data/multimodal.py) and batch with
+    ``VLMCollator``. Packing is refused when the data has images (text-only data packs as usual)."""
+    from automodel_cli.components.data import VLMCollator, refuse_packing
+    from automodel_cli.components.data.multimodal import apply_resolution_limits, encode_multimodal
+
+    apply_resolution_limits(processor, cfg.data.min_pixels, cfg.data.max_pixels)
+    train_table, eval_table = _load_tables(cfg, registries, auto="vlm")
+
+    def encode(table: Any, what: str) -> list[dict[str, Any]]:
+        return _reporting(say, what, lambda: encode_multimodal(
+            table, processor, max_length=cfg.data.max_length, chat_template=cfg.model.chat_template))
+
+    train = encode(train_table, "train")
+    evaluation = encode(eval_table, "eval") if eval_table is not None else []
+    pad_id = processor.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = processor.tokenizer.eos_token_id
+    if cfg.data.packing:
+        refuse_packing(train + evaluation)
+        return _sft_data(_pack(train, cfg, say), evaluation, cfg, pad_id, pad_to_multiple_of)
+    return _sft_data(train, evaluation, cfg, pad_id, pad_to_multiple_of,
+                     collator=VLMCollator(pad_id, pad_to_multiple_of=pad_to_multiple_of))
 
 
 # ---------------------------------------------------------------------- steps and validation

@@ -90,3 +90,25 @@ def test_output_dir_with_another_run_is_left_untouched(cli, tmp_path):
 ])
 def test_registry_typos(cli, tmp_path, override, fragment):
     expect_user_error(cli("finetune", "demo", override, "-o", str(tmp_path / "o")), fragment)
+
+
+def _parts_chat(*user_parts):
+    return {"messages": [{"role": "user", "content": [*user_parts, {"type": "text", "text": "hi", "image": None}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": "yo", "image": None}]}]}
+
+
+def test_list_content_for_a_string_only_template(cli, tmp_path):
+    """The demo model's template concatenates strings; list contents used to end in a Jinja
+    TypeError traceback."""
+    data = jsonl(tmp_path / "d.jsonl", [_parts_chat()] * 4)
+    expect_user_error(cli("finetune", "demo", "data.name=instruction", f"data.path={data}",
+                          "-o", str(tmp_path / "o"), *TINY),
+                      "row 0", "cannot render message contents that are lists of parts")
+    assert not (tmp_path / "o").exists()
+
+
+def test_images_for_a_text_only_model(cli, tmp_path):
+    data = jsonl(tmp_path / "d.jsonl", [_parts_chat({"type": "image", "image": "cat.png", "text": None})] * 4)
+    expect_user_error(cli("finetune", "demo", "data.name=instruction", f"data.path={data}",
+                          "-o", str(tmp_path / "o"), *TINY), "row 0 contains images", "text-only")
+    assert not (tmp_path / "o").exists()

@@ -5,6 +5,10 @@
     packs = pack_sequences(ds["input_ids"], ds["labels"], 2048)   # packing.py
     batch = SFTCollator(tokenizer.pad_token_id, packed=True)(packs[:8])  # collate.py
 
+Vision-language models: ``load_multimodal`` / ``encode_multimodal`` (multimodal.py) turn image-text
+rows into samples with image tensors, batched by ``VLMCollator`` (collate.py); tiny_processor.py
+builds small real processors offline.
+
 Dataset factories for the registry (``instruction``, ``squad``, ``hellaswag``, ``demo``) live in
 sources.py and are registered by ``automodel_cli.plugins.datasets``.
 
@@ -28,6 +32,12 @@ _EXPORTS = {
     "packing_efficiency": "packing",
     "padding_fraction": "packing",
     "SFTCollator": "collate",
+    "VLMCollator": "collate",
+    "refuse_packing": "collate",
+    "load_multimodal": "multimodal",
+    "encode_multimodal": "multimodal",
+    "apply_resolution_limits": "multimodal",
+    "vlm": "multimodal",
     "instruction": "sources",
     "squad": "sources",
     "hellaswag": "sources",

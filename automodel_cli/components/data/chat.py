@@ -54,11 +54,30 @@ class ChatEncoder:
         self.use_generation_mask = self.is_fast and bool(GENERATION_TAG.search(template))
 
     # -- public ----------------------------------------------------------------------------
-    def encode(self, messages: Any, row: int) -> tuple[list[int], list[int]]:
+    def encode(self, messages: Any, row: int | str) -> tuple[list[int], list[int]]:
         messages = normalize_messages(messages, row)
+        reject_image_parts(messages, row)
         if self.use_generation_mask:
             return self._encode_with_generation_mask(messages, row)
-        return self._encode_with_prefixes(messages, row)
+        return self._tokenize_with_spans(*self.assistant_spans(messages, row))
+
+    def assistant_spans(self, messages: list[dict[str, Any]], row: int | str) -> tuple[str, list[tuple[int, int]]]:
+        """The full rendering of ``messages`` (normalised) and the character spans of its assistant
+        turns (routes 2 and 3). Also used by multimodal encoding, which counts tokens per prefix."""
+        full = self._render(messages, row)
+        spans = self._spans_by_prefixes(full, messages, row)
+        if spans is None:
+            spans = self._spans_by_content(full, messages)
+        if spans is None:
+            raise UserError(
+                f"Chat data {row_label(row)}: the chat template does not render conversations "
+                "prefix-stably (rendering the first turns differs from the start of the full "
+                "conversation), so the assistant tokens cannot be located.",
+                "Set model.chat_template to a template that wraps assistant text in "
+                "{% generation %}...{% endgeneration %}, or convert the data to "
+                "prompt/completion columns.",
+            )
+        return full, spans
 
     # -- route 1 ---------------------------------------------------------------------------
     def _encode_with_generation_mask(self, messages, row):
@@ -71,8 +90,8 @@ class ChatEncoder:
         return ids, labels
 
     # -- route 2 ---------------------------------------------------------------------------
-    def _encode_with_prefixes(self, messages, row):
-        full = self._render(messages, row)
+    def _spans_by_prefixes(self, full: str, messages, row) -> list[tuple[int, int]] | None:
+        """None when the template is not prefix-stable."""
         spans: list[tuple[int, int]] = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -83,31 +102,24 @@ class ChatEncoder:
                 before = ""  # some templates cannot render an empty/partial prefix
             upto = self._render(messages[: i + 1], row)
             if not (full.startswith(upto) and upto.startswith(before)):
-                located = self._spans_by_content(full, messages)
-                if located is not None:
-                    return self._tokenize_with_spans(full, located)
-                raise UserError(
-                    f"Chat data row {row}: the chat template does not render conversations "
-                    "prefix-stably (rendering the first turns differs from the start of the full "
-                    "conversation), so the assistant tokens cannot be located.",
-                    "Set model.chat_template to a template that wraps assistant text in "
-                    "{% generation %}...{% endgeneration %}, or convert the data to "
-                    "prompt/completion columns.",
-                )
+                return None
             spans.append((len(before), len(upto)))
-        return self._tokenize_with_spans(full, spans)
+        return spans
 
     # -- route 3 ---------------------------------------------------------------------------
     def _spans_by_content(self, full: str, messages) -> list[tuple[int, int]] | None:
         """For templates that rewrite earlier turns (Qwen3 drops past reasoning, for example):
         find every message's content in the full rendering, in order, and train each assistant
         content plus the end-of-sequence token that directly follows it. None when some content
-        does not appear verbatim (the template transformed it), so its tokens cannot be located."""
+        does not appear verbatim (the template transformed it) or is a list of parts (rendered
+        part by part, so not one verbatim string), so its tokens cannot be located."""
         eos = getattr(self.tokenizer, "eos_token", None) or ""
         spans: list[tuple[int, int]] = []
         cursor = 0
         for message in messages:
             content = message.get("content")
+            if isinstance(content, list):
+                return None
             if not isinstance(content, str) or not content:
                 continue
             start = full.find(content, cursor)
@@ -160,16 +172,54 @@ class ChatEncoder:
             return self.tokenizer.apply_chat_template(messages, chat_template=self.template, **kwargs)
         except TemplateError as exc:
             raise UserError(
-                f"Chat data row {row}: the chat template rejected the conversation ({exc}).",
+                f"Chat data {row_label(row)}: the chat template rejected the conversation ({exc}).",
                 "Fix the roles/order of the messages in that row, or set model.chat_template.",
+            ) from exc
+        except TypeError as exc:
+            # Jinja raises plain TypeErrors, e.g. a template that concatenates strings given a
+            # content that is a list of parts.
+            if not any(isinstance(m.get("content"), list) for m in messages):
+                raise
+            raise UserError(
+                f"Chat data {row_label(row)}: the chat template cannot render message contents that are "
+                f"lists of parts ({exc}).",
+                "Give every content as a plain string for this model, or set model.chat_template to "
+                "a template that renders lists of {\"type\": \"text\"/\"image\"} parts (as "
+                "vision-language models' templates do).",
             ) from exc
 
 
-def normalize_messages(messages: Any, row: int) -> list[dict[str, Any]]:
+def row_label(row: int | str) -> str:
+    """``row 3`` for a table index; a string (a file and its row) is already a label."""
+    return f"row {row}" if isinstance(row, int) else row
+
+
+#: Part types that carry an image (``image_url`` is the OpenAI-style spelling).
+IMAGE_PART_TYPES = ("image", "image_url")
+
+
+def image_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The image parts (``{"type": "image", ...}``) of list contents, in order."""
+    return [part for message in messages if isinstance(message.get("content"), list)
+            for part in message["content"] if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES]
+
+
+def reject_image_parts(messages: list[dict[str, Any]], row: int | str) -> None:
+    """Text-only models cannot take images: say so instead of silently training on the text."""
+    if image_parts(messages):
+        raise UserError(
+            f"Chat data {row_label(row)} contains images, but the model is text-only (its tokenizer has no "
+            "image processor or image token).",
+            "Fine-tune a vision-language model (one whose config has a vision_config, e.g. Qwen2-VL "
+            "or Gemma 3), or remove the image parts from the data.",
+        )
+
+
+def normalize_messages(messages: Any, row: int | str) -> list[dict[str, Any]]:
     """Validate ``[{role, content}, ...]`` and drop keys Arrow filled with None for other rows."""
     if not isinstance(messages, list) or not messages:
         raise UserError(
-            f"Chat data row {row}: messages must be a non-empty list of "
+            f"Chat data {row_label(row)}: messages must be a non-empty list of "
             f"{{\"role\": ..., \"content\": ...}} objects, got {type(messages).__name__}.",
             "Fix that row, or set data.messages_column to the column holding the conversation.",
         )
@@ -184,7 +234,7 @@ def normalize_messages(messages: Any, row: int) -> list[dict[str, Any]]:
             or ("content" not in message and not message.get("tool_calls"))
         ):
             raise UserError(
-                f"Chat data row {row}, message {j}: expected an object with `role` and `content`, "
+                f"Chat data {row_label(row)}, message {j}: expected an object with `role` and `content`, "
                 f"got {message!r:.80}.",
                 "Every message needs a string role (system/user/assistant) and a content.",
             )

@@ -165,8 +165,32 @@ def _split_of(relative: Path) -> str | None:
     return None
 
 
-def _prescan_json(file: Path, options: dict[str, Any]) -> None:
-    """Parse a .json/.jsonl file with ``json`` first, so errors name the line and column."""
+def read_json_rows(path: str | Path, split: str = "train", options: dict | None = None) -> list[tuple[Path, int, dict]]:
+    """The rows of a local .json/.jsonl file (or of the split's JSON files in a directory) as
+    ``(file, row number, row)``, parsed with ``json`` rather than Arrow: for data whose rows do
+    not share one Arrow schema (a chat ``content`` that is a string in one row and a list of text
+    and image parts in the next). Same errors as ``load_table``; row numbers count from 1."""
+    options = dict(options or {})
+    local = Path(str(path)).expanduser()
+    if not local.exists():
+        raise UserError(
+            f"Data file `{path}` does not exist (resolved to {local.resolve()}).",
+            f"Check data.path; it must be {_FORMATS_HINT}.",
+        )
+    rows = []
+    for file in _data_files(local, split):
+        if SUPPORTED_EXTENSIONS[file.suffix.lower()] != "json":
+            raise UserError(
+                f"`{file}` is not a .json/.jsonl file.",
+                "Give this dataset its rows as JSON Lines (one object per line) or a JSON array.",
+            )
+        rows += [(file, number, row) for number, row in enumerate(_prescan_json(file, options), start=1)]
+    return rows
+
+
+def _prescan_json(file: Path, options: dict[str, Any]) -> list[dict]:
+    """Parse a .json/.jsonl file with ``json`` first, so errors name the line and column; the
+    parsed rows are returned."""
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -185,9 +209,8 @@ def _prescan_json(file: Path, options: dict[str, Any]) -> None:
                     "(or use .jsonl with one object per line).",
                 ) from exc
         else:
-            _check_json_document(file, document, options)
-            return
-    n_rows = 0
+            return _check_json_document(file, document, options)
+    rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -204,12 +227,13 @@ def _prescan_json(file: Path, options: dict[str, Any]) -> None:
                 f"{file} line {lineno}: expected a JSON object, got {type(row).__name__}.",
                 "Each line must be one object mapping column names to values.",
             )
-        n_rows += 1
-    if n_rows == 0:
+        rows.append(row)
+    if not rows:
         raise UserError(f"Data file `{file}` has no rows.", "Add at least one JSON object line.")
+    return rows
 
 
-def _check_json_document(file: Path, document: Any, options: dict[str, Any]) -> None:
+def _check_json_document(file: Path, document: Any, options: dict[str, Any]) -> list[dict]:
     field = options.get("field")
     if field is not None:
         if not isinstance(document, dict) or field not in document:
@@ -237,6 +261,7 @@ def _check_json_document(file: Path, document: Any, options: dict[str, Any]) -> 
             )
     if not document:
         raise UserError(f"Data file `{file}` has no rows.", "Add at least one object to the array.")
+    return document
 
 
 # ----------------------------------------------------------------------------------------- hub

@@ -117,7 +117,7 @@ def tokenize_sft(
     )
     stats = _stats(mapped, max_length)
     if stats.n_trainable_tokens == 0:
-        raise UserError(*_all_masked_message(stats, mode, max_length, prompt_column, completion_column))
+        raise UserError(*all_masked_message(stats, mode, max_length, prompt_column, completion_column))
     if stats.n_truncated > TRUNCATION_WARN_FRACTION * stats.n_samples:
         warnings.warn(
             TruncationWarning(
@@ -205,7 +205,7 @@ def _stats(mapped, max_length: int) -> SFTStats:
     )
 
 
-def _all_masked_message(stats: SFTStats, mode: str, max_length: int, prompt_col: str, completion_col: str):
+def all_masked_message(stats: SFTStats, mode: str, max_length: int, prompt_col: str, completion_col: str):
     if stats.n_truncated:
         cause = (
             f"{stats.n_truncated} of them are longer than data.max_length={max_length} (longest: "

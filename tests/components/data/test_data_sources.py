@@ -153,7 +153,7 @@ def test_demo_tokenizer_and_config_agree(demo_tokenizer):
 
 
 def test_builtin_dataset_plugin_registers_lazily():
-    """The plugin registers the four SFT names and pretrain's two text sets with
+    """The plugin registers the four SFT names, the image-text loader and pretrain's two text sets with
     'module:function' targets, and importing it (and registering) pulls in neither torch nor
     datasets nor transformers."""
     code = (
@@ -168,9 +168,9 @@ def test_builtin_dataset_plugin_registers_lazily():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["names"] == ["demo", "demo-text", "hellaswag", "instruction", "squad", "text"]
+    assert result["names"] == ["demo", "demo-text", "hellaswag", "instruction", "squad", "text", "vlm"]
     assert result["heavy"] == []
-    text = {"demo-text": "text:demo_text", "text": "text:text_dataset"}
+    text = {"demo-text": "text:demo_text", "text": "text:text_dataset", "vlm": "multimodal:vlm"}
     assert result["targets"] == [f"automodel_cli.components.data.{text.get(n, f'sources:{n}')}"
                                  for n in result["names"]]
 

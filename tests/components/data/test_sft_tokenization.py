@@ -263,3 +263,20 @@ def test_tokenization_is_deterministic(demo_tokenizer):
     first, s1 = tokenize_sft(ds, demo_tokenizer, max_length=20)
     second, s2 = tokenize_sft(ds, demo_tokenizer, max_length=20)
     assert first[:] == second[:] and s1 == s2
+
+
+def test_list_content_with_a_string_only_template_is_a_user_error(word_tokenizer):
+    """The word tokenizer's template concatenates strings: Jinja raises a TypeError on a content
+    that is a list of parts, which becomes an error naming the row and the fix."""
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "fine"}]}]}]
+    with pytest.raises(UserError, match=r"Chat data row 0: the chat template cannot render message contents that are lists") as info:
+        tokenize_sft(Dataset.from_list(rows), word_tokenizer, max_length=64)
+    assert "plain string" in info.value.hint
+
+
+def test_image_parts_for_a_text_only_model_are_a_user_error(word_tokenizer):
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "hi"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "fine"}]}]}]
+    with pytest.raises(UserError, match=r"Chat data row 0 contains images, but the model is text-only"):
+        tokenize_sft(Dataset.from_list(rows), word_tokenizer, max_length=64)
