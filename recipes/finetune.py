@@ -20,22 +20,25 @@ RECIPE = "finetune"
 
 
 def run(context: Any) -> int:
-    from automodel_cli.components.models.loading import load_tokenizer
+    from automodel_cli.components.models.loading import load_config, load_tokenizer
+    from automodel_cli.components.models.vlm import is_vision_language
     from automodel_cli.components.training import steps as step_math
     from automodel_cli.components.training.evaluation import format_eval
     from automodel_cli.components.training.padding import Padding, run_padding
     from automodel_cli.training.run import TrainingRun
-    from automodel_cli.training.sft_data import prepare_sft_data, sft_step, sft_validation
+    from automodel_cli.training.sft_data import prepare_sft_data, prepare_vlm_data, sft_step, sft_validation
 
     # 1. Processes, mesh, run directory, loss, precision (TrainingRun checks before anything loads).
     with TrainingRun(context) as run:
         cfg = run.cfg
         accumulation = run.accumulation()  # global batch sizes that do not divide fail now
 
-        # 2. Tokenizer and data (bad data fails before the model is loaded).
-        tokenizer = load_tokenizer(cfg.model)
-        data = prepare_sft_data(cfg, tokenizer, run.registries, run.say,
-                                pad_to_multiple_of=run.shape.tp if run.sequence_parallel else None)
+        # 2. Tokenizer and data (bad data fails before the model is loaded). A vision-language
+        #    model gets its processor (tokenizer + image processor) and image-text data instead.
+        vision = is_vision_language(load_config(cfg.model))
+        tokenizer = load_tokenizer(cfg.model, processor=vision)
+        data = (prepare_vlm_data if vision else prepare_sft_data)(
+            cfg, tokenizer, run.registries, run.say, pad_to_multiple_of=run.shape.tp if run.sequence_parallel else None)
 
         # 3. Model, adapters, parallelism: built empty, then each process's shards are loaded.
         model = run.load_model(tokenizer)

@@ -170,13 +170,15 @@ def prepare_vlm_data(cfg: Any, processor: Any, registries: Any, say: Callable[[s
 
 
 # ---------------------------------------------------------------------- steps and validation
-#: The batch keys a causal LM's forward takes (labels go to the loss, not the model).
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+#: Batch keys that are not the model's inputs: the labels go to the loss, the count of trained
+#: tokens to its normalisation.
+NOT_MODEL_INPUTS = ("labels", "num_label_tokens")
 
 
 def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    """The model's inputs of a collated batch, on ``device``."""
-    return {key: batch[key].to(device) for key in MODEL_INPUTS if key in batch}
+    """The model's inputs of a collated batch, on ``device``: token ids, attention mask or
+    position ids, and for a vision-language model its image tensors and token types."""
+    return {key: value.to(device) for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
 
 
 def sft_step(run: Any, model: Any, data: SFTData, plan: Any,

@@ -201,13 +201,15 @@ def load_model(model_cfg: Any, *, seed: int, dtype: Any) -> Any:
         raise _load_error(model_cfg.path, source, role.name, role, exc) from None
 
 
-def load_tokenizer(model_cfg: Any) -> Any:
-    """The tokenizer, with a pad token (EOS when the tokenizer has none).
+def load_tokenizer(model_cfg: Any, *, processor: bool = False) -> Any:
+    """The tokenizer, with a pad token (EOS when the tokenizer has none); with ``processor``, the
+    model's ``AutoProcessor`` (tokenizer, image processor, chat template) for a vision-language
+    model, its tokenizer given the same pad token.
 
     For a model section (one with ``from_scratch``) the model source is checked first
     (``check_model_source``), so a directory that is not a model is reported as such rather
     than as a missing tokenizer, before any data is read."""
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     from automodel_cli.components.checkpoint.consolidate import TOKENIZER_FILES
 
@@ -224,7 +226,7 @@ def load_tokenizer(model_cfg: Any) -> Any:
         )
     source = resolve_model_source(path, role, key=key)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer = (AutoProcessor if processor else AutoTokenizer).from_pretrained(
             source, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
             **source_access(source, model_cfg.revision, key),
         )
@@ -234,9 +236,10 @@ def load_tokenizer(model_cfg: Any) -> Any:
                 f"`{path}` ({key}) holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...).",
                 f"Set {role.tokenizer_key} to the directory or hub id of the tokenizer the model was trained with.",
             ) from None
-        raise _load_error(path, source, "tokenizer", role, exc, key=key) from None
+        raise _load_error(path, source, "processor" if processor else "tokenizer", role, exc, key=key) from None
+    text = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's text half
     if model_cfg.chat_template:
         tokenizer.chat_template = model_cfg.chat_template
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if text.pad_token_id is None:
+        text.pad_token = text.eos_token
     return tokenizer
