@@ -182,15 +182,16 @@ def _set_threads(spec: dict) -> None:
         torch.set_num_threads(int(spec["threads"]))
 
 
-def child_ours(spec: dict) -> None:
-    """Run ``automodel finetune`` in this process, with two read-only probes patched in."""
+def install_step_probes() -> tuple[_RssWatch, dict]:
+    """Patch two read-only probes into ``automodel finetune`` run in this process: when training
+    starts (torch threads, the RSS watch, a first timestamp) and after every optimizer step (the
+    JSONL logger's ``log``): wall-clock and CPU timestamps in ``probe["step_ends"]`` and
+    ``probe["cpu_ends"]``."""
     import torch
 
-    from automodel_cli.cli import main
     from automodel_cli.components.logging import jsonl
     from automodel_cli.components.training import progress
 
-    _set_threads(spec)
     watch = _RssWatch()
     probe: dict = {"step_ends": [], "cpu_ends": []}
 
@@ -212,6 +213,42 @@ def child_ours(spec: dict) -> None:
 
     progress.TrainingProgress.__enter__ = enter_and_mark
     jsonl.JsonlLogger.log = log_and_mark
+    return watch, probe
+
+
+def trl_step_timer(watch: _RssWatch):
+    """A ``TrainerCallback`` that timestamps each step end (wall clock and CPU) with TRL's running
+    count of non-padding input tokens; set its ``trainer`` once the trainer is built."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.trainer = None
+            self.times: list[float] = []
+            self.cpu: list[float] = []
+            self.tokens: list[int] = []
+            self.threads_start = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.threads_start = torch.get_num_threads()
+            watch.start()
+            self.on_step_end(args, state, control)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
+            self.tokens.append(self.trainer._total_train_tokens)
+
+    return StepTimer()
+
+
+def child_ours(spec: dict) -> None:
+    """Run ``automodel finetune`` in this process, with two read-only probes patched in."""
+    from automodel_cli.cli import main
+
+    _set_threads(spec)
+    watch, probe = install_step_probes()
 
     out = Path(spec["out"])
     argv = [
@@ -264,34 +301,11 @@ def child_trl(spec: dict) -> None:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     _set_threads(spec)
     watch = _RssWatch()
-
-    class StepTimer(TrainerCallback):
-        """Timestamp of each step end and TRL's running count of non-padding input tokens."""
-
-        def __init__(self):
-            self.trainer = None
-            self.times: list[float] = []
-            self.cpu: list[float] = []
-            self.tokens: list[int] = []
-            self.threads_start = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.threads_start = torch.get_num_threads()
-            watch.start()
-            self.times.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-            self.tokens.append(self.trainer._total_train_tokens)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-            self.tokens.append(self.trainer._total_train_tokens)
-
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     dataset = load_dataset("json", data_files=spec["data_path"], split="train")
@@ -331,7 +345,7 @@ def child_trl(spec: dict) -> None:
             r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
             target_modules=LORA["target_modules"], task_type="CAUSAL_LM",
         )
-    timer = StepTimer()
+    timer = trl_step_timer(watch)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[timer])
     timer.trainer = trainer
@@ -406,17 +420,16 @@ def wait_for_quiet(threshold: float, max_wait: float, probe: float = 2.0) -> flo
     return time.perf_counter() - started
 
 
-def run_child(name: str, spec: dict, log_dir: Path) -> dict:
-    """One run in a fresh interpreter; returns its parsed result (and parity info for ours).
+def spawn_child(script: Path, name: str, spec: dict, log_dir: Path) -> tuple[dict, str]:
+    """Run ``script --_child SPEC`` in a fresh interpreter; its parsed result and its standard
+    output (the log goes to ``log_dir``).
 
     Also measures ``external_load``: CPU time used by *other* processes during the run, as a
     fraction of the machine's capacity (wall time x cores). On a shared machine another job's
     burst slows a CPU run several-fold (the OpenMP threads get oversubscribed), so the caller
     re-runs a run whose external load is too high.
     """
-    trainer, peft, packing = RUNS[name]
-    spec = {**spec, "kind": trainer, "peft": peft, "packing": packing}
-    command = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)]
+    command = [sys.executable, str(Path(script).resolve()), "--_child", json.dumps(spec)]
     env = {**os.environ, **CHILD_ENV}
     if spec.get("threads"):
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
@@ -433,13 +446,21 @@ def run_child(name: str, spec: dict, log_dir: Path) -> dict:
     result = json.loads(lines[-1][len(RESULT_PREFIX):])
     result["run_seconds"] = wall
     result["external_load"] = max(0.0, external / (wall * (os.cpu_count() or 1)))
+    return result, proc.stdout
+
+
+def run_child(name: str, spec: dict, log_dir: Path) -> dict:
+    """One run in a fresh interpreter (``spawn_child``); returns its result (and parity info for ours)."""
+    trainer, peft, packing = RUNS[name]
+    result, stdout = spawn_child(Path(__file__), name, {**spec, "kind": trainer, "peft": peft, "packing": packing},
+                                 log_dir)
     if trainer == "ours":  # "train data: N samples, T tokens, L trained tokens, K truncated"
-        for line in proc.stdout.splitlines():
+        for line in stdout.splitlines():
             if line.startswith("train data:"):
                 words = line.replace(",", "").split()
                 result["parity"] = {"samples": int(words[2]), "tokens": int(words[4]),
                                     "trained_tokens": int(words[6])}
-        for line in proc.stdout.splitlines():
+        for line in stdout.splitlines():
             if line.startswith("packing:"):  # "packing: N samples into M sequences of up to ..."
                 words = line.split()
                 result["parity"] = {"packs": int(words[4]), "tokens": result["parity"]["tokens"]}
@@ -469,6 +490,23 @@ def machine_info() -> list[str]:
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"trl {trl.__version__}, peft {peft.__version__}",
     ]
+
+
+def selected_runs(parser: argparse.ArgumentParser, runs: str, known: dict) -> list[str]:
+    """The names of ``--runs`` (comma-separated), each one of ``known``."""
+    names = [n.strip() for n in runs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown run(s) {unknown}; choose from {list(known)}")
+    return names
+
+
+def announce(settings: str) -> None:
+    """Print the command line, the machine and library versions, and the run settings."""
+    print("$ " + shlex.join([Path(sys.executable).name, *sys.argv]))
+    for line in machine_info():
+        print(line)
+    print(settings, flush=True)
 
 
 def _median(values: list[float]) -> float:
@@ -523,20 +561,12 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     samples = args.samples or (400 if args.quick else 2000)
     warmup = min(args.warmup, steps - 1)
-    names = [n.strip() for n in args.runs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RUNS]
-    if unknown:
-        parser.error(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
-
-    print("$ " + shlex.join([Path(sys.executable).name, *sys.argv]))
-    for line in machine_info():
-        print(line)
-    print(f"settings: {steps} steps (first {warmup} excluded), {repeats} repeat(s), {samples} samples, "
-          f"global batch {args.global_batch}, micro-batch {args.micro_batch}, max_length {args.max_length}, "
-          f"lr {args.lr}, fp32, LoRA r={LORA['rank']} alpha={LORA['alpha']} {LORA['target_modules']}, "
-          f"ours: loss.name={args.loss}, activation checkpointing {args.ac}, compile {args.compile}; "
-          f"torch threads {args.threads or 'default'}",
-          flush=True)
+    names = selected_runs(parser, args.runs, RUNS)
+    announce(f"settings: {steps} steps (first {warmup} excluded), {repeats} repeat(s), {samples} samples, "
+             f"global batch {args.global_batch}, micro-batch {args.micro_batch}, max_length {args.max_length}, "
+             f"lr {args.lr}, fp32, LoRA r={LORA['rank']} alpha={LORA['alpha']} {LORA['target_modules']}, "
+             f"ours: loss.name={args.loss}, activation checkpointing {args.ac}, compile {args.compile}; "
+             f"torch threads {args.threads or 'default'}")
 
     with tempfile.TemporaryDirectory(prefix="finetune_vs_trl_") as tmp:
         root = Path(args.workdir) if args.workdir else Path(tmp)

@@ -22,6 +22,7 @@ from typing import Callable
 import pytest
 
 from model_dirs import remote_code_model, reshape_tensor, save_model, save_sharded_model, weight_reading_model
+from vlm_models import gemma3_model_dir, write_colour_chat
 
 from automodel_cli import hookimpl
 from automodel_cli.assets import demo_dir
@@ -109,6 +110,26 @@ def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
     def setup(tmp: Path) -> None:
         for each in setups:
             each(tmp)
+    return setup
+
+
+def vlm_inputs(damage: str | None = None, *, model: bool = True) -> Callable[[Path], None]:
+    """A tiny Gemma 3 VLM in ``m/`` (with ``model``) and image-text chat data in ``d/train.jsonl``
+    (four rows, images beside it), then damaged: row 3's image ``missing`` or a text file
+    (``not-an-image``), or row 2's text holding an image token of its own (``extra-image-token``)."""
+    def setup(tmp: Path) -> None:
+        if model:
+            gemma3_model_dir(tmp / "m")
+        data = write_colour_chat(tmp / "d", 4)
+        rows = [json.loads(line) for line in data.read_text().splitlines()]
+        if damage == "missing":
+            rows[2]["messages"][0]["content"][0]["path"] = "missing.png"
+        elif damage == "not-an-image":
+            (tmp / "d" / "notes.png").write_text("not an image")
+            rows[2]["messages"][0]["content"][0]["path"] = "notes.png"
+        elif damage == "extra-image-token":
+            rows[1]["messages"][0]["content"][1]["text"] = "colour of <start_of_image>?"
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return setup
 
 
@@ -248,6 +269,21 @@ CASES = [
          ["config.json"]),
     Case("hub-offline", ["finetune", "model.path=someorg/not-cached-anywhere", "data.path={data}", "-o", "{new}", *FAST],
          ["someorg/not-cached-anywhere", "HF_HUB_OFFLINE"], env={"HF_HUB_OFFLINE": "1"}),
+    Case("vlm-image-missing", ["finetune", "model.path={tmp}/m", "data.path={tmp}/d/train.jsonl", "-o", "{new}", *FAST],
+         ["train.jsonl` row 3", "image file `missing.png` does not exist"], setup=vlm_inputs("missing")),
+    Case("vlm-not-an-image", ["finetune", "model.path={tmp}/m", "data.path={tmp}/d/train.jsonl", "-o", "{new}", *FAST],
+         ["train.jsonl` row 3", "notes.png` cannot be read as an image"], setup=vlm_inputs("not-an-image")),
+    Case("vlm-image-token-in-text", ["finetune", "model.path={tmp}/m", "data.path={tmp}/d/train.jsonl", "-o", "{new}",
+                                     *FAST], ["row 2", "1 image(s) but the rendered text has 2 image placeholder(s)"],
+         setup=vlm_inputs("extra-image-token")),
+    Case("vlm-template-no-lists", ["finetune", "model.path={tmp}/m", "data.path={tmp}/d/train.jsonl", "-o", "{new}",
+                                   "model.chat_template={{% for m in messages %}}{{{{ m['role'] + ': ' + m['content'] }}}}"
+                                   "{{% endfor %}}", *FAST],
+         ["cannot render message contents that are lists of parts", "model.chat_template"], setup=vlm_inputs()),
+    Case("images-to-text-model", [*FT, "data.name=auto", "data.path={tmp}/d/train.jsonl", "-o", "{new}", *FAST],
+         ["contains images, but the model is text-only"], setup=vlm_inputs(model=False)),
+    Case("vlm-data-text-model", [*FT, "data.name=vlm", "data.path={tmp}/d/train.jsonl", "-o", "{new}", *FAST],
+         ["data.name=vlm reads image-text data, but the model", "is text-only"], setup=vlm_inputs(model=False)),
     Case("teacher-truncated", ["distill", "demo", "distill.teacher_path={tmp}/t", "-o", "{new}", *FAST],
          ["distill.teacher_path", "corrupt or truncated"], setup=saved_model("t", "truncated")),
     # checkpoints

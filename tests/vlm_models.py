@@ -1,7 +1,9 @@
 """Tiny vision-language models for tests, built from configs (no hub): a Qwen2-VL (text hidden 64,
 2 layers; vision depth 2, embed_dim 32, patch 14, merge 2) and a Gemma 3 with a tiny SigLIP
 vision tower (image 28 px, patch 14, 4 image tokens), saved with ``save_pretrained``, and inputs
-with pixel values that reach the vision tower (image tokens where the model expects them)."""
+with pixel values that reach the vision tower (image tokens where the model expects them); and
+for whole runs, a Gemma 3 directory with its offline processor (``gemma3_model_dir``) and
+image-text chat data beside its images (``write_colour_chat``)."""
 
 from __future__ import annotations
 
@@ -80,3 +82,46 @@ def vlm_inputs(arch: str, batch: int = 2, seed: int = 0) -> dict[str, torch.Tens
 def vlm_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(**inputs).logits
+
+
+# ------------------------------------------------------------------ a whole run's inputs
+#: Colour names the image-text data asks for, with the colour of the image that shows each.
+COLOURS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+
+
+def gemma3_model_dir(directory: Path, seed: int = 0) -> Path:
+    """A tiny Gemma 3 VLM directory (processor files + weights) that ``automodel finetune
+    model.path=DIR`` fine-tunes: ``tiny_vlm.build_gemma3_vlm`` at its test sizes (text hidden 64,
+    2 layers, 28-pixel images as 4 image tokens)."""
+    from automodel_cli.components.models.tiny_vlm import build_gemma3_vlm
+
+    return build_gemma3_vlm(directory, seed=seed)
+
+
+def colour_answer(index: int) -> str:
+    """The assistant text of row ``index``: a colour name, longer on every other row, so rows
+    train different numbers of tokens."""
+    name = list(COLOURS)[index % len(COLOURS)]
+    return name if index % 2 == 0 else f"it is {name}"
+
+
+def write_colour_chat(directory: Path, count: int = 8) -> Path:
+    """``train.jsonl`` of ``count`` chat rows beside their PNG images (paths relative to the data
+    file): the user shows a single-colour image of a few dozen pixels and asks for its colour, the
+    assistant answers ``colour_answer(row)``."""
+    import json
+
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(count):
+        name = list(COLOURS)[index % len(COLOURS)]
+        Image.new("RGB", (30 + index, 24 + 2 * index), COLOURS[name]).save(directory / f"image{index}.png")
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "path": f"image{index}.png"},
+                                         {"type": "text", "text": "colour?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": colour_answer(index)}]}]})
+    path = directory / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

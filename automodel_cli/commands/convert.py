@@ -290,16 +290,23 @@ def hf_to_checkpoint_command(
     out = _check_out(out)
 
     import torch
-    from transformers import AutoModelForCausalLM
 
     from automodel_cli.components.checkpoint.save import write_payload
+    from automodel_cli.components.models.vlm import auto_class
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+        config = json.loads((src / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{src / CONFIG} cannot be read ({exc}).",
+                        "Pass a model directory whose config.json is valid JSON.") from None
+    model_class = auto_class(config)  # a vision-language model's is AutoModelForImageTextToText
+    try:
+        model = model_class.from_pretrained(src, dtype="auto")
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"Model directory {src} cannot be loaded with AutoModelForCausalLM "
+        raise UserError(f"Model directory {src} cannot be loaded with {model_class.__name__} "
                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}).",
-                        "Pass a causal language model directory that from_pretrained loads.") from None
+                        "Pass a causal language model or vision-language model directory that "
+                        "from_pretrained loads.") from None
     state = json.dumps({"step": 0, "converted_from": str(src)}, indent=2, sort_keys=True)
     extra = {f.name: f.read_bytes() for f in _side_files(src) if f.name != CONFIG}
     with _staging(out) as tmp, torch.no_grad():

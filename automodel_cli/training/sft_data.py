@@ -103,6 +103,13 @@ def prepare_sft_data(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[s
                      pad_to_multiple_of: int | None = None) -> SFTData:
     """``pad_to_multiple_of``: sequence parallelism splits the sequence over the tensor-parallel
     ranks, so batches are padded to a multiple of that degree."""
+    if cfg.data.name == "vlm":  # image-text rows: only a vision-language model has inputs for the images
+        raise UserError(
+            f"data.name=vlm reads image-text data, but the model ({cfg.model.path}) is text-only: "
+            "it has no vision tower or image processor.",
+            "Fine-tune a vision-language model (one whose config has a vision_config, e.g. Qwen2-VL "
+            "or Gemma 3), or use text data with data.name=auto.",
+        )
     train_table, eval_table = _load_tables(cfg, registries)
     train = _samples(_tokenize(train_table, tokenizer, cfg, say, "train"))
     evaluation = _samples(_tokenize(eval_table, tokenizer, cfg, say, "eval")) if eval_table is not None else []

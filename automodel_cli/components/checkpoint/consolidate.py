@@ -16,6 +16,8 @@ activation-checkpoint prefixes).
   ``W + scale * B @ A`` (DoRA: rescaled by the magnitude vector) folded in: a plain HF model.
   For a vision-language base model the adapter's module names are paired with the base files'
   saved names by the model's own weight conversions (``_module_names``).
+* A checkpoint of the trainable parameters only (a VLM with its vision tower frozen): the base
+  weights with the checkpoint's tensors in place of the trained ones, paired by the same names.
 
 Config and tokenizer come from the checkpoint's ``hf/`` folder (written at save time), else
 from the run directory (``final/``, ``base_model/``, or ``model.path``/``model.tokenizer`` of
@@ -93,13 +95,13 @@ def run_config(run_dir: Path | None) -> dict[str, Any]:
     """The run's resolved ``config.yaml`` (empty when there is none or it cannot be read)."""
     if run_dir is None or not RunDir(run_dir).config.is_file():
         return {}
-    try:
-        from automodel_cli.config.yaml_io import load_yaml_file
+    from automodel_cli.config.yaml_io import load_yaml_file
 
-        data, _ = load_yaml_fileRunDir(run_dir).config
-        return data if isinstance(data, dict) else {}
-    except Exception:
+    try:
+        data, _ = load_yaml_file(RunDir(run_dir).config)
+    except (UserError, OSError, ValueError):  # unreadable or not YAML: the other sources still count
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _local_dir(value: Any, run_dir: Path | None) -> Path | None:
@@ -262,12 +264,13 @@ def _plan_overlay(ckpt: _Checkpoint, base: BaseWeights, cast, *, peft: dict[str,
     outputs = []
     cfg = adapter_config or {}
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-    module_names = _module_names(base) if peft else {}
+    module_names = _module_names(base)  # checkpoints are keyed by the module's names
     for key in base.keys():
         dtype, shape = base.entry(key)
-        module, _, suffix = module_names.get(key, key).rpartition(".")
-        replacements = [f"{prefix}{key}", f"{prefix}{module}.base_layer.{suffix}",
-                        f"{prefix}{module}.modules_to_save.{adapter}.{suffix}"] if peft else [key]
+        name = module_names.get(key, key)
+        module, _, suffix = name.rpartition(".")
+        replacements = [f"{prefix}{name}", f"{prefix}{module}.base_layer.{suffix}",
+                        f"{prefix}{module}.modules_to_save.{adapter}.{suffix}"] if peft else [name]
         found = next((r for r in replacements if r in ckpt.infos), None)
         lora_a = f"{prefix}{module}.lora_A.{adapter}.weight"
         if peft and suffix == "weight" and lora_a in ckpt.infos:
