@@ -91,13 +91,13 @@ def run_config(run_dir: Path | None) -> dict[str, Any]:
     """The run's resolved ``config.yaml`` (empty when there is none or it cannot be read)."""
     if run_dir is None or not RunDir(run_dir).config.is_file():
         return {}
-    try:
-        from automodel_cli.config.yaml_io import load_yaml_file
+    from automodel_cli.config.yaml_io import load_yaml_file
 
-        data, _ = load_yaml_fileRunDir(run_dir).config
-        return data if isinstance(data, dict) else {}
-    except Exception:
+    try:
+        data, _ = load_yaml_file(RunDir(run_dir).config)
+    except (UserError, OSError, ValueError):  # unreadable or not YAML: the other sources still count
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _local_dir(value: Any, run_dir: Path | None) -> Path | None:
