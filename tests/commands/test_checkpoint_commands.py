@@ -330,3 +330,18 @@ def test_a_run_without_checkpoints_is_explained(automodel, tmp_path, command):
     assert "is a run directory without checkpoints" in result.stderr
     assert f"model.path={run / 'final'}" in result.stderr and "checkpoint.every_steps=N" in result.stderr
     assert not (tmp_path / "exported").exists()
+
+
+def test_the_run_config_is_read_for_base_weights_and_tokenizer(tmp_path):
+    """consolidate falls back to the run's config.yaml (model.path, model.tokenizer) when a
+    checkpoint carries no hf/ folder: it must read it, and an unreadable one counts as absent."""
+    from automodel_cli.components.checkpoint.consolidate import run_config
+    from automodel_cli.run_layout import RunDir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert run_config(run_dir) == {}
+    RunDir(run_dir).config.write_text("model:\n  path: /models/base\n  tokenizer: null\n")
+    assert run_config(run_dir)["model"] == {"path": "/models/base", "tokenizer": None}
+    RunDir(run_dir).config.write_text("model: [unclosed\n")
+    assert run_config(run_dir) == {}
