@@ -201,6 +201,15 @@ def load_model(model_cfg: Any, *, seed: int, dtype: Any) -> Any:
         raise _load_error(model_cfg.path, source, role.name, role, exc) from None
 
 
+def needs_torchvision(exc: BaseException) -> bool:
+    """Whether a processor failed to load because torchvision is missing (Qwen2-VL and others
+    build a video processor, which transformers only offers with torchvision)."""
+    import importlib.util
+
+    text = str(exc).lower()
+    return importlib.util.find_spec("torchvision") is None and ("video processor" in text or "torchvision" in text)
+
+
 def load_tokenizer(model_cfg: Any, *, processor: bool = False) -> Any:
     """The tokenizer, with a pad token (EOS when the tokenizer has none); with ``processor``, the
     model's ``AutoProcessor`` (tokenizer, image processor, chat template) for a vision-language
@@ -235,6 +244,13 @@ def load_tokenizer(model_cfg: Any, *, processor: bool = False) -> Any:
             raise UserError(
                 f"`{path}` ({key}) holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...).",
                 f"Set {role.tokenizer_key} to the directory or hub id of the tokenizer the model was trained with.",
+            ) from None
+        if processor and needs_torchvision(exc):
+            raise UserError(
+                f"The processor of `{path}` ({key}) needs torchvision, which is not installed: transformers "
+                f"builds this model's video processor with it.",
+                "Install torchvision built for your torch (`pip install 'automodel-cli[vlm]'`, or the "
+                "torchvision wheel matching your torch and CUDA).",
             ) from None
         raise _load_error(path, source, "processor" if processor else "tokenizer", role, exc, key=key) from None
     text = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's text half

@@ -257,3 +257,20 @@ def test_lora_checkpoint_consolidates_to_an_adapter_and_a_merged_vlm(saved, tmp_
     assert result.kind == "merged"
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     assert torch.allclose(vlm_logits(merged, inputs), expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("torchvision") is not None,
+                    reason="torchvision is installed: the Qwen2-VL processor loads")
+def test_a_processor_that_needs_torchvision_says_so(tmp_path):
+    """Qwen2-VL's processor includes a video processor, which transformers builds only with
+    torchvision: without it the error names torchvision and the extra, not a broken directory."""
+    from automodel_cli.components.data.tiny_processor import build_qwen2_vl_processor
+    from automodel_cli.components.models.loading import load_tokenizer
+    from automodel_cli.errors import UserError
+
+    directory = build_qwen2_vl_processor(tmp_path / "m")
+    save_vlm(directory, "qwen2_vl")
+    cfg = resolve([defaults_layer(), layer_from_overrides([f"model.path={directory}"])])
+    with pytest.raises(UserError) as caught:
+        load_tokenizer(cfg.model, processor=True)
+    assert "needs torchvision" in str(caught.value) and "automodel-cli[vlm]" in caught.value.hint
