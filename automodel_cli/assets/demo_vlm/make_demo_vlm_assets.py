@@ -3,7 +3,7 @@
     python automodel_cli/assets/demo_vlm/make_demo_vlm_assets.py [OUT_DIR]
 
 ``automodel finetune demo-vlm`` trains a tiny Gemma 3 (SigLIP vision tower, projector, 2-layer
-text decoder) from random weights to name the coloured shape in a small image. Its images are
+text decoder) from random weights to name the colour of the shape in a small image. Its images are
 drawn at run time (components/data/shapes.py); this directory holds only small text files:
 
 - the processor, as ``AutoProcessor.from_pretrained`` reads it (``processor_config.json`` with a
@@ -12,8 +12,8 @@ drawn at run time (components/data/shapes.py); this directory holds only small t
   ``chat_template.jinja``), built by ``tiny_processor.build_gemma3_processor``;
 - ``config.json``: a ``Gemma3Config`` whose vocabulary and special-token ids are the tokenizer's.
 
-Why these sizes: a 32 px image cut into 8 px patches gives the vision tower a 4x4 grid, fine
-enough to tell a circle from a square or a triangle; the projector pools it to 4 image tokens.
+Why these sizes: a 32 px image cut into 8 px patches gives the vision tower a 4x4 grid, which
+the projector pools to 4 image tokens: small enough to train in about a minute on a CPU.
 Both attention layers of the decoder are full (Gemma 3's default pattern makes short stacks all
 sliding-window, and the answer must see the image tokens). Weights are never shipped: the recipe
 initialises them from ``config.json`` (``model.from_scratch=true``).
