@@ -36,8 +36,8 @@ DATASETS: dict[str, tuple[str, str]] = {
     ),
     "demo-vlm": (
         "automodel_cli.components.data.shapes:demo_vlm",
-        "Bundled offline vision-language demo: name the coloured shape in a 32 px image drawn at "
-        "run time (12 answers such as `red circle`; 2000 train / 200 validation images).",
+        "Bundled offline vision-language demo: name the colour (one of 8) of the shape in a 32 px "
+        "image drawn at run time (2000 train / 200 validation images).",
     ),
     "vlm": (
         "automodel_cli.components.data.multimodal:vlm",
