@@ -34,6 +34,11 @@ DATASETS: dict[str, tuple[str, str]] = {
         "demo",
         "Bundled offline demo: reverse short strings (4000 train / 200 eval samples).",
     ),
+    "demo-vlm": (
+        "automodel_cli.components.data.shapes:demo_vlm",
+        "Bundled offline vision-language demo: name the colour (one of 8) of the shape in a 32 px "
+        "image drawn at run time (2000 train / 200 validation images).",
+    ),
     "vlm": (
         "automodel_cli.components.data.multimodal:vlm",
         "Image-text data for vision-language models from data.path: chat messages with text/image "

@@ -8,7 +8,7 @@ without a preset.
 from __future__ import annotations
 
 from automodel_cli import hookimpl
-from automodel_cli.assets import demo_dir
+from automodel_cli.assets import demo_dir, demo_vlm_dir
 from automodel_cli.plugins.families import FAMILIES
 
 #: The bundled demo: a tiny Llama-architecture model initialised at random from a bundled config
@@ -28,11 +28,25 @@ DEMO_RECIPE_DEFAULTS = {
     "benchmark": {"benchmark": {"seq_len": 128}},
 }
 
+#: The bundled vision-language demo: a tiny Gemma 3 (vision tower, projector, 2-layer decoder)
+#: initialised at random from a bundled config and taught to name the colour of the shape in images
+#: drawn at run time. The vision tower starts random, so it trains too (model.freeze_vision=false).
+DEMO_VLM_DEFAULTS = {
+    "model": {"from_scratch": True, "freeze_vision": False},
+    "data": {"name": "demo-vlm", "eval_split": "validation", "max_length": 64},
+    "train": {"global_batch_size": 32, "micro_batch_size": 32, "max_steps": 300,
+              "eval_every_steps": 100},
+    "optim": {"lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.01},
+}
+
 @hookimpl
 def register_models(registry):
     registry.add("demo", path=str(demo_dir()), family="llama", defaults=DEMO_DEFAULTS,
                  recipe_defaults=DEMO_RECIPE_DEFAULTS,
                  description="Bundled tiny Llama (random init) + string-reversal data; offline, CPU")
+    registry.add("demo-vlm", path=str(demo_vlm_dir()), family="gemma3", defaults=DEMO_VLM_DEFAULTS,
+                 description="Bundled tiny Gemma 3 vision-language model (random init) + coloured-shape "
+                             "images drawn at run time; offline, CPU")
     for family, members in FAMILIES.items():
         for name, (path, description, defaults) in members.presets.items():
             registry.add(name, path=path, family=family, description=description, defaults=defaults)

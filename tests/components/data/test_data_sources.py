@@ -168,9 +168,10 @@ def test_builtin_dataset_plugin_registers_lazily():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["names"] == ["demo", "demo-text", "hellaswag", "instruction", "squad", "text", "vlm"]
+    assert result["names"] == ["demo", "demo-text", "demo-vlm", "hellaswag", "instruction", "squad", "text", "vlm"]
     assert result["heavy"] == []
-    text = {"demo-text": "text:demo_text", "text": "text:text_dataset", "vlm": "multimodal:vlm"}
+    text = {"demo-text": "text:demo_text", "text": "text:text_dataset", "vlm": "multimodal:vlm",
+            "demo-vlm": "shapes:demo_vlm"}
     assert result["targets"] == [f"automodel_cli.components.data.{text.get(n, f'sources:{n}')}"
                                  for n in result["names"]]
 
