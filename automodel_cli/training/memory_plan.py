@@ -132,6 +132,9 @@ def plan_report(cfg: Any, recipe: str, shape: Any, target: Target, registries: A
     report.headline = (f"{recipe}, {shape.describe()}, {method[setup.peft]}, AdamW, micro-batch {setup.micro_batch} x "
                        f"{setup.seq_len} tokens, activation checkpointing {plans.checkpointing_mode(setup.activation_checkpointing)}, "
                        f"{target.device}")
+    if "vision_config" in (config.to_dict() if hasattr(config, "to_dict") else dict(config)):
+        report.result.notes.append("vision-language model: the plan counts the language model only (the vision "
+                                   "tower, usually small beside it, and its image activations are not planned)")
     if setup.teacher is None and recipe == "distill":
         report.result.notes.append("distill: the teacher's config is not on this machine; its memory is not included")
     return report

@@ -185,6 +185,13 @@ def test_plan_command_prints_the_table(cli):
         assert any(line.strip().startswith(row) for line in lines), (row, result.stdout)
 
 
+def test_a_vision_language_plan_says_it_counts_the_language_model_only(cli):
+    result = cli("plan", "demo-vlm")
+    assert result.exit_code == 0, result.stderr
+    assert "counts the language model only" in result.stdout
+    assert "counts the language model only" not in cli("plan", "demo").stdout
+
+
 def test_plan_json_and_dry_run_agree(cli):
     from automodel_cli.assets import demo_dir
 
