@@ -104,11 +104,11 @@ def fill(param: Any, source: Callable[[tuple[int, ...], tuple[int, ...], tuple[i
 
 # ------------------------------------------------------------------------ materialising
 def materialize(model: torch.nn.Module, device: Any, *, read: Callable[[str, tuple, tuple], torch.Tensor] | None,
-                init: Callable[[str], torch.Tensor] | None, adapter_seed: int) -> dict[str, int]:
+                init: Callable[[str], torch.Tensor] | None, adapter_seed: int) -> None:
     """Allocate ``model``'s parameters on ``device`` (each process its own shards) and fill them:
     base weights with ``read(key, offset, shape)`` (a checkpoint slice) or, when ``read`` is
     None, with ``init(key)`` (the full tensor of one parameter); adapters seeded by name.
-    Buffers keep the values they were built with. Returns byte counts for reporting."""
+    Buffers keep the values they were built with."""
     from automodel_cli.components.models.structure import retie, shared_parameters
 
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
@@ -119,7 +119,6 @@ def materialize(model: torch.nn.Module, device: Any, *, read: Callable[[str, tup
         for name, buffer in model.named_buffers():
             if name in buffers:
                 buffer.copy_(buffers[name].to(buffer.device, buffer.dtype))
-    counted = {"parameters": 0, "bytes": 0, "largest": 0}
     adapters = []
     for name, param in model.named_parameters():
         if is_adapter(name):
@@ -133,13 +132,8 @@ def materialize(model: torch.nn.Module, device: Any, *, read: Callable[[str, tup
             full = init(key)
             fill(param, lambda shape, offset, local, full=full, dtype=dtype: slice_of(full, offset, local).to(dtype))
             del full
-        local = local_part(param)[0]
-        counted["parameters"] += 1
-        counted["bytes"] += local.numel() * local.element_size()
-        counted["largest"] = max(counted["largest"], local.numel() * local.element_size())
     for name, param in adapters:
         init_adapter(model, name, param, adapter_seed)
-    return counted
 
 
 def init_adapter(model: torch.nn.Module, name: str, param: Any, seed: int) -> None:
