@@ -19,9 +19,15 @@ published ones::
   times 3 for training, over the full ``S x S`` square (not halved for the causal mask,
   following PaLM; sliding-window layers are counted like full ones).
 
+Mixture-of-experts models count what one token actually passes through: the expert weights
+(stacked ``[experts, ...]`` tensors in transformers 5, not ``nn.Linear`` modules) of
+``num_experts_per_tok`` experts per layer, plus the router (``h x experts``), on top of the
+``nn.Linear`` weights (attention, shared experts, LM head). This is the "active parameters"
+convention of the MoE papers (Mixtral's 13B of 47B, Qwen3-30B-A3B's 3B), so MFU compares with
+theirs; ``note`` says the count is of active experts.
+
 Recomputation (activation checkpointing) is not counted: this is model FLOPs, not hardware
-FLOPs. Mixture-of-experts models are not covered (experts are not ``nn.Linear`` modules in
-transformers 5 and only some run per token); ``flops_per_token`` says so in ``note``.
+FLOPs.
 
 Peaks are dense (no sparsity) bf16 tensor-core TFLOP/s per device from the vendors' data
 sheets, matched against ``torch.cuda.get_device_name()``; ``train.peak_tflops`` overrides
@@ -36,6 +42,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from automodel_cli.components.models.structure import text_config
+
+#: Config attributes that hold a mixture of experts' number of routed experts.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 #: (regular expression on the device name, label, dense bf16 TFLOP/s). First match wins, so
 #: specific names come before the names they contain (GH200 before H200, L40S before L40).
@@ -90,6 +99,35 @@ def matmul_parameters(model: Any) -> int:
                if isinstance(module, torch.nn.Linear))
 
 
+def experts_per_token(config: Any) -> int | None:
+    """Experts each token is routed to (``num_experts_per_tok``), or None for a dense model."""
+    config = text_config(config)
+    experts = next((getattr(config, key) for key in EXPERT_COUNT_KEYS if getattr(config, key, None)), None)
+    top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "experts_per_token", None)
+    return int(top_k) if experts and top_k else None
+
+
+def active_expert_parameters(model: Any, top_k: int) -> int:
+    """Expert and router weights one token multiplies by: in every experts module (a module with
+    ``num_experts`` and parameters stacked ``[num_experts, ...]``) the matrices of ``top_k``
+    experts (biases and other vectors left out, as for ``nn.Linear``); in every router (a module
+    with a ``[num_experts, hidden]`` ``weight`` that is not an ``nn.Linear``) its whole weight."""
+    import torch
+
+    total = 0
+    for module in model.modules():
+        experts = getattr(module, "num_experts", None)
+        if not isinstance(experts, int) or isinstance(module, torch.nn.Linear):
+            continue
+        own = list(module.parameters(recurse=False))
+        stacked = [p for p in own if p.ndim == 3 and p.shape[0] == experts]
+        if stacked:
+            total += sum(p.numel() for p in stacked) // experts * top_k
+        elif any(p.ndim == 2 and p.shape[0] == experts for p in own):  # a router
+            total += sum(p.numel() for p in own if p.ndim == 2)
+    return total
+
+
 def attention_shape(config: Any) -> tuple[int, int, int]:
     """(layers, query heads, head dim) of a Hugging Face text config."""
     config = text_config(config)
@@ -103,8 +141,11 @@ def flops_per_token(model: Any, config: Any, seq_len: int) -> FlopsPerToken:
     """Training FLOPs per token of ``model`` on sequences of ``seq_len`` tokens."""
     n = matmul_parameters(model)
     layers, heads, head_dim = attention_shape(config)
-    experts = any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
-    note = "mixture-of-experts model: the count leaves the experts out" if experts else None
+    top_k = experts_per_token(config)
+    note = None
+    if top_k:
+        n += active_expert_parameters(model, top_k)
+        note = f"mixture of experts: the weights of the {top_k} experts a token is routed to, and the routers"
     return FlopsPerToken(n, 6 * n, 12 * layers * heads * head_dim * seq_len, seq_len, note)
 
 
