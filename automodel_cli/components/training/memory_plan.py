@@ -35,6 +35,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: architecture; Phi-3 fuses q/k/v and gate/up.
 FUSED_MODEL_TYPES = ("phi3",)
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
+#: The routed experts' projections of a mixture of experts (``linears`` names them like a dense MLP).
+EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 #: On CPU, glibc's heap keeps the forward and backward passes' freed temporaries (tensors under
 #: its 32 MiB mmap threshold) in its arenas: the process's resident memory exceeds the live
 #: tensors by a fraction of the activations. Measured with benchmarks/memory_plan.py
@@ -58,6 +60,7 @@ class Architecture:
     tied: bool = False
     experts: int = 1  # mixture of experts: experts per layer ...
     active_experts: int = 1  # ... and experts each token runs through
+    shared_intermediate: int = 0  # width of a mixture of experts' shared (always-on) experts
     model_type: str = "llama"
     logit_transform: bool = False  # the model changes its logits after the head (no fused loss)
 
@@ -72,12 +75,19 @@ class Architecture:
         try:
             hidden = int(fields["hidden_size"])
             heads = int(fields.get("num_attention_heads") or 1)
-            experts = int(fields.get("num_local_experts") or fields.get("num_experts") or 1)
+            experts = int(fields.get("num_local_experts") or fields.get("num_experts")
+                          or fields.get("n_routed_experts") or 1)
+            # A mixture of experts' expert width (``moe_intermediate_size`` where the dense MLP of
+            # some layers has another) and its always-on shared experts (Qwen2-MoE, DeepSeek).
+            expert_width = int(fields.get("moe_intermediate_size") or fields.get("intermediate_size") or 4 * hidden)
+            shared = int(fields.get("shared_expert_intermediate_size")
+                         or (fields.get("n_shared_experts") or 0) * expert_width) if experts > 1 else 0
             return cls(
                 hidden=hidden, layers=int(fields["num_hidden_layers"]), heads=heads,
                 kv_heads=int(fields.get("num_key_value_heads") or heads),
                 head_dim=int(fields.get("head_dim") or hidden // heads),
-                intermediate=int(fields.get("intermediate_size") or 4 * hidden),
+                intermediate=expert_width if experts > 1 else int(fields.get("intermediate_size") or 4 * hidden),
+                shared_intermediate=shared,
                 vocab=int(fields["vocab_size"]), tied=bool(fields.get("tie_word_embeddings")),
                 experts=experts,
                 active_experts=int(fields.get("num_experts_per_tok") or 1) if experts > 1 else 1,
@@ -97,22 +107,25 @@ class Architecture:
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """Each linear layer of one decoder layer: name -> (in features, out features); MLP
-        widths count every expert."""
+        widths count every expert (the shared experts' are ``shared_*``)."""
         h, q, kv, i = self.hidden, self.q_width, self.kv_width, self.intermediate * self.experts
+        shared = ({"shared_gate_proj": (h, self.shared_intermediate), "shared_up_proj": (h, self.shared_intermediate),
+                   "shared_down_proj": (self.shared_intermediate, h)} if self.shared_intermediate else {})
         if self.model_type in FUSED_MODEL_TYPES:
             return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h), **shared}
 
     def parameters(self) -> Parameters:
         """Parameter counts by kind (biases are left out: under 0.1% of any preset)."""
         sizes = {name: a * b for name, (a, b) in self.linears().items()}
         attention = sum(size for name, size in sizes.items() if name in ATTENTION_LINEARS)
-        mlp = sum(sizes.values()) - attention
+        routed = sum(size for name, size in sizes.items() if name in EXPERT_LINEARS) if self.experts > 1 else 0
+        mlp = sum(sizes.values()) - attention - routed
         router = self.hidden * self.experts if self.experts > 1 else 0
         return Parameters(embedding=self.vocab * self.hidden, head=0 if self.tied else self.vocab * self.hidden,
                           layer_attention=attention, layer_mlp=mlp + router, layer_norms=2 * self.hidden,
-                          final_norm=self.hidden, layers=self.layers)
+                          final_norm=self.hidden, layers=self.layers, layer_experts=routed)
 
 
 @dataclass(frozen=True)
@@ -126,10 +139,11 @@ class Parameters:
     layer_norms: int
     final_norm: int
     layers: int
+    layer_experts: int = 0  # a mixture of experts' routed experts (the router is in layer_mlp)
 
     @property
     def layer(self) -> int:
-        return self.layer_attention + self.layer_mlp + self.layer_norms
+        return self.layer_attention + self.layer_mlp + self.layer_experts + self.layer_norms
 
     @property
     def total(self) -> int:
@@ -163,6 +177,7 @@ class Setup:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    ep: int = 1  # expert parallelism: routed experts split over ep of the dp_shard ranks
     sequence_parallel: bool = False
     activation_checkpointing: str = "none"
     loss_name: str = "masked_ce"
@@ -242,8 +257,11 @@ def plan(arch: Architecture, setup: Setup) -> MemoryPlan:
 
     # Parameters, gradients, optimizer state.
     layer_matrices = (counts.layer_attention + counts.layer_mlp) / tp
+    # Routed experts: FSDP-sharded with the rest, or under expert parallelism split ep ways and
+    # whole on the dp_shard / ep ranks that hold the same experts; never split by tp.
+    experts = counts.layers * counts.layer_experts / (setup.ep if setup.ep > 1 else shard)
     base = (counts.layers * (layer_matrices + counts.layer_norms) + (counts.embedding + counts.head) / vocab_tp
-            + counts.final_norm) / shard
+            + counts.final_norm) / shard + experts
     adapter_total = adapter_parameters(arch, setup) if peft else 0
     adapters = adapter_total / shard
     parameters = base * p + adapters * 4  # peft keeps adapters in fp32
@@ -292,7 +310,7 @@ def plan(arch: Architecture, setup: Setup) -> MemoryPlan:
     if setup.sharded:
         g = c if mixed else p
         root = ((counts.embedding + counts.head) / vocab_tp + counts.final_norm) * g
-        layer_params = layer_matrices + counts.layer_norms
+        layer_params = layer_matrices + counts.layer_norms + (counts.layer_experts if setup.ep == 1 else 0)
         layer_grads = adapter_total / max(arch.layers, 1) * 4 if peft else layer_params * (g + (4 if mixed else 0))
         gathered = root + 2 * layer_params * g + layer_grads
 
@@ -368,7 +386,9 @@ def layer_activations(arch: Architecture, setup: Setup, *, r: int, c: int, casts
     # q, k, v after RoPE; SDPA's output (o_proj's input shares it) and its fp32 log-sum-exp.
     attention = c * (arch.q_width + 2 * kv) + c * arch.q_width + 4 * a
     # gate, silu(gate), up and their product (down_proj's input).
-    mlp = 4 * c * arch.intermediate * arch.active_experts
+    mlp = 4 * c * (arch.intermediate * arch.active_experts + arch.shared_intermediate)
+    if arch.experts > 1:  # the tokens sorted by expert (each token once per active expert) and their outputs
+        mlp += 2 * c * h * arch.active_experts
     lora = 0
     if setup.peft != "none":
         lora = c * setup.lora_rank * len(adapted_linears(arch, setup.lora_targets))  # lora_A's output

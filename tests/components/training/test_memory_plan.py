@@ -227,3 +227,38 @@ def test_plan_of_an_unknown_target_is_a_user_error(cli):
     assert result.exit_code == 2
     assert "Traceback" not in result.stderr
     assert "no-such-model" in result.stderr
+
+
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, moe_intermediate_size=768, intermediate_size=6144,
+                     num_experts=128, num_experts_per_tok=8, vocab_size=151936, tie_word_embeddings=False)
+
+
+def test_mixture_of_experts_sizes_use_the_expert_width():
+    """Qwen3-30B-A3B's experts are moe_intermediate_size wide (its intermediate_size is for dense
+    layers): 30.5B parameters as published; Mixtral 8x7B: 46.7B; Qwen1.5-MoE-A2.7B's shared
+    expert counts too (14.3B)."""
+    from automodel_cli.components.training.memory_plan import Architecture
+
+    assert round(Architecture.from_config(QWEN3_30B_A3B).parameters().total / 1e9, 1) == 30.5
+    mixtral = dict(model_type="mixtral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+                   vocab_size=32000)
+    assert round(Architecture.from_config(mixtral).parameters().total / 1e9, 1) == 46.7
+    qwen15 = dict(model_type="qwen2_moe", hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                  num_key_value_heads=16, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                  intermediate_size=5632, num_experts=60, num_experts_per_tok=4, vocab_size=151936)
+    assert round(Architecture.from_config(qwen15).parameters().total / 1e9, 1) == 14.3
+
+
+def test_expert_parallelism_splits_the_experts_ep_ways():
+    """Under expert parallelism the routed experts are split ep ways (and whole on the dp_shard/ep
+    ranks that share them); the rest stays FSDP-sharded over dp_shard."""
+    arch = Architecture.from_config(QWEN3_30B_A3B)
+    counts = arch.parameters()
+    experts = counts.layers * counts.layer_experts
+    rest = counts.total - experts
+    for ep in (1, 2, 4, 8):
+        result = plan(arch, Setup(micro_batch=1, seq_len=1024, device="cuda", dp_shard=8, ep=ep, model_dtype="bfloat16"))
+        held = rest / 8 + experts / (ep if ep > 1 else 8)
+        assert abs(result.parameters - 2 * held) <= 1e-9 * result.parameters
