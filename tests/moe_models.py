@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from automodel_cli.assets import demo_dir
-from tests.model_dirs import TOKENIZER_FILES
+from model_dirs import TOKENIZER_FILES
 
 #: The sizes every tiny MoE shares; ``kind`` picks the architecture.
 COMMON = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -127,6 +127,7 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
     and sharded afterwards. ``on_empty(model)`` sees the bare model before anything wraps it
     (to count FLOPs). Says one line: how many parameter bytes each process allocated."""
     from automodel_cli.components.models import materialize as meta
+    from automodel_cli.components.models.joined import joined_layout
     from automodel_cli.components.models.loading import load_config, load_model
 
     import time
@@ -157,13 +158,15 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
     read = init = None
     if files is not None:
         reader = meta.CheckpointReader(files)
-        expected = [meta.checkpoint_key(name) for name, _ in model.named_parameters()]
+        shapes = {meta.checkpoint_key(name): tuple(param.shape) for name, param in model.named_parameters()}
+        expected = list(shapes)
         mapping = meta.key_mapping(expected, reader.keys(), getattr(model, "base_model_prefix", ""),
-                                   meta.saved_names(model, expected))
+                                   meta.saved_names(model, expected),
+                                   joined=lambda key: joined_layout(model, key, shapes[key]))
         if mapping is None:
             return whole("the checkpoint's tensor names are not this architecture's")
         _check_shapes(model, reader, mapping)
-        read = lambda key, offset, local: reader.read(mapping[key], offset, local)  # noqa: E731
+        read = lambda key, offset, local: meta.read_mapped(reader, mapping[key], offset, local)  # noqa: E731
         how = f"read shard by shard from {len(files)} safetensors file{'s' * (len(files) > 1)}"
     else:
         init = meta.SeededInit(_empty_model(config, model_cfg, dtype), seed)
@@ -257,18 +260,24 @@ def _report_load(model: Any, how: str, mesh: Any, say: Any, started: tuple[float
         f"(largest process)")
 
 
-def _check_shapes(model: Any, reader: Any, mapping: dict[str, str]) -> None:
+def _check_shapes(model: Any, reader: Any, mapping: dict[str, Any]) -> None:
     """Every checkpoint tensor has the shape the config gives its parameter (before any shard is
     allocated): a mismatch names the file and the tensor."""
     from automodel_cli.components.models import materialize as meta
     from automodel_cli.errors import UserError
 
     for name, param in model.named_parameters():
-        key = mapping[meta.checkpoint_key(name)]
-        if reader.shape(key) != tuple(param.shape):
+        source = mapping[meta.checkpoint_key(name)]
+        if isinstance(source, str):
+            found = [(source, tuple(param.shape))]
+        else:  # per-expert tensors joined into this one
+            found = [(block.key(expert), block.shape[::-1] if block.transposed else block.shape)
+                     for expert in range(source.experts) for block in source.blocks]
+        key, wanted = next(((key, wanted) for key, wanted in found if reader.shape(key) != wanted), (None, None))
+        if key is not None:
             raise UserError(
                 f"Tensor `{key}` in {reader.where[key]} has shape {list(reader.shape(key))}, but the model's "
-                f"config gives it {list(param.shape)}: the weights do not belong to this config.",
+                f"config gives it {list(wanted)}: the weights do not belong to this config.",
                 "Check model.path, and model.config overrides that change layer sizes (they cannot apply to "
                 "trained weights).",
             )

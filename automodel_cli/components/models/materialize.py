@@ -278,22 +278,27 @@ def saved_names(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
     Conversions that join several tensors into one have no per-key name and are left out."""
     from automodel_cli.components.models.hf_stream import reverted
 
+    shapes = {checkpoint_key(name): tuple(param.shape) for name, param in model.named_parameters()}
     names = {}
     for key in keys:
-        out = list(reverted(model, {key: torch.empty(0, device="meta")}))
+        # A meta tensor of the parameter's shape: conversions that split it need its dimensions.
+        out = list(reverted(model, {key: torch.empty(shapes.get(key, (0,)), device="meta")}))
         if len(out) == 1 and out[0] != key:
             names[key] = out[0]
     return names
 
 
 def key_mapping(expected: list[str], available: set[str], prefix: str,
-                saved: dict[str, str] | None = None) -> dict[str, str] | None:
+                saved: dict[str, str] | None = None,
+                joined: Callable[[str], Any] | None = None) -> dict[str, Any] | None:
     """Model key -> checkpoint key, allowing for the base-model prefix (a checkpoint saved from
     the base model lacks ``model.``, one saved from a wrapper has it twice) and for the names the
     model's own weight conversions give its keys on save (``saved``, from ``saved_names``: both
-    the module names and the saved names load, as with ``from_pretrained``); None when some
-    expected key has no match (the checkpoint is not this architecture's)."""
-    mapping = {}
+    the module names and the saved names load, as with ``from_pretrained``); a key the
+    checkpoint holds as several tensors maps to ``joined(key)`` (a ``joined.Joined``: a mixture
+    of experts' per-expert weights) when all of them are there. None when some expected key has
+    no match (the checkpoint is not this architecture's)."""
+    mapping: dict[str, Any] = {}
     saved = saved or {}
     for key in expected:
         candidates = [key]
@@ -304,7 +309,18 @@ def key_mapping(expected: list[str], available: set[str], prefix: str,
         if key in saved:
             candidates.append(saved[key])
         match = next((c for c in candidates if c in available), None)
+        if match is None and joined is not None:
+            layout = joined(key)
+            match = layout if layout is not None and all(k in available for k in layout.keys()) else None
         if match is None:
             return None
         mapping[key] = match
     return mapping
+
+
+def read_mapped(reader: CheckpointReader, source: Any, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    """A slice of the tensor ``source`` names in ``key_mapping``'s result: one checkpoint tensor,
+    or several joined (``joined.Joined``)."""
+    if isinstance(source, str):
+        return reader.read(source, offset, shape)
+    return source.read(reader, offset, shape)

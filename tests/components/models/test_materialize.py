@@ -133,3 +133,31 @@ def test_name_seeds_differ_by_name_and_seed():
     seeds = {meta.name_seed(seed, name) for seed in (1, 2) for name in ("a.weight", "b.weight")}
     assert len(seeds) == 4
     assert meta.name_seed(1, "a.weight") == meta.name_seed(1, "a.weight")
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_experts_are_read_from_their_per_expert_tensors(tmp_path, kind):
+    """Hub checkpoints keep one tensor per expert and projection; the model stacks them (and
+    joins gate and up). The shard path reads them without the whole-model fallback, and any
+    slice of a stacked tensor is read from just the experts and rows it covers."""
+    from moe_models import save_moe_model
+
+    from automodel_cli.components.models.joined import joined_layout
+
+    directory = save_moe_model(tmp_path / kind, kind)
+    said = []
+    model, reference = build(directory, say=said.append), pretrained(directory)
+    assert torch.equal(logits(model), logits(reference))
+    assert any("read shard by shard" in line for line in said) and not any("whole" in line for line in said), said
+
+    reader = meta.CheckpointReader(sorted(directory.glob("*.safetensors")))
+    for name, param in reference.named_parameters():
+        if param.dim() != 3:
+            continue
+        layout = joined_layout(reference, name, tuple(param.shape))
+        assert layout is not None and layout.experts == param.shape[0]
+        for offset, shape in [((0, 0, 0), tuple(param.shape)), ((3, 5, 7), (2, param.shape[1] - 9, 20)),
+                              ((7, param.shape[1] // 2 - 3, 0), (1, 6, param.shape[2]))]:
+            expected = param.detach()[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+            assert torch.equal(layout.read(reader, offset, shape), expected), (name, offset, shape)
+    reader.close()

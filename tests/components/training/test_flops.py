@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from automodel_cli.components.training.flops import flops_per_token
-from tests.moe_models import KINDS, tiny_moe
+from moe_models import KINDS, tiny_moe
 
 
 def by_hand(kind: str, seq_len: int) -> int:
