@@ -61,7 +61,8 @@ def expert_adapters(model: Any, adapter_config: dict[str, Any], adapter: str = "
     if not adapter_config.get("target_parameters"):
         return []
     fields = set(LoraConfig.__dataclass_fields__)
-    config = LoraConfig(**{k: v for k, v in adapter_config.items() if k in fields and k != "peft_type"})
+    skip = {"peft_type", "base_model_name_or_path"}  # the base is the meta model at hand
+    config = LoraConfig(**{k: v for k, v in adapter_config.items() if k in fields and k not in skip})
     config.inference_mode = True
     with torch.device("meta"):
         peft_model = get_peft_model(model, config, adapter_name=adapter)
