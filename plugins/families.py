@@ -66,6 +66,18 @@ FAMILIES: dict[str, Family] = {
         {},
         {"smolvlm": ("HuggingFaceTB/SmolVLM-256M-Instruct", "SmolVLM 256M Instruct, vision-language (Idefics3)",
                      {})}),
+    # Mixture-of-experts: attention sharded as the dense family's; router, experts and shared
+    # experts replicated on every tensor-parallel rank (expert parallelism shards the experts).
+    "qwen3_moe": Family(
+        {"qwen3_moe": ("qwen3_moe_plan", "Qwen3-MoE: attention as qwen3; router and experts replicated")},
+        {"qwen3-moe": ("Qwen/Qwen3-30B-A3B", "Qwen3 30B-A3B, mixture of experts (128 experts, 8 active)", {})}),
+    "qwen2_moe": Family(
+        {"qwen2_moe": ("mixtral_plan", "Qwen1.5/2-MoE: attention as qwen2; router, experts and shared "
+                                       "expert replicated")}),
+    "mixtral": Family(
+        {"mixtral": ("mixtral_plan", "Mixtral: attention as llama; router and experts replicated")},
+        {"mixtral": ("mistralai/Mixtral-8x7B-Instruct-v0.1", "Mixtral 8x7B Instruct, mixture of experts "
+                                                            "(8 experts, 2 active)", {})}),
     "phi3": Family(
         {"phi3": ("phi3_plan", "Phi-3/Phi-4-mini: fused qkv/gate_up sharded, outputs gathered (exact)")},
         {"phi3": ("microsoft/Phi-3-mini-4k-instruct", "Phi-3 mini 4k Instruct", {"data": {"max_length": 4096}}),

@@ -150,6 +150,8 @@ CORE: dict[str, dict[str, Key] | Key] = {
         "dropout": _k((int, float), 0.0, "Dropout on the LoRA input.", ge=0, lt=1),
         "target_modules": _k((str, list), "all-linear", "Modules to adapt: all-linear (every decoder linear layer; for a vision-language model, the language model's only) or a list of names."),
         "merge": _k(bool, False, "Also write the base model with the adapter merged into final/merged."),
+        "moe_experts": _k((bool, NoneType), None, "Mixture-of-experts models: whether all-linear adapts the experts' projections (null: yes, unless distributed.ep > 1 shards them; true with ep > 1 is refused)."),
+        "moe_router": _k(bool, False, "Mixture-of-experts models: also adapt the router (which experts each token goes to); off by default."),
     },
     "train": {
         "max_steps": _k(OPT_INT, None, "Optimizer steps to run; overrides train.epochs when set.", ge=1),

@@ -54,7 +54,7 @@ def adapter_base(model: Any, tokenizer: Any, cfg: Any, output_dir: Any, is_main:
 
 
 def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any, registries: Any,
-                  sequence_parallel: bool = False, on_meta: bool = False) -> Any:
+                  sequence_parallel: bool = False, on_meta: bool = False, say: Any = None) -> Any:
     """Activation checkpointing, the frozen parts of a vision-language model (model.freeze_vision,
     model.freeze_projector), adapters (peft.method), device, torch.compile and, on several
     processes, the tensor-parallel plan and FSDP2; returns the model in train mode. A model still
@@ -69,7 +69,7 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     if not distributed:
         enable_activation_checkpointing(model, cfg.train.activation_checkpointing)
     apply_freezing(model, freeze_vision=cfg.model.freeze_vision, freeze_projector=cfg.model.freeze_projector)
-    model = apply_peft(model, cfg.peft)
+    model = apply_peft(model, cfg.peft, ep=getattr(cfg.distributed, "ep", 1), say=say)
     if not on_meta:
         model.to(precision.device)
     model.train()
@@ -144,7 +144,7 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
         model = load_model(model_cfg, seed=seed, dtype=dtype)
         if on_empty is not None:
             on_empty(model)
-        model = _prepare(model, cfg, precision, mesh, shape, registries, sequence_parallel, trainable)
+        model = _prepare(model, cfg, precision, mesh, shape, registries, sequence_parallel, trainable, say=say)
         _report_load(model, "loaded whole in every process, then sharded", mesh, say, started, whole=True)
         return model
 
@@ -171,7 +171,8 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
     else:
         init = meta.SeededInit(_empty_model(config, model_cfg, dtype), seed)
         how = "initialised shard by shard, seeded per parameter"
-    model = _prepare(model, cfg, precision, mesh, shape, registries, sequence_parallel, trainable, on_meta=True)
+    model = _prepare(model, cfg, precision, mesh, shape, registries, sequence_parallel, trainable, on_meta=True,
+                     say=say)
     meta.materialize(model, precision.device, read=read, init=init, adapter_seed=seed)
     model.train(trainable)
     _report_load(model, how, mesh, say, started, whole=False)
@@ -284,10 +285,10 @@ def _check_shapes(model: Any, reader: Any, mapping: dict[str, Any]) -> None:
 
 
 def _prepare(model: Any, cfg: Any, precision: Any, mesh: Any, shape: Any, registries: Any,
-             sequence_parallel: bool, trainable: bool, on_meta: bool = False) -> Any:
+             sequence_parallel: bool, trainable: bool, on_meta: bool = False, say: Any = None) -> Any:
     if trainable:
         return prepare_model(model, cfg, precision=precision, mesh=mesh, shape=shape, registries=registries,
-                             sequence_parallel=sequence_parallel, on_meta=on_meta)
+                             sequence_parallel=sequence_parallel, on_meta=on_meta, say=say)
     return prepare_frozen(model, precision=precision, mesh=mesh, shape=shape, registries=registries,
                           sequence_parallel=sequence_parallel, on_meta=on_meta)
 

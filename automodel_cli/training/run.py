@@ -153,7 +153,8 @@ class TrainingRun:
         from automodel_cli.training.model_setup import prepare_model
 
         self.model = prepare_model(model, self.cfg, precision=self.precision, mesh=self.mesh, shape=self.shape,
-                                   registries=self.registries, sequence_parallel=self.sequence_parallel)
+                                   registries=self.registries, sequence_parallel=self.sequence_parallel,
+                                   say=self.say)
         return self.model
 
     def describe_model(self, model: Any, label: str = "model", extra: str = "") -> None:

@@ -44,6 +44,7 @@ import torch
 
 from automodel_cli.run_layout import RunDir
 from automodel_cli.components.checkpoint import dcp_io, layout
+from automodel_cli.components.checkpoint.expert_lora import Piece, expert_adapters, merged_piece, saved_pieces
 from automodel_cli.components.checkpoint.fsio import fsync_dir, remove_tree
 from automodel_cli.components.checkpoint.hf_files import ADAPTER_CONFIG, CONFIG, GENERATION_CONFIG
 from automodel_cli.components.checkpoint.safetensors_stream import (
@@ -264,9 +265,17 @@ def _plan_overlay(ckpt: _Checkpoint, base: BaseWeights, cast, *, peft: dict[str,
     outputs = []
     cfg = adapter_config or {}
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-    module_names = _module_names(base)  # checkpoints are keyed by the module's names
+    meta_model = _meta_model(base, adapter_config)
+    module_names = _module_names(meta_model)  # checkpoints are keyed by the module's names
+    pieces = _expert_pieces(meta_model, base, adapter_config, adapter)
     for key in base.keys():
         dtype, shape = base.entry(key)
+        if key in pieces:  # a fused expert parameter's LoRA, in the base's own per-expert format
+            spec = pieces[key].adapter
+            used.update(f"{prefix}{spec.module}.lora_{ab}.{adapter}.weight" for ab in "AB")
+            outputs.append(Output(key, cast(dtype), shape, lambda key=key: merged_piece(
+                pieces[key], base.read(key), ckpt.read, prefix, adapter)))
+            continue
         name = module_names.get(key, key)
         module, _, suffix = name.rpartition(".")
         replacements = [f"{prefix}{name}", f"{prefix}{module}.base_layer.{suffix}",
@@ -325,23 +334,44 @@ def _plan_overlay(ckpt: _Checkpoint, base: BaseWeights, cast, *, peft: dict[str,
     return outputs
 
 
-def _module_names(base: BaseWeights) -> dict[str, str]:
-    """Saved key -> the model's parameter name, for a vision-language base model whose weight
-    conversions rename keys on load (``model.layers.*`` on disk is ``model.language_model.layers.*``
-    in the module, under which the adapter was trained); empty for any other model. The model is
-    built on the meta device (no memory) only to ask transformers for its names."""
+def _meta_model(base: BaseWeights, adapter_config: dict[str, Any] | None) -> Any | None:
+    """The base model built on the meta device (no memory), for the two merges that need the
+    model's own weight conversions: a vision-language model's (its modules are named unlike its
+    saved keys) and a LoRA on fused expert parameters (``target_parameters``; the experts are
+    saved per expert). None for any other model."""
     from transformers import AutoConfig
 
-    from automodel_cli.components.models.materialize import saved_names
     from automodel_cli.components.models.vlm import auto_class, is_vision_language
 
     config_json = _read_json(base.directory / CONFIG)
-    if not config_json or not is_vision_language(config_json):
-        return {}
+    if not config_json or not (is_vision_language(config_json) or (adapter_config or {}).get("target_parameters")):
+        return None
     config = AutoConfig.from_pretrained(base.directory)
     with torch.device("meta"):
-        model = auto_class(config).from_config(config)
-    return {saved: name for name, saved in saved_names(model, [n for n, _ in model.named_parameters()]).items()}
+        return auto_class(config).from_config(config)
+
+
+def _module_names(model: Any | None) -> dict[str, str]:
+    """Saved key -> the model's parameter name, where the model's weight conversions rename keys
+    on load (a VLM's ``model.layers.*`` on disk is ``model.language_model.layers.*`` in the
+    module, Mixtral's ``block_sparse_moe`` is ``mlp``), under which the adapter was trained."""
+    from automodel_cli.components.models.materialize import saved_names
+
+    if model is None:
+        return {}
+    # fused expert parameters (3-D) are split, not renamed: ``_expert_pieces`` pairs those
+    names = [n for n, p in model.named_parameters() if p.ndim < 3]
+    return {saved: name for name, saved in saved_names(model, names).items()}
+
+
+def _expert_pieces(model: Any | None, base: BaseWeights, adapter_config: dict[str, Any] | None,
+                   adapter: str) -> dict[str, Piece]:
+    """Saved key -> the piece of a LoRA-adapted fused expert parameter it holds (empty when the
+    adapter changes no experts)."""
+    if model is None or not (adapter_config or {}).get("target_parameters"):
+        return {}
+    adapters = expert_adapters(model, adapter_config, adapter)
+    return saved_pieces(model, adapters, set(base.keys())) if adapters else {}
 
 
 # ------------------------------------------------------------------------ side files

@@ -49,29 +49,64 @@ from automodel_cli.errors import UserError
 
 # --------------------------------------------------------------------------- validation
 
+#: Config keys that give a mixture-of-experts model's number of routed experts.
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _field(config: Any, name: str) -> Any:
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
+def _text(config: Any) -> Any:
+    if isinstance(config, dict):
+        return config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return text_config(config)
+
+
+def expert_count(config: Any) -> int | None:
+    """Routed experts of a mixture-of-experts model (a HF config or its config.json as a dict);
+    None for a dense model."""
+    cfg = _text(config)
+    return next((v for v in (_field(cfg, k) for k in EXPERT_COUNT_KEYS) if isinstance(v, int) and v > 0), None)
+
+
+def tp_sizes(config: Any) -> dict[str, Any]:
+    """The sizes ``distributed.tp`` must divide: attention and key/value heads, and the MLP width
+    where the plan shards the MLP (a mixture-of-experts model's experts and router stay
+    replicated, so only its dense MLP layers, if any, are sharded)."""
+    cfg = _text(config)
+    heads = _field(cfg, "num_attention_heads")
+    sizes = {"num_attention_heads": heads, "num_key_value_heads": _field(cfg, "num_key_value_heads") or heads}
+    dense_layers = bool(_field(cfg, "mlp_only_layers")) or (_field(cfg, "decoder_sparse_step") or 1) > 1
+    if expert_count(cfg) is None or dense_layers:
+        sizes["intermediate_size"] = _field(cfg, "intermediate_size")
+    return sizes
+
+
+def tp_problems(config: Any, tp: int) -> list[str]:
+    """``name=value`` for each size of ``tp_sizes`` that ``tp`` does not divide."""
+    return [f"{name}={value}" for name, value in tp_sizes(config).items() if isinstance(value, int) and value % tp]
+
+
 def validate_tp(config: Any, tp: int) -> None:
-    """``tp`` must divide the attention heads, the key/value heads and the MLP width."""
+    """``tp`` must divide the attention heads, the key/value heads and the MLP width (``tp_sizes``)."""
     if tp == 1:
         return
     if not isinstance(tp, int) or tp < 1:
         raise UserError(f"distributed.tp={tp} must be a positive integer.")
-    cfg = text_config(config)
-    heads = getattr(cfg, "num_attention_heads", None)
-    sizes = {
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-        "intermediate_size": getattr(cfg, "intermediate_size", None),
-    }
-    problems = [f"{name}={value}" for name, value in sizes.items()
-                if isinstance(value, int) and value % tp]
+    problems = tp_problems(config, tp)
     if problems:
-        model_type = getattr(config, "model_type", "?")
-        divisors = _common_divisors([v for v in sizes.values() if isinstance(v, int)])
+        model_type = _field(config, "model_type") or "?"
+        sizes = tp_sizes(config)
         raise UserError(
             f"distributed.tp={tp} must divide the model's {', '.join(problems)} "
             f"({model_type}: {', '.join(f'{k}={v}' for k, v in sizes.items())}).",
-            f"Choose tp from {divisors} (and give the rest of the processes to dp_shard).",
+            f"Choose tp from {tp_divisors(config)} (and give the rest of the processes to dp_shard).",
         )
+
+
+def tp_divisors(config: Any) -> list[int]:
+    return _common_divisors([v for v in tp_sizes(config).values() if isinstance(v, int)])
 
 
 def _common_divisors(values: list[int]) -> list[int]:
@@ -301,3 +336,33 @@ def gemma3_plan(model: Any, tp_mesh: Any, sequence_parallel: bool = False) -> di
 def phi3_plan(model: Any, tp_mesh: Any, sequence_parallel: bool = False) -> dict[str, Any]:
     """Phi-3 / Phi-4-mini: fused ``qkv_proj`` and ``gate_up_proj`` (gathered, see module doc)."""
     return decoder_plan(model, tp_mesh, sequence_parallel, fused_qkv=True)
+
+
+def moe_plan(model: Any, tp_mesh: Any, sequence_parallel: bool = False, *,
+             qk_norm_head_dim: int | None = None) -> dict[str, Any]:
+    """Mixture-of-experts decoders (Qwen2-MoE, Qwen3-MoE, Mixtral): attention as the dense
+    family's plan; each sparse MoE block (router, experts, shared experts) is left out of the
+    plan, so its parameters are replicated on every TP rank and it computes the whole block on
+    the (replicated) hidden states: exact, and the experts are never named (expert parallelism
+    shards them, not TP). A dense MLP layer between sparse ones is sharded as usual. Sequence
+    parallelism is not supported here (the replicated block's output is not sequence-sharded)."""
+    if sequence_parallel:
+        raise UserError("distributed.sequence_parallel=true is not supported with tensor parallelism on a "
+                        "mixture-of-experts model.", "Set distributed.sequence_parallel=false.")
+    plan = decoder_plan(model, tp_mesh, False, qk_norm_head_dim=qk_norm_head_dim)
+    prefix, stack = decoder_stack(model)
+    for i, layer in enumerate(stack.layers):
+        if getattr(getattr(layer, "mlp", None), "experts", None) is not None:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                plan.pop(f"{prefix}layers.{i}.mlp.{name}", None)
+    return plan
+
+
+def qwen3_moe_plan(model: Any, tp_mesh: Any, sequence_parallel: bool = False) -> dict[str, Any]:
+    """Qwen3-MoE: ``moe_plan`` with Qwen3's per-head q/k norms."""
+    return moe_plan(model, tp_mesh, sequence_parallel, qk_norm_head_dim=2)
+
+
+def mixtral_plan(model: Any, tp_mesh: Any, sequence_parallel: bool = False) -> dict[str, Any]:
+    """Mixtral, Qwen2-MoE: ``moe_plan`` (no q/k norms)."""
+    return moe_plan(model, tp_mesh, sequence_parallel)

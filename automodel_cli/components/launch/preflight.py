@@ -46,8 +46,10 @@ GPU_SIZED_PARAMETERS = 100_000_000
 BUILTIN_RECIPES = ("finetune", "distill", "pretrain", "benchmark")
 
 
-def job_problems(recipe: str, cfg: Any, spec: Any, launcher: Any) -> list[Problem]:
-    """Every problem with the job that this machine can see; [] when there is none."""
+def job_problems(recipe: str, cfg: Any, spec: Any, launcher: Any,
+                 plan_types: list[str] | None = None) -> list[Problem]:
+    """Every problem with the job that this machine can see; [] when there is none.
+    ``plan_types``: the model types with a registered tensor-parallel plan (None: not checked)."""
     problems: list[Problem] = []
 
     def add(dotted: str, message: str) -> None:
@@ -75,12 +77,65 @@ def job_problems(recipe: str, cfg: Any, spec: Any, launcher: Any) -> list[Proble
             add(dotted, f"`{dotted}` is the local path `{shown}`, which does not exist on this machine; the "
                         f"{launcher.name} job's processes would fail on it. Check the path (relative paths "
                         f"resolve from {os.getcwd()}), or give a hub id.")
+    for dotted, message in parallel_problems(cfg, spec, plan_types):
+        add(dotted, message)
     gpus, warning = gpus_problem(cfg, spec, launcher)
     if gpus:
         add("launch.launcher", gpus)
     if warning and not problems:
         print(f"warning: {warning}", file=sys.stderr)
     return problems
+
+
+def parallel_problems(cfg: Any, spec: Any, plan_types: list[str] | None) -> list[tuple[str, str]]:
+    """(key, message) for tensor- and expert-parallel settings the model's config.json rules out
+    (``offline_config``; none when it is not at hand: the ranks check then): no plan for the
+    model type, ``distributed.tp`` not dividing the heads (or the MLP where it is sharded),
+    ``distributed.ep`` on a dense model or not dividing the experts or ``dp_shard``, and LoRA
+    targets on experts that expert parallelism shards."""
+    from automodel_cli.components.distributed.plans import expert_count, tp_divisors, tp_problems, tp_sizes
+    from automodel_cli.components.peft.lora import explicit_expert_names
+
+    tp, ep = cfg.get("distributed.tp") or 1, cfg.get("distributed.ep") or 1
+    if tp <= 1 and ep <= 1:
+        return []
+    config = offline_config(cfg)
+    if config is None:
+        return []
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    model_type = config.get("model_type", "?")
+    found: list[tuple[str, str]] = []
+    if tp > 1 and plan_types is not None and model_type not in plan_types:
+        found.append(("distributed.tp", f"distributed.tp={tp} needs a tensor-parallel plan, and none is registered "
+                                        f"for model type `{model_type}` (plans exist for: {', '.join(plan_types)}). "
+                                        "Use distributed.tp=1 (FSDP works for every model) or install a plugin "
+                                        "that registers one."))
+    problems = tp_problems(config, tp) if tp > 1 else []
+    if problems:
+        sizes = ", ".join(f"{k}={v}" for k, v in tp_sizes(config).items())
+        found.append(("distributed.tp", f"distributed.tp={tp} must divide the model's {', '.join(problems)} "
+                                        f"({model_type}: {sizes}). Choose tp from {tp_divisors(config)}."))
+    if ep > 1:
+        experts = expert_count(text)
+        dp_shard = getattr(getattr(spec, "mesh", None), "dp_shard", None)
+        if experts is None:
+            found.append(("distributed.ep", f"distributed.ep={ep} needs a mixture-of-experts model, and "
+                                            f"{cfg.get('model.path')} ({model_type}) has no experts. Set "
+                                            "distributed.ep=1."))
+        elif experts % ep:
+            found.append(("distributed.ep", f"distributed.ep={ep} must divide the model's {experts} experts. "
+                                            f"Choose ep from {[d for d in range(1, experts + 1) if experts % d == 0]}."))
+        if isinstance(dp_shard, int) and dp_shard % ep:
+            found.append(("distributed.ep", f"distributed.ep={ep} must divide distributed.dp_shard={dp_shard} "
+                                            "(expert-parallel groups are carved out of the FSDP shard group)."))
+        if experts is not None and cfg.get("peft.method") not in (None, "none"):
+            named = explicit_expert_names(cfg.get("peft.target_modules") or "all-linear")
+            if cfg.get("peft.moe_experts") is True or named:
+                what = f"peft.target_modules names {', '.join(named)}" if named else "peft.moe_experts=true"
+                found.append(("peft.moe_experts" if not named else "peft.target_modules",
+                              f"{what}, but distributed.ep={ep} shards the experts, where LoRA cannot adapt "
+                              "them. Leave the experts out (all-linear does with ep > 1) or set distributed.ep=1."))
+    return found
 
 
 def gpus_problem(cfg: Any, spec: Any, launcher: Any) -> tuple[str | None, str | None]:

@@ -62,7 +62,7 @@ def build_spec(entry: Entry, cfg: Any, launcher: Launcher, registries: Registrie
     spec.mesh = job_mesh(cfg, spec.world_size)
     launcher.check(spec)
     if launcher.uses_frozen_config(spec):  # what would otherwise fail in the queue
-        problems = job_problems(entry.name, cfg, spec, launcher)
+        problems = job_problems(entry.name, cfg, spec, launcher, plan_types=registries.parallel_plans.names())
         if problems:
             raise ConfigError(problems)
     return spec
