@@ -46,9 +46,9 @@ DEMO_VLM_DEFAULTS = {
 DEMO_MOE_DEFAULTS = {
     "model": {"from_scratch": True, "tokenizer": str(demo_dir())},
     "data": {"name": "demo", "eval_split": "validation", "max_length": 64},
-    "train": {"global_batch_size": 32, "micro_batch_size": 32, "max_steps": 100,
-              "eval_every_steps": 50, "eval_batches": 4},
-    "optim": {"lr": 2e-3, "warmup_steps": 10, "weight_decay": 0.01},
+    "train": {"global_batch_size": 16, "micro_batch_size": 16, "max_steps": 80,
+              "eval_every_steps": 40, "eval_batches": 4},
+    "optim": {"lr": 3e-3, "warmup_steps": 8, "weight_decay": 0.01},
 }
 
 
