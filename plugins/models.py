@@ -8,7 +8,7 @@ without a preset.
 from __future__ import annotations
 
 from automodel_cli import hookimpl
-from automodel_cli.assets import demo_dir, demo_vlm_dir
+from automodel_cli.assets import demo_dir, demo_moe_dir, demo_vlm_dir
 from automodel_cli.plugins.families import FAMILIES
 
 #: The bundled demo: a tiny Llama-architecture model initialised at random from a bundled config
@@ -39,11 +39,27 @@ DEMO_VLM_DEFAULTS = {
     "optim": {"lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.01},
 }
 
+#: The bundled mixture-of-experts demo: a tiny Qwen3-MoE (2 layers of 8 experts, top-2) from
+#: random weights with the demo's tokenizer. `automodel pretrain demo-moe` trains it on the
+#: pre-training demo corpus and logs the router's balance loss and the expert load;
+#: `automodel finetune demo-moe` trains it on the string-reversal task like `demo`.
+DEMO_MOE_DEFAULTS = {
+    "model": {"from_scratch": True, "tokenizer": str(demo_dir())},
+    "data": {"name": "demo", "eval_split": "validation", "max_length": 64},
+    "train": {"global_batch_size": 16, "micro_batch_size": 16, "max_steps": 80,
+              "eval_every_steps": 40, "eval_batches": 4},
+    "optim": {"lr": 3e-3, "warmup_steps": 8, "weight_decay": 0.01},
+}
+
+
 @hookimpl
 def register_models(registry):
     registry.add("demo", path=str(demo_dir()), family="llama", defaults=DEMO_DEFAULTS,
                  recipe_defaults=DEMO_RECIPE_DEFAULTS,
                  description="Bundled tiny Llama (random init) + string-reversal data; offline, CPU")
+    registry.add("demo-moe", path=str(demo_moe_dir()), family="qwen3_moe", defaults=DEMO_MOE_DEFAULTS,
+                 description="Bundled tiny Qwen3-MoE (8 experts, top-2, random init) with the demo's tokenizer; "
+                             "logs the router balance loss and expert load; offline, CPU")
     registry.add("demo-vlm", path=str(demo_vlm_dir()), family="gemma3", defaults=DEMO_VLM_DEFAULTS,
                  description="Bundled tiny Gemma 3 vision-language model (random init) + coloured-shape "
                              "images drawn at run time; offline, CPU")

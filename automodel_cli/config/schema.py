@@ -181,6 +181,11 @@ CORE: dict[str, dict[str, Key] | Key] = {
     "loss": {
         "name": _k(str, "masked_ce", "Loss from the loss registry: masked_ce, chunked_ce, linear_ce (fused LM head, for large vocabularies), ... (`automodel list losses`)."),
     },
+    "moe": {
+        "aux_loss_coef": _k((int, float, NoneType), None, "Mixture-of-experts models: weight of the router's load-balancing loss added to the training loss (null: the model config's router_aux_loss_coef; 0: logged, not trained). Dense models ignore it; docs/moe.md.", ge=0),
+        "z_loss_coef": _k((int, float, NoneType), None, "Mixture-of-experts models: weight of the router z-loss (mean of logsumexp(router logits)^2; null: the config's router_z_loss_coef, else 0 and not computed).", ge=0),
+        "log_expert_load": _k(bool, True, "Mixture-of-experts models: log the tokens per expert of every layer (expert_load_max_mean and per-layer metrics, histograms for TensorBoard and wandb)."),
+    },
     "distributed": {
         "dp_replicate": _k(int, 1, "Data-parallel replica groups (HSDP when > 1: shard inside a group, replicate across).", ge=1),
         "dp_shard": _k(int, -1, "FSDP2 shard group size (-1: whatever remains of the world size).",

@@ -201,14 +201,15 @@ def optimizer_step(model: Any, optimizer: Any, scheduler: Any | None, max_grad_n
 
 
 def log_step(cfg: Any, step: int, total_steps: int, metrics: dict[str, Any], *, evaluate: Callable[[], Any],
-             describe: Callable[[Any], str], loggers: list[Any], progress: Any) -> dict[str, Any] | None:
+             describe: Callable[[Any], str], loggers: list[Any], progress: Any,
+             histograms: dict[str, list[float]] | None = None) -> dict[str, Any] | None:
     """Warn about a non-finite loss, validate when due (every ``train.eval_every_steps`` steps and
     after the last one), add the result to ``metrics`` and log them; returns the validation
     result, or None when none ran.
 
     ``loggers[0]`` (metrics.jsonl, from ``open_loggers``) gets every step; the other loggers and
     the progress display get every ``train.log_every_steps``-th step, the last step and every
-    step that validated."""
+    step that validated, with ``histograms`` (tag -> counts per bin) for those that draw them."""
     if not math.isfinite(metrics["loss"]):
         progress.log(f"warning: loss is {metrics['loss']} at step {step}")
     every = cfg.train.eval_every_steps
@@ -221,6 +222,11 @@ def log_step(cfg: Any, step: int, total_steps: int, metrics: dict[str, Any], *, 
     due = step == total_steps or step % cfg.train.log_every_steps == 0 or result is not None
     for logger in loggers if due else loggers[:1]:
         logger.log(metrics, step)
+    if due and histograms:
+        from automodel_cli.components.logging import log_histograms
+
+        for logger in loggers[1:]:
+            log_histograms(logger, histograms, step)
     if due:
         progress.update(step, metrics)
     return result

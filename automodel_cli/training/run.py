@@ -105,6 +105,7 @@ class TrainingRun:
         self.flops: Any = None  # FLOPs per token (count_flops): adds TFLOP/s and MFU to every step
         self.peak: float | None = None
         self.peak_source: str | None = None
+        self.balance: Any = None  # a mixture-of-experts model's BalanceMonitor (watch_routers)
 
     def __enter__(self) -> TrainingRun:
         return self
@@ -145,6 +146,7 @@ class TrainingRun:
         self.model = build_model(cfg, cfg.model, precision=self.precision, mesh=self.mesh, shape=self.shape,
                                  registries=self.registries, sequence_parallel=self.sequence_parallel,
                                  dtype=self.precision.param_dtype, trainable=True, say=self.say, on_empty=on_empty)
+        self.watch_routers()
         return self.model
 
     def prepare_model(self, model: Any) -> Any:
@@ -155,7 +157,21 @@ class TrainingRun:
         self.model = prepare_model(model, self.cfg, precision=self.precision, mesh=self.mesh, shape=self.shape,
                                    registries=self.registries, sequence_parallel=self.sequence_parallel,
                                    say=self.say)
+        self.watch_routers()
         return self.model
+
+    def watch_routers(self) -> None:
+        """A mixture-of-experts model gets a balance monitor (``moe.*``): ``training_loss`` adds
+        the router's balance loss and every step logs it with the expert load. A model without
+        routers gets none (and says once that ``moe.*`` settings are ignored)."""
+        from automodel_cli.components.moe.balance import attach_monitor
+
+        moe = self.cfg.moe
+        self.balance = attach_monitor(self.model, moe.aux_loss_coef, moe.z_loss_coef)
+        if self.balance is not None:
+            self.say(self.balance.describe())
+        elif moe.aux_loss_coef is not None or moe.z_loss_coef is not None:
+            self.say("warning: the model has no router: moe.aux_loss_coef and moe.z_loss_coef are ignored")
 
     def describe_model(self, model: Any, label: str = "model", extra: str = "") -> None:
         """One line: the model's path, parameter counts, precision and mesh."""
@@ -242,18 +258,24 @@ class TrainingRun:
         step, after, stopping, first, metrics = self.start_step, None, False, None, None
         checkpoints = loop.Checkpoints(cfg, self.output_dir, model=self.model, optimizer=self.optimizer,
                                        scheduler=self.scheduler, tokenizer=tokenizer)
+        if self.balance is not None:  # the router terms' normaliser: micro-batches per step, all ranks
+            self.balance.micro_batches = self.accumulation() * self.dp_size
         with GracefulStop() as stop, TrainingProgress(total_steps, step, cfg.logging.progress and env.is_main) as progress:
             while step < total_steps and not stopping:
                 started = time.perf_counter()
                 out = step_fn(step)
+                routed = self.balance.take_step() if self.balance is not None else None
                 grad_norm, lr = self.optimizer_step()
                 step += 1
                 elapsed = time.perf_counter() - started
-                names = list(out.sums)
-                values = meshes.all_reduce_dp(torch.stack([out.sums[n].detach().float() for n in names]),
+                sums = {**out.sums, **(routed.sums if routed is not None else {})}
+                names = list(sums)
+                values = meshes.all_reduce_dp(torch.stack([sums[n].detach().float() for n in names]),
                                               self.mesh).tolist()
-                metrics = {"step": step, **dict(zip(names, values)), "lr": lr, "grad_norm": grad_norm,
-                           "tokens": out.tokens, **out.metrics, **loop.step_rates(out.tokens, elapsed, env.world_size)}
+                metrics = {"step": step, **dict(zip(names, values))}
+                histograms = self._router_metrics(routed, metrics) if routed is not None else None
+                metrics.update({"lr": lr, "grad_norm": grad_norm, "tokens": out.tokens, **out.metrics,
+                                **loop.step_rates(out.tokens, elapsed, env.world_size)})
                 if self.flops is not None:
                     tflops, mfu = flops_math.achieved(self.flops.total * out.tokens, elapsed, env.world_size, self.peak)
                     metrics.update(tflops_per_device=tflops, mfu=mfu)
@@ -261,8 +283,11 @@ class TrainingRun:
                     first = metrics
                     if after_first_step is not None and (note := after_first_step()):
                         self.say(note)
+                    if routed is not None:
+                        self.say(describe_router_step(metrics))
                 after = loop.log_step(cfg, step, total_steps, metrics, evaluate=evaluate or (lambda: None),
-                                      describe=describe, loggers=self.loggers, progress=progress) or after
+                                      describe=describe, loggers=self.loggers, progress=progress,
+                                      histograms=histograms) or after
                 save_now, stopping = loop.checkpoint_due(cfg, step, total_steps, stop, env)
                 checkpoints.at_step(step, save_now=save_now, stopping=stopping, train_state=lambda: {
                     "step": step, **(checkpoint_state(step) if checkpoint_state else {})})
@@ -272,6 +297,23 @@ class TrainingRun:
         if code is None and after:
             self.say(f"after training:  {describe(after)}")
         return TrainResult(step, after, code, first, metrics)
+
+    def _router_metrics(self, routed: Any, metrics: dict[str, Any]) -> dict[str, list[float]] | None:
+        """Into the step's ``metrics`` (already holding the all-reduced ``loss``, ``aux_loss`` and
+        ``z_loss``): ``ce_loss``, the loss without the router terms (unless the recipe logs its
+        own), and with ``moe.log_expert_load`` the expert load summed over data-parallel ranks;
+        returns its per-layer histograms for the loggers that draw them."""
+        from automodel_cli.components.distributed import mesh as meshes
+        from automodel_cli.components.moe.balance import load_histograms, load_metrics
+
+        if "ce_loss" not in metrics:
+            router_terms = self.balance.aux_coef * metrics["aux_loss"] + self.balance.z_coef * metrics.get("z_loss", 0.0)
+            metrics["ce_loss"] = metrics["loss"] - router_terms
+        if not self.cfg.moe.log_expert_load:
+            return None
+        load = meshes.all_reduce_dp(routed.load.float().contiguous(), self.mesh).cpu()
+        metrics.update(load_metrics(load))
+        return load_histograms(load)
 
     # ----------------------------------------------------------------------------- finish
     def finish(self, tokenizer: Any, *, summary: dict[str, Any], base_path: Any = None) -> int:
@@ -291,3 +333,15 @@ class TrainingRun:
         from automodel_cli.components.distributed import env as dist_env
 
         dist_env.destroy()
+
+
+def describe_router_step(metrics: dict[str, Any]) -> str:
+    """One line about a step's router: its balance loss and, when logged, the expert load."""
+    parts = [f"router after step {metrics['step']}: aux loss {metrics['aux_loss']:.4f}"]
+    if "z_loss" in metrics:
+        parts.append(f"z-loss {metrics['z_loss']:.4f}")
+    if "expert_load_max_mean" in metrics:
+        layers = sorted(k for k in metrics if k.startswith("expert_load_max_mean_layer"))
+        per_layer = ", ".join(f"{metrics[k]:.2f}" for k in layers)
+        parts.append(f"expert load max/mean {metrics['expert_load_max_mean']:.2f} (per layer: {per_layer})")
+    return "; ".join(parts)

@@ -2,7 +2,8 @@
 
 Public API::
 
-    MetricLogger                        protocol: log(metrics, step), close()
+    MetricLogger                        protocol: log(metrics, step), close(); optional log_histograms
+    log_histograms(logger, histograms, step)   calls the optional method when the logger has it
     JsonlLogger(path); truncate_after(path, step) -> int; read_metrics(path)
     WandbLogger(config, run_config, output_dir)
     TensorBoardLogger(config, output_dir)
@@ -14,7 +15,7 @@ each backend imports its library when it is constructed.
 
 from __future__ import annotations
 
-from automodel_cli.components.logging.base import FanOutLogger, MetricLogger, redact
+from automodel_cli.components.logging.base import FanOutLogger, MetricLogger, log_histograms, redact
 from automodel_cli.components.logging.jsonl import METRICS_FILE, JsonlLogger, read_metrics, truncate_after
 from automodel_cli.components.logging.tensorboard_logger import TensorBoardLogger
 from automodel_cli.components.logging.wandb_logger import WandbLogger
@@ -26,6 +27,7 @@ __all__ = [
     "MetricLogger",
     "TensorBoardLogger",
     "WandbLogger",
+    "log_histograms",
     "read_metrics",
     "redact",
     "truncate_after",

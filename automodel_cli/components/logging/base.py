@@ -1,7 +1,8 @@
 """The metric-logger protocol and helpers every logger shares.
 
-A recipe talks to loggers through two calls only, ``log(metrics, step)`` once per optimizer
-step and ``close()`` at the end, so a plugin can add a backend without knowing the recipe.
+A recipe talks to loggers through two calls, ``log(metrics, step)`` once per optimizer step
+and ``close()`` at the end, so a plugin can add a backend without knowing the recipe; a logger
+that can draw histograms may also implement ``log_histograms`` (optional).
 No torch, wandb or tensorboard imports here: loggers pull those in when they are built.
 """
 
@@ -16,11 +17,33 @@ from automodel_cli.config.secrets import is_secret_name
 
 @runtime_checkable
 class MetricLogger(Protocol):
-    """What every logger implements; ``step`` is the optimizer step the metrics belong to."""
+    """What every logger implements; ``step`` is the optimizer step the metrics belong to.
+
+    A logger may also implement ``log_histograms(histograms, step)``: ``histograms`` maps a tag
+    to the counts of its bins (bin i = the i-th count, e.g. tokens per expert of one layer);
+    ``log_histograms`` below calls it and does nothing for a logger without it."""
 
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+def log_histograms(logger: Any, histograms: Mapping[str, list[float]], step: int) -> None:
+    """Hand ``histograms`` to ``logger.log_histograms`` when the logger has that optional method."""
+    method = getattr(logger, "log_histograms", None)
+    if histograms and callable(method):
+        method(histograms, step)
+
+
+def histogram_summary(counts: list[float]) -> dict[str, Any]:
+    """The statistics of a histogram whose bin i holds ``counts[i]`` samples of the value i:
+    ``num``, ``sum``, ``sum_squares``, ``min``, ``max`` (of the values present; 0 when empty)
+    and ``edges`` (``len(counts) + 1`` bin edges, i - 0.5 .. i + 0.5)."""
+    present = [i for i, count in enumerate(counts) if count]
+    return {"num": float(sum(counts)), "sum": float(sum(i * c for i, c in enumerate(counts))),
+            "sum_squares": float(sum(i * i * c for i, c in enumerate(counts))),
+            "min": float(present[0]) if present else 0.0, "max": float(present[-1]) if present else 0.0,
+            "edges": [i - 0.5 for i in range(len(counts) + 1)]}
 
 
 def plain_number(value: Any) -> Any:
@@ -64,6 +87,10 @@ class FanOutLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for logger in self.loggers:
             logger.log(metrics, step)
+
+    def log_histograms(self, histograms: Mapping[str, list[float]], step: int) -> None:
+        for logger in self.loggers:
+            log_histograms(logger, histograms, step)
 
     def close(self) -> None:
         errors = []

@@ -1,6 +1,7 @@
 """TensorBoard logger (optional extra: ``pip install 'automodel-cli[tensorboard]'``).
 
-Writes every real-valued metric as a scalar through ``torch.utils.tensorboard.SummaryWriter``,
+Writes every real-valued metric as a scalar (and histograms, such as a mixture-of-experts
+model's tokens per expert) through ``torch.utils.tensorboard.SummaryWriter``,
 which in turn needs the ``tensorboard`` package; both are imported only when the logger is
 built. Event files go to ``OUTPUT_DIR/tensorboard`` unless ``logging.tensorboard.log_dir`` says
 otherwise (relative paths are inside the output directory).
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from automodel_cli.components.logging.base import scalar_items
+from automodel_cli.components.logging.base import histogram_summary, scalar_items
 from automodel_cli.errors import UserError, did_you_mean
 
 INSTALL_HINT = "pip install 'automodel-cli[tensorboard]'"
@@ -49,6 +50,18 @@ class TensorBoardLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for key, value in scalar_items(metrics):
             self.writer.add_scalar(key, value, global_step=int(step))
+
+    def log_histograms(self, histograms: Mapping[str, list[float]], step: int) -> None:
+        """One histogram per tag, bin i holding ``counts[i]`` (``add_histogram_raw``: the bins
+        are exactly the given ones, e.g. one per expert)."""
+        for tag, counts in histograms.items():
+            summary = histogram_summary(counts)
+            if not summary["num"]:
+                continue
+            self.writer.add_histogram_raw(tag, min=summary["min"], max=summary["max"], num=summary["num"],
+                                          sum=summary["sum"], sum_squares=summary["sum_squares"],
+                                          bucket_limits=summary["edges"][1:], bucket_counts=list(counts),
+                                          global_step=int(step))
 
     def close(self) -> None:
         self.writer.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from automodel_cli.components.logging.base import plain_metrics, redact
+from automodel_cli.components.logging.base import histogram_summary, plain_metrics, redact
 from automodel_cli.errors import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,12 @@ class WandbLogger:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(plain_metrics(metrics), step=int(step))
+
+    def log_histograms(self, histograms: Mapping[str, list[float]], step: int) -> None:
+        """One ``wandb.Histogram`` per tag with exactly the given bins (bin i: ``counts[i]``)."""
+        wandb = import_wandb()
+        self.run.log({tag: wandb.Histogram(np_histogram=(list(counts), histogram_summary(counts)["edges"]))
+                      for tag, counts in histograms.items()}, step=int(step))
 
     def close(self) -> None:
         if self.run is not None:

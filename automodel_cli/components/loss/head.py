@@ -34,7 +34,8 @@ on them (a fused loss through its spec's ``logits_fallback``, default ``masked_c
 * an LM head that is not a plain ``nn.Linear`` (a LoRA-adapted or quantised head);
 * hidden states whose shape does not match the labels.
 
-Evaluation never goes through here: it always sees the model's full logits.
+Evaluation never goes through here: it always sees the model's full logits (and adds no
+router balance loss).
 """
 
 from __future__ import annotations
@@ -70,8 +71,23 @@ def training_loss(
     (any device); ``num_label_tokens`` the optimizer step's trained tokens (the normaliser);
     ``autocast`` a context-manager factory wrapped around the forward pass. ``loss_spec`` is the
     loss (``build_loss`` gives it with its options applied); a plain function is a logits loss.
+
+    A mixture-of-experts model carrying a balance monitor (``components/moe/balance.py``) gets
+    its router terms added: ``coef * aux (+ z_coef * z)``, each divided by the step's
+    micro-batches over all data-parallel ranks; the monitor keeps their detached values.
     """
-    spec = LossSpec.of(loss_spec)
+    from automodel_cli.components.moe import balance
+
+    monitor = balance.monitor_of(model)
+    if monitor is None:
+        return _training_loss(model, inputs, labels, num_label_tokens, LossSpec.of(loss_spec), autocast)
+    with monitor.recording() as router_logits:
+        loss = _training_loss(model, inputs, labels, num_label_tokens, LossSpec.of(loss_spec), autocast)
+    return monitor.add_to(loss, router_logits, balance.token_mask(inputs, labels))
+
+
+def _training_loss(model: Any, inputs: dict[str, Any], labels: Any, num_label_tokens: Any, spec: LossSpec,
+                   autocast: Callable[[], Any] | None) -> Any:
     autocast = autocast or contextlib.nullcontext
     head = fusable_head(model)[0] if spec.kind == "fused" or spec.rows else None
     if head is None:

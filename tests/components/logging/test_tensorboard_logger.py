@@ -46,3 +46,18 @@ def test_missing_tensorboard_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(UserError) as info:
         TensorBoardLogger({}, tmp_path)
     assert "pip install 'automodel-cli[tensorboard]'" in str(info.value)
+
+
+def test_histograms_keep_the_given_bins(tmp_path):
+    """``log_histograms``: bin i holds counts[i] (tokens per expert), read back by TensorBoard."""
+    logger = TensorBoardLogger({}, tmp_path)
+    logger.log_histograms({"expert_load/layer0": [3.0, 0.0, 5.0, 1.0]}, step=4)
+    logger.close()
+    accumulator = EventAccumulator(str(logger.log_dir))
+    accumulator.Reload()
+    (event,) = accumulator.Histograms("expert_load/layer0")
+    value = event.histogram_value
+    assert event.step == 4 and value.num == 9 and value.min == 0 and value.max == 3
+    assert list(value.bucket) == [3.0, 0.0, 5.0, 1.0]
+    assert list(value.bucket_limit) == [0.5, 1.5, 2.5, 3.5]
+    assert value.sum == 0 * 3 + 2 * 5 + 3 * 1 and value.sum_squares == 4 * 5 + 9 * 1

@@ -165,3 +165,34 @@ def test_missing_wandb_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(UserError) as info:
         WandbLogger({}, {}, tmp_path)
     assert str(info.value) == "logger wandb needs the wandb package: pip install 'automodel-cli[wandb]'"
+
+
+def test_histograms_are_logged_with_the_given_bins(tmp_path, wandb_env):
+    wandb_env.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger({}, {}, tmp_path / "out")
+    logger.log_histograms({"expert_load/layer1": [2.0, 0.0, 6.0]}, step=3)
+    logger.close()
+    _, records = offline_run(tmp_path / "out")
+    (row,) = [r for r in history(records) if "expert_load/layer1/_type" in r]  # nested keys, "/"-joined
+    assert row["_step"] == 3 and row["expert_load/layer1/_type"] == "histogram"
+    assert row["expert_load/layer1/values"] == [2, 0, 6]
+    assert row["expert_load/layer1/bins"] == [-0.5, 0.5, 1.5, 2.5]
+
+
+def test_a_logger_without_histograms_is_skipped():
+    from automodel_cli.components.logging import FanOutLogger, log_histograms
+
+    seen = []
+
+    class Plain:
+        def log(self, metrics, step): ...
+
+        def close(self): ...
+
+    class Drawing(Plain):
+        def log_histograms(self, histograms, step):
+            seen.append((dict(histograms), step))
+
+    log_histograms(Plain(), {"h": [1.0]}, 1)  # no method: nothing happens, no error
+    FanOutLogger([Plain(), Drawing()]).log_histograms({"h": [1.0]}, 2)
+    assert seen == [({"h": [1.0]}, 2)]
