@@ -26,8 +26,7 @@ def test_finetune_adds_coef_times_aux_and_logs_the_expert_load(cli, tmp_path):
     runs = {}
     for name, extra in (("default", []), ("off", ["moe.aux_loss_coef=0"])):
         run = tmp_path / name
-        # model.meta_init=false: the sharded loader cannot read per-expert safetensors yet
-        result = cli("finetune", f"model.path={model}", "model.meta_init=false", "-o", str(run), "train.max_steps=2",
+        result = cli("finetune", f"model.path={model}", "-o", str(run), "train.max_steps=2",
                      *TINY, *extra)
         assert result.exit_code == 0, result.stderr
         assert "router balance: 2 routers, 8 experts, top-2" in result.stdout
