@@ -61,7 +61,7 @@ def test_pretrain_demo_moe_says_the_router_numbers(cli, tmp_path):
     assert "router balance: 2 routers, 8 experts, top-2; aux-loss coefficient 0.01" in result.stdout
     assert "router after step 1: aux loss " in result.stdout and "expert load max/mean " in result.stdout
     step_lines = [line for line in result.stderr.splitlines() if line.startswith("step 3/3")]
-    assert step_lines and " (aux " in step_lines[0]
+    assert step_lines and " (aux " in step_lines[0] and ", load max/mean " in step_lines[0]
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [1, 2, 3] and all("expert_load_max_mean" in m for m in metrics)
     from transformers import AutoConfig

@@ -1,4 +1,4 @@
-"""A progress bar with loss (and a mixture-of-experts model's router aux loss), tokens/s and ETA
+"""A progress bar with loss (and a mixture-of-experts model's router aux loss and expert load), tokens/s and ETA
 (rich), or plain lines when not on a terminal."""
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class TrainingProgress:
 
     def update(self, step: int, metrics: dict[str, Any]) -> None:
         loss = f"{metrics['loss']:.4f}"
-        if "aux_loss" in metrics:  # a mixture-of-experts model's router balance loss
-            loss += f" (aux {metrics['aux_loss']:.4f})"
+        if "aux_loss" in metrics:  # a mixture-of-experts model's router balance loss and expert load
+            load = metrics.get("expert_load_max_mean")
+            loss += f" (aux {metrics['aux_loss']:.4f}" + (f", load max/mean {load:.2f})" if load is not None else ")")
         tps = f"{metrics['tokens_per_s']:,.0f}"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, loss=loss, tps=tps)
