@@ -51,6 +51,7 @@ def run(context: Any) -> int:
     import torch
 
     from automodel_cli.components.loss.head import distillation_training_loss, fusable_head
+    from automodel_cli.components.moe.balance import router_terms
     from automodel_cli.components.loss.kd import distillation_loss, kd_loss
     from automodel_cli.components.models.loading import load_config, load_tokenizer
     from automodel_cli.components.training import steps as step_math
@@ -141,7 +142,9 @@ def run(context: Any) -> int:
             for group in groups[run.dp_index::run.dp_size]:
                 batch = data.collate([data.train[i] for i in group])
                 labels = batch["labels"].to(run.precision.device)
-                loss, ce, kl = fused_terms(batch, labels, label_tokens) or full_logits_terms(batch, labels, label_tokens)
+                with router_terms(model, inputs(batch), labels) as with_router_terms:  # a mixture of experts' balance loss
+                    loss, ce, kl = fused_terms(batch, labels, label_tokens) or full_logits_terms(batch, labels, label_tokens)
+                    loss = with_router_terms(loss)
                 loss.backward()
                 sums += torch.stack([loss.detach(), ce.detach(), kl.detach()]).float()
             return StepOutput({"loss": sums[0], "ce_loss": sums[1], "kl": sums[2]},

@@ -74,3 +74,25 @@ def test_finetune_demo_moe_runs(cli, tmp_path):
     result = cli("finetune", "demo-moe", "-o", str(run), "train.max_steps=1", *TINY)
     assert result.exit_code == 0, result.stderr
     assert "aux_loss" in read_metrics(run)[0]
+
+
+@pytest.mark.parametrize("loss", ["masked_ce", "linear_ce"])
+def test_distilling_into_a_moe_student_adds_its_balance_loss(cli, tmp_path, loss):
+    """A mixture-of-experts student gets its router terms on top of the distillation loss, on the
+    full-logits and the fused-head path alike: the loss with the default coefficient is the loss
+    without plus 0.01 x aux (step 1: same weights, same batches)."""
+    model = save_moe_model(tmp_path / "model", "qwen3_moe")
+    teacher = save_moe_model(tmp_path / "teacher", "qwen3_moe", seed=1)
+    runs = {}
+    for name, extra in (("default", []), ("off", ["moe.aux_loss_coef=0"])):
+        run = tmp_path / name
+        result = cli("distill", f"model.path={model}", f"distill.teacher_path={teacher}", f"loss.name={loss}",
+                     "-o", str(run), "train.max_steps=1", *TINY, *extra)
+        assert result.exit_code == 0, result.stderr
+        runs[name] = read_metrics(run)[0]
+    first, off = runs["default"], runs["off"]
+    assert {"aux_loss", "ce_loss", "kl", "expert_load_max_mean"} <= set(first)
+    rtol, atol = f32_tol(first["loss"], terms=4096, depth=60)  # as the fine-tuning test above
+    assert first["aux_loss"] == pytest.approx(off["aux_loss"], rel=rtol, abs=atol)
+    assert first["kl"] == pytest.approx(off["kl"], rel=rtol, abs=atol)
+    assert first["loss"] - off["loss"] == pytest.approx(0.01 * first["aux_loss"], rel=1e-3, abs=atol)

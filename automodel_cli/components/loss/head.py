@@ -78,12 +78,9 @@ def training_loss(
     """
     from automodel_cli.components.moe import balance
 
-    monitor = balance.monitor_of(model)
-    if monitor is None:
-        return _training_loss(model, inputs, labels, num_label_tokens, LossSpec.of(loss_spec), autocast)
-    with monitor.recording() as router_logits:
-        loss = _training_loss(model, inputs, labels, num_label_tokens, LossSpec.of(loss_spec), autocast)
-    return monitor.add_to(loss, router_logits, balance.token_mask(inputs, labels))
+    with balance.router_terms(model, inputs, labels) as with_router_terms:
+        return with_router_terms(_training_loss(model, inputs, labels, num_label_tokens, LossSpec.of(loss_spec),
+                                                autocast))
 
 
 def _training_loss(model: Any, inputs: dict[str, Any], labels: Any, num_label_tokens: Any, spec: LossSpec,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +209,20 @@ def token_mask(inputs: dict[str, Any], labels: Any = None) -> Any:
 
 
 # ------------------------------------------------------------------------- attaching
+
+
+@contextlib.contextmanager
+def router_terms(model: Any, inputs: dict[str, Any], labels: Any = None) -> Iterator[Callable[[Any], Any]]:
+    """Around a training forward pass: yields ``add(loss)``, which returns ``loss`` plus the
+    router terms of the forwards run inside the block (``BalanceMonitor.add_to``) when ``model``
+    carries a monitor, else ``loss`` unchanged. Any recipe's own loss computation gets the
+    balance loss this way (``training_loss`` and distillation use it)."""
+    monitor = monitor_of(model)
+    if monitor is None:
+        yield lambda loss: loss
+        return
+    with monitor.recording() as logits:
+        yield lambda loss: monitor.add_to(loss, logits, token_mask(inputs, labels))
 
 
 def attach_monitor(model: Any, aux_coef: float | None = None, z_coef: float | None = None) -> BalanceMonitor | None:
