@@ -18,6 +18,8 @@ meta device) has a different count. Deliberate differences from the hub files:
 - The vision-language configs (Qwen2.5-VL 3B, Gemma 3 4B, Llava 1.5 7B, SmolVLM 256M) were
   written without network access from the published hyperparameters; their parameter counts
   match the published ones (checked below), processor settings are not part of config.json.
+- The mixture-of-experts configs (Qwen3-30B-A3B, Mixtral 8x7B Instruct) were also written
+  offline from the published hyperparameters; their parameter counts match the published ones.
 - Token ids that matter only for generation (several EOS ids, chat-turn ids) are reduced to
   the primary BOS/EOS/pad ids.
 """
@@ -68,6 +70,19 @@ CONFIGS: dict[str, tuple[str, dict]] = {
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
         max_window_layers=36, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "Qwen/Qwen3-30B-A3B": ("qwen3_moe", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        router_aux_loss_coef=0.001, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645, max_window_layers=48,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": ("mixtral", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        router_aux_loss_coef=0.02, max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
     "mistralai/Mistral-7B-Instruct-v0.3": ("mistral", dict(
         vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
@@ -153,6 +168,8 @@ PARAMETERS = {
     "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512,
     "Qwen/Qwen3-0.6B": 596_049_920,
     "Qwen/Qwen3-8B": 8_190_735_360,
+    "Qwen/Qwen3-30B-A3B": 30_532_122_624,
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": 46_702_792_704,
     "mistralai/Mistral-7B-Instruct-v0.3": 7_248_023_552,
     "google/gemma-2-2b-it": 2_614_341_888,
     "google/gemma-3-1b-it": 999_885_952,

@@ -30,3 +30,21 @@ def test_moe_flops_count_the_routed_experts_and_the_router(kind):
 def test_more_experts_per_token_cost_more():
     one, two = (flops_per_token(m, m.config, 8) for m in (tiny_moe(num_experts_per_tok=1), tiny_moe()))
     assert two.total - one.total == 6 * 2 * 3 * 64 * 32  # one more expert's gated MLP in each of 2 layers
+
+
+@pytest.mark.parametrize("hub_id, active", [("mistralai/Mixtral-8x7B-Instruct-v0.1", 12.9), ("Qwen/Qwen3-30B-A3B", 3.3)])
+def test_bundled_moe_presets_count_their_published_active_parameters(hub_id, active):
+    """Mixtral 8x7B: 12.9B active parameters per token; Qwen3-30B-A3B: 3.3B (the embedding, which
+    is no matmul, added back for the comparison; we count 12.88B and 3.35B). Built on the meta
+    device from the bundled configs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from automodel_cli.assets import bundled_config
+
+    config = AutoConfig.from_pretrained(bundled_config(hub_id))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    flops = flops_per_token(model, config, 4096)
+    embedding = config.vocab_size * config.hidden_size
+    assert abs((flops.matmul_parameters + embedding) / 1e9 - active) < 0.06  # the published figures' rounding
