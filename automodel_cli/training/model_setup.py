@@ -70,6 +70,7 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
         enable_activation_checkpointing(model, cfg.train.activation_checkpointing)
     apply_freezing(model, freeze_vision=cfg.model.freeze_vision, freeze_projector=cfg.model.freeze_projector)
     model = apply_peft(model, cfg.peft)
+    _install_experts(model, registries, cfg.model.experts_kernel, precision)
     if not on_meta:
         model.to(precision.device)
     model.train()
@@ -82,8 +83,20 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
             sequence_parallel=sequence_parallel,
             activation_checkpointing=cfg.train.activation_checkpointing,
             mixed_precision=precision.autocast_dtype is not None,
-            compile=cfg.train.compile, compile_backend=cfg.train.compile_backend)
+            compile=cfg.train.compile, compile_backend=cfg.train.compile_backend, ep=getattr(shape, "ep", 1))
     return model
+
+
+def _install_experts(model: Any, registries: Any, kernel: str, precision: Any) -> None:
+    """The experts forward of every mixture-of-experts layer (``components/moe/experts.py``):
+    grouped GEMM or per-expert loop as ``model.experts_kernel`` says, expert parallelism once
+    ``parallelize_model`` splits the experts. Kinds come from the ``moe-blocks`` registry (the
+    built-in one when there are no registries)."""
+    from automodel_cli.components.moe.experts import HF_FUSED, install_experts, moe_kinds
+
+    registry = getattr(registries, "moe_blocks", None)
+    kinds = moe_kinds(registry) if registry is not None else [HF_FUSED]
+    install_experts(model, kinds, kernel, device=precision.device)
 
 
 # ----------------------------------------------------------------- sharded construction
@@ -290,6 +303,7 @@ def prepare_frozen(model: Any, *, precision: Any, mesh: Any, shape: Any, registr
     from automodel_cli.components.distributed.parallelize import parallelize_model
 
     model.requires_grad_(False)
+    _install_experts(model, registries, "auto", precision)
     if not on_meta:
         model.to(precision.device)
     model.eval()
