@@ -31,6 +31,10 @@ class ExpertGroup:
     rank: int
     replicas: Any = None
 
+    def run(self, x: torch.Tensor, counts: torch.Tensor,
+            compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return expert_parallel(x, counts, compute, self)
+
 
 def expert_parallel(x: torch.Tensor, counts: torch.Tensor, compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                     ep: ExpertGroup) -> torch.Tensor:

@@ -215,10 +215,8 @@ def experts_forward(module: Any, hidden_states: Any, top_k_index: Any, top_k_wei
 
     if state.ep is None:
         out = compute(grouped, torch.cumsum(counts, 0, dtype=torch.int32))
-    else:
-        from automodel_cli.components.moe.dispatch import expert_parallel
-
-        out = expert_parallel(grouped, counts, compute, state.ep)
+    else:  # dispatch.ExpertGroup: the rows travel to their experts' processes and back
+        out = state.ep.run(grouped, counts, compute)
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
     unsorted = torch.empty_like(out).index_copy(0, order, out)
     return unsorted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
