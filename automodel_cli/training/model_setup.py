@@ -174,6 +174,11 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
         mapping = meta.key_mapping(expected, reader.keys(), getattr(model, "base_model_prefix", ""),
                                    meta.saved_names(model, expected))
         if mapping is None:
+            from automodel_cli.components.distributed.mesh import config_num_experts
+
+            if config_num_experts(config.to_dict()):
+                return whole("the checkpoint stores one tensor per expert, which the shard-by-shard reader "
+                             "does not join into the model's fused experts")
             return whole("the checkpoint's tensor names are not this architecture's")
         _check_shapes(model, reader, mapping)
         read = lambda key, offset, local: reader.read(mapping[key], offset, local)  # noqa: E731

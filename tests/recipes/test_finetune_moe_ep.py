@@ -75,6 +75,7 @@ def test_ep_runs_log_the_single_process_metrics(runs):
     assert len(single) == STEPS
     assert "experts split ep=2 ways inside dp_shard" in runs["ep2"].stdout
     assert "dp_shard=4" in runs["ep2x2"].stdout
+    assert "stores one tensor per expert" in runs["single"].stdout  # loaded whole, then sharded
     for name in ("ep2", "ep2x2"):
         assert_same_curve(curve(runs["root"] / name), single)
 

@@ -128,3 +128,14 @@ def test_plugin_kinds_are_tried_before_the_built_in_ones():
     registry.add("broken", "automodel_cli.components.moe.experts:KERNELS")
     with pytest.raises(UserError, match="MoE block `broken` .* is a tuple, not an"):
         moe_kinds(registry)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_fused_experts_have_no_single_saved_name(kind):
+    """The sharded reader asks each parameter's saved name: the fused experts (saved one tensor per
+    expert) have none, so the model loads whole, and asking does not fail on the split."""
+    from automodel_cli.components.models.materialize import checkpoint_key, saved_names
+
+    model = tiny_moe(kind)
+    names = saved_names(model, [checkpoint_key(name) for name, _ in model.named_parameters()])
+    assert not [key for key in names if ".experts." in key]
