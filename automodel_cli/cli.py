@@ -114,6 +114,7 @@ LISTING_HELP = {
     "parallel-plans": "Tensor-parallel plans by HF model_type.",
     "launchers": "Launchers that start jobs (local, Slurm, Kubernetes).",
     "loggers": "Metric loggers usable in logging.loggers.",
+    "moe-blocks": "Kinds of mixture-of-experts experts modules automodel computes (grouped GEMM, expert parallelism).",
 }
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
         LauncherRegistry,
         LoggerRegistry,
         LossRegistry,
+        MoeBlockRegistry,
         ModelRegistry,
         ParallelPlanRegistry,
         RecipeRegistry,
@@ -79,3 +80,11 @@ def register_loggers(registry: LoggerRegistry) -> None:
     """Add metric loggers usable in ``logging.loggers`` (jsonl, wandb, tensorboard, ...):
     ``registry.add(name, target, options=...)`` where ``target(*, output_dir, options,
     run_config)`` returns an object with ``log(metrics, step)`` and ``close()``."""
+
+
+@hookspec
+def register_moe_blocks(registry: MoeBlockRegistry) -> None:
+    """Add kinds of mixture-of-experts experts modules: ``registry.add(name, target,
+    description=...)`` where ``target`` is an ``automodel_cli.components.moe.experts.ExpertKind``
+    or ``"module:attr"`` naming one (which modules it matches, which parameters hold one slice per
+    expert, how to compute tokens grouped by expert)."""

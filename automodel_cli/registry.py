@@ -396,6 +396,17 @@ class LoggerRegistry(Registry):
         )
 
 
+class MoeBlockRegistry(Registry):
+    kind, listing = "MoE block", "moe-blocks"
+
+    def add(self, name: str, target: Any, *, description: str = "", override: bool = False) -> Entry:  # type: ignore[override]
+        """Register a kind of mixture-of-experts experts module: an
+        ``automodel_cli.components.moe.experts.ExpertKind`` (or ``"module:attr"`` naming one) that
+        says which modules it matches, which parameters hold one slice per expert, and how to
+        compute tokens grouped by expert. Kinds from plugins are tried before the built-in ones."""
+        return self._add(name, target, description=description, override=override)
+
+
 #: hook name -> registry class, in the order hooks are called.
 REGISTRY_HOOKS: dict[str, type[Registry]] = {
     "register_recipes": RecipeRegistry,
@@ -405,6 +416,7 @@ REGISTRY_HOOKS: dict[str, type[Registry]] = {
     "register_parallel_plans": ParallelPlanRegistry,
     "register_launchers": LauncherRegistry,
     "register_loggers": LoggerRegistry,
+    "register_moe_blocks": MoeBlockRegistry,
 }
 
 
@@ -422,6 +434,7 @@ class Registries:
     parallel_plans = property(lambda self: self.by_hook["register_parallel_plans"])
     launchers = property(lambda self: self.by_hook["register_launchers"])
     loggers = property(lambda self: self.by_hook["register_loggers"])
+    moe_blocks = property(lambda self: self.by_hook["register_moe_blocks"])
 
     def conflicts(self) -> list[Conflict]:
         return [c for registry in self.by_hook.values() for c in registry.conflicts]

@@ -329,6 +329,54 @@ def loggers(examples, cli, automodel_plugin, workdir):
     assert cli("finetune", "demo", "-o", str(bad), "logging.loggers=[csv]", *FAST).exit_code == 0
 
 
+def moe_blocks(examples, cli, automodel_plugin, workdir):
+    """The kind is listed, claims only its modules, and the installed forward (grouped GEMM and
+    loop) computes what the module's own per-expert loop computes, gradients included."""
+    import torch
+
+    from automodel_cli.components.moe.experts import install_experts, moe_kinds
+    from tolerances import f32_tol
+
+    example = examples["register_moe_blocks"]
+    (listed,) = run_all(cli, automodel_plugin, example)
+    assert any("relu2" in line and "relu2_experts" in line for line in listed.stdout.splitlines()), listed.stdout
+    kinds = moe_kinds(automodel_plugin.registries.moe_blocks)
+    assert [kind.name for kind in kinds] == ["relu2", "hf-fused"]
+
+    class Relu2Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w_in = torch.nn.Parameter(torch.randn(4, 16, 8) / 4)
+            self.w_out = torch.nn.Parameter(torch.randn(4, 8, 16) / 3)
+
+        def forward(self, hidden, index, weights):  # the reference: one expert at a time
+            out = torch.zeros_like(hidden)
+            for token in range(hidden.shape[0]):
+                for slot in range(index.shape[1]):
+                    expert = index[token, slot]
+                    y = (hidden[token] @ self.w_in[expert]).relu().square() @ self.w_out[expert]
+                    out[token] = out[token] + weights[token, slot] * y
+            return out
+
+    torch.manual_seed(0)
+    hidden, index, weights = torch.randn(10, 16), torch.randint(0, 3, (10, 2)), torch.rand(10, 2)
+    reference = Relu2Experts()
+    expected = reference(hidden, index, weights)
+    expected.sum().backward()
+    for kernel in ("grouped_mm", "loop"):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), Relu2Experts())
+        model[1].load_state_dict(reference.state_dict())
+        assert install_experts(model, kinds, kernel) == [model[1]]
+        got = model[1](hidden, index, weights)
+        got.sum().backward()
+        rtol, atol = f32_tol(expected, terms=16 + 8, depth=6)
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+        for name in ("w_in", "w_out"):
+            grad = getattr(reference, name).grad
+            rtol, atol = f32_tol(grad, terms=16 + 8 + 10, depth=6)
+            torch.testing.assert_close(getattr(model[1], name).grad, grad, rtol=rtol, atol=atol)
+
+
 def testing_a_plugin(examples, cli, automodel_plugin, workdir):
     """The page's pytest module passes, each test with a fixture of its own."""
     path = examples["Testing a plugin"].root / "tests" / "test_my_plugin.py"
@@ -356,6 +404,7 @@ EXAMPLE_TESTS = {
     "register_parallel_plans": parallel_plans,
     "register_launchers": launchers,
     "register_loggers": loggers,
+    "register_moe_blocks": moe_blocks,
     "Testing a plugin": testing_a_plugin,
 }
 
@@ -379,7 +428,7 @@ def test_every_code_block_is_marked_and_every_example_is_tested():
     packages = [example.package for example in examples.values()]
     assert len(packages) == len(set(packages)), packages
     hooks = [section for section in examples if section.startswith("register_")]
-    assert len(hooks) == 7, "every hook has a runnable example"
+    assert len(hooks) == 8, "every hook has a runnable example"
 
 
 # --------------------------------------------------------------- examples that start processes

@@ -118,6 +118,8 @@ CORE: dict[str, dict[str, Key] | Key] = {
                     choices=("auto", "float32", "bfloat16", "float16")),
         "attn_implementation": _k(OPT_STR, None, "Attention backend passed to from_pretrained (sdpa, eager, flash_attention_2)."),
         "chat_template": _k(OPT_STR, None, "Jinja chat template overriding the tokenizer's own."),
+        "experts_kernel": _k(str, "auto", "Mixture-of-experts models: how each process computes its experts' tokens: grouped_mm (one grouped GEMM per projection), loop (one matrix product per expert), auto (grouped_mm where it runs); docs/moe.md.",
+                             choices=("auto", "grouped_mm", "loop")),
         "freeze_vision": _k(bool, True, "Vision-language models: keep the vision tower's weights fixed (the projector is set by model.freeze_projector); text-only models ignore it."),
         "freeze_projector": _k(bool, False, "Vision-language models: keep the projector (the layers mapping image features into the language model, e.g. multi_modal_projector, Qwen-VL's visual.merger) fixed; text-only models ignore it."),
     },
@@ -191,6 +193,7 @@ CORE: dict[str, dict[str, Key] | Key] = {
         "dp_shard": _k(int, -1, "FSDP2 shard group size (-1: whatever remains of the world size).",
                        check=_dp_shard_problem, check_doc="-1 or >= 1"),
         "tp": _k(int, 1, "Tensor-parallel degree (plans from the parallel-plan registry, by model_type).", ge=1),
+        "ep": _k(int, 1, "Expert-parallel degree for mixture-of-experts models: each group of ep neighbouring dp_shard ranks splits every layer's experts ep ways (must divide dp_shard and the number of experts); docs/moe.md.", ge=1),
         "sequence_parallel": _k(bool, False, "Shard norms and dropout along the sequence inside the tensor-parallel group."),
     },
     "checkpoint": {

@@ -31,7 +31,7 @@ def processes(cfg: Any, stream: TextIO | None = None) -> tuple[Any, Any, Callabl
 
     env = dist_env.init_distributed()
     shape = MeshShape.resolve(cfg.distributed.dp_replicate, cfg.distributed.dp_shard,
-                              cfg.distributed.tp, world_size=env.world_size)
+                              cfg.distributed.tp, world_size=env.world_size, ep=cfg.distributed.ep)
     return env, shape, printer(env.is_main, stream)
 
 
@@ -190,7 +190,9 @@ def optimizer_step(model: Any, optimizer: Any, scheduler: Any | None, max_grad_n
     """Clip the gradients, step the optimizer and the schedule, zero the gradients; returns the
     gradient norm before clipping and the learning rate the step used."""
     from automodel_cli.components.distributed.parallelize import clip_grad_norm_
+    from automodel_cli.components.moe.dispatch import sum_replica_grads
 
+    sum_replica_grads(model)  # expert parallelism: replicas of the same experts add their tokens' gradients
     grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm)
     lr = scheduler.get_last_lr()[0] if scheduler is not None else optimizer.param_groups[0]["lr"]
     optimizer.step()

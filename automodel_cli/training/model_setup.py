@@ -69,7 +69,8 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     if not distributed:
         enable_activation_checkpointing(model, cfg.train.activation_checkpointing)
     apply_freezing(model, freeze_vision=cfg.model.freeze_vision, freeze_projector=cfg.model.freeze_projector)
-    model = apply_peft(model, cfg.peft, ep=getattr(cfg.distributed, "ep", 1), say=say)
+    model = apply_peft(model, cfg.peft, ep=cfg.distributed.ep, say=say)
+    _install_experts(model, registries, cfg.model.experts_kernel, precision)
     if not on_meta:
         model.to(precision.device)
     model.train()
@@ -82,8 +83,20 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
             sequence_parallel=sequence_parallel,
             activation_checkpointing=cfg.train.activation_checkpointing,
             mixed_precision=precision.autocast_dtype is not None,
-            compile=cfg.train.compile, compile_backend=cfg.train.compile_backend)
+            compile=cfg.train.compile, compile_backend=cfg.train.compile_backend, ep=getattr(shape, "ep", 1))
     return model
+
+
+def _install_experts(model: Any, registries: Any, kernel: str, precision: Any) -> None:
+    """The experts forward of every mixture-of-experts layer (``components/moe/experts.py``):
+    grouped GEMM or per-expert loop as ``model.experts_kernel`` says, expert parallelism once
+    ``parallelize_model`` splits the experts. Kinds come from the ``moe-blocks`` registry (the
+    built-in one when there are no registries)."""
+    from automodel_cli.components.moe.experts import HF_FUSED, install_experts, moe_kinds
+
+    registry = getattr(registries, "moe_blocks", None)
+    kinds = moe_kinds(registry) if registry is not None else [HF_FUSED]
+    install_experts(model, kinds, kernel, device=precision.device)
 
 
 # ----------------------------------------------------------------- sharded construction
@@ -164,6 +177,11 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
                                    meta.saved_names(model, expected),
                                    joined=lambda key: joined_layout(model, key, shapes[key]))
         if mapping is None:
+            from automodel_cli.components.distributed.mesh import config_num_experts
+
+            if config_num_experts(config.to_dict()):
+                return whole("the checkpoint stores its experts in a layout the shard-by-shard reader cannot "
+                             "join into the model's stacked experts")
             return whole("the checkpoint's tensor names are not this architecture's")
         _check_shapes(model, reader, mapping)
         read = lambda key, offset, local: meta.read_mapped(reader, mapping[key], offset, local)  # noqa: E731
@@ -300,6 +318,7 @@ def prepare_frozen(model: Any, *, precision: Any, mesh: Any, shape: Any, registr
     from automodel_cli.components.distributed.parallelize import parallelize_model
 
     model.requires_grad_(False)
+    _install_experts(model, registries, "auto", precision)
     if not on_meta:
         model.to(precision.device)
     model.eval()

@@ -8,6 +8,13 @@ so a tensor-parallel group sits on neighbouring ranks, i.e. inside one node):
 * ``dp_shard`` ranks shard parameters, gradients and optimizer state (FSDP2);
 * ``dp_replicate`` ranks hold replicas of those shards (HSDP when > 1, e.g. one replica per node).
 
+Expert parallelism (``ep``, mixture-of-experts models) is carved out of the ``dp_shard`` ranks:
+``ep`` neighbouring dp_shard ranks (the same dp_replicate and tp coordinates) form an expert-parallel
+group that splits every experts module's experts ``ep`` ways; the ranks that hold the same experts
+(the same place in their ep group, across the other ep groups and dp_replicate) form its replica
+group, over which expert gradients are summed (``expert_groups``). Every rank still reads its own
+data: ep changes where experts live, not which samples a rank trains on.
+
 The data-parallel coordinates that decide which samples a rank reads are ``dp_rank(mesh)`` and
 ``dp_world_size(mesh)`` (replicate x shard, flattened). ``fsdp_mesh(mesh)`` is what
 ``fully_shard`` receives (1-D for FSDP, 2-D for HSDP) and ``dp_mesh(mesh)`` a flattened 1-D
@@ -25,15 +32,21 @@ DIM_NAMES = ("dp_replicate", "dp_shard", "tp")
 
 #: flattened dp meshes, keyed by id() of their root mesh (built once, collectively).
 _DP_MESHES: dict[int, tuple[Any, Any]] = {}
+#: expert-parallel groups, keyed by (id() of their root mesh, ep).
+_EP_GROUPS: dict[tuple[int, int], tuple[Any, Any]] = {}
+#: HF config keys that give the number of routed experts, across MoE architectures.
+NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
 class MeshShape:
-    """Sizes of the three mesh dimensions; their product is the number of processes."""
+    """Sizes of the three mesh dimensions; their product is the number of processes. ``ep``
+    (expert parallelism) divides ``dp_shard``: it groups dp_shard ranks, it adds no dimension."""
 
     dp_replicate: int
     dp_shard: int
     tp: int
+    ep: int = 1
 
     @property
     def dp_size(self) -> int:
@@ -44,16 +57,19 @@ class MeshShape:
         return self.dp_replicate * self.dp_shard * self.tp
 
     def as_dict(self) -> dict[str, int]:
-        return {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        return {**sizes, "ep": self.ep} if self.ep > 1 else sizes
 
     def describe(self) -> str:
+        experts = f" (experts split ep={self.ep} ways inside dp_shard)" if self.ep > 1 else ""
         return (f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} "
-                f"= {self.world_size} process(es)")
+                f"= {self.world_size} process(es){experts}")
 
     @classmethod
     def resolve(cls, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1,
-                world_size: int = 1) -> MeshShape:
-        """Check the configured sizes against ``world_size``; ``dp_shard=-1`` takes the rest.
+                world_size: int = 1, ep: int = 1) -> MeshShape:
+        """Check the configured sizes against ``world_size``; ``dp_shard=-1`` takes the rest;
+        ``ep`` must divide the resulting dp_shard.
 
         Every problem is a ``UserError`` that names all the numbers and a setting that works.
         """
@@ -88,7 +104,15 @@ class MeshShape:
                 f"distributed.dp_shard=-1 to use the rest: {_suggest(world_size, tp)}), or "
                 f"launch {fixed * dp_shard} processes.",
             )
-        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp)
+        if not isinstance(ep, int) or ep < 1 or dp_shard % ep:
+            divisors = [d for d in range(1, dp_shard + 1) if dp_shard % d == 0]
+            raise UserError(
+                f"distributed.ep={ep} must be a positive integer dividing dp_shard={dp_shard} ({given}, "
+                f"{world_size} process(es)): expert-parallel groups are made of dp_shard ranks.",
+                f"Choose distributed.ep from {', '.join(map(str, divisors))} (it must also divide the model's "
+                f"number of experts), or launch more processes.",
+            )
+        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep)
 
 
 def _suggest(world_size: int, tp: int) -> str:
@@ -130,6 +154,66 @@ def _build_dp_mesh(mesh: Any) -> Any:
     dp = DeviceMesh.from_group(mine, mesh.device_type, mesh_dim_names=("dp",))
     _DP_MESHES[id(mesh)] = (mesh, dp)
     return dp
+
+
+def expert_groups(mesh: Any, ep: int) -> tuple[Any, Any]:
+    """(the 1-D "ep" ``DeviceMesh`` of this rank's expert-parallel group, the process group of its
+    replica group, or None where no other rank holds the same experts). Collective the first time
+    for a mesh: every rank calls it. ep groups are ``ep`` neighbouring dp_shard ranks with the
+    same dp_replicate and tp coordinates; a replica group is every rank with the same tp
+    coordinate and the same place in its ep group."""
+    cached = _EP_GROUPS.get((id(mesh), ep))
+    if cached is not None:
+        return cached
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ranks = mesh.mesh  # [dp_replicate, dp_shard, tp]
+    replicate, shard, tp = ranks.shape
+    if shard % ep:
+        raise ValueError(f"ep={ep} does not divide dp_shard={shard}")
+    blocks = ranks.reshape(replicate, shard // ep, ep, tp)
+    ep_ranks = [blocks[r, g, :, t].tolist() for t in range(tp) for r in range(replicate) for g in range(shard // ep)]
+    replica_ranks = [blocks[:, :, i, t].flatten().tolist() for t in range(tp) for i in range(ep)]
+    mine, _ = dist.new_subgroups_by_enumeration(ep_ranks)
+    ep_mesh = DeviceMesh.from_group(mine, mesh.device_type, mesh_dim_names=("ep",))
+    replica = None
+    if len(replica_ranks[0]) > 1:
+        replica, _ = dist.new_subgroups_by_enumeration(replica_ranks)
+    _EP_GROUPS[(id(mesh), ep)] = (ep_mesh, replica)
+    return ep_mesh, replica
+
+
+def config_num_experts(config: dict[str, Any]) -> int | None:
+    """The number of routed experts a Hugging Face config (as a dict) gives, or None (not a
+    mixture of experts); a vision-language model's is in its ``text_config``."""
+    for key in NUM_EXPERTS_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    text = config.get("text_config")
+    return config_num_experts(text) if isinstance(text, dict) else None
+
+
+def check_ep(config: dict[str, Any], ep: int, where: str = "the model") -> int | None:
+    """Refuse ``distributed.ep=ep`` for a model whose config (a dict, e.g. config.json's) it does
+    not fit: ep > 1 needs a mixture-of-experts model whose number of experts ep divides. Pure
+    (no torch, no process group), so a check before launch can call it. Returns the number of
+    experts (None: not a mixture of experts)."""
+    count = config_num_experts(config)
+    if ep == 1:
+        return count
+    if count is None:
+        raise UserError(
+            f"distributed.ep={ep} splits the experts of a mixture-of-experts model over {ep} processes, but "
+            f"{where} ({config.get('model_type', 'unknown type')}) has no experts.",
+            "Set distributed.ep=1 (the default) for a dense model.")
+    if count % ep:
+        divisors = [d for d in range(1, count + 1) if count % d == 0]
+        raise UserError(
+            f"distributed.ep={ep} must divide the number of experts, but {where} has {count}.",
+            f"Choose distributed.ep from {', '.join(map(str, divisors))} (it must also divide distributed.dp_shard).")
+    return count
 
 
 def _size(mesh: Any, name: str) -> int:

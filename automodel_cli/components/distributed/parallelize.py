@@ -1,6 +1,8 @@
 """Apply tensor parallelism, activation checkpointing and FSDP2/HSDP to a model.
 
-Order (as torchtitan's ``parallelize_llama``): the TP plan first (parameters become DTensors on
+Order (as torchtitan's ``parallelize_llama``): expert parallelism first (``ep > 1``: every
+experts module's expert-stacked parameters become ``Shard(0)`` DTensors on the "ep" mesh and FSDP
+leaves them alone), the TP plan next (parameters become DTensors on
 the ``tp`` mesh), then activation checkpointing per decoder layer, then ``fully_shard`` per
 decoder layer and on the root over the data-parallel mesh (2-D for HSDP), which turns every
 parameter into a DTensor on ``(dp..., tp)``. Works for plain Hugging Face models and for peft
@@ -62,6 +64,7 @@ def parallelize_model(
     reshard_after_forward: bool = True,
     compile: bool = False,
     compile_backend: str = "inductor",
+    ep: int = 1,
 ) -> Any:
     """Parallelize ``model`` in place over ``mesh`` (from ``build_mesh``; None for one process)
     and return it.
@@ -73,7 +76,9 @@ def parallelize_model(
     ``mixed_precision`` makes FSDP compute in bf16 and reduce gradients in fp32 (GPU runs).
     ``activation_checkpointing`` is false/true or none/full/selective (see
     ``components/training/memory.py``); ``compile`` compiles each decoder layer with
-    ``compile_backend`` after checkpointing and before ``fully_shard``.
+    ``compile_backend`` after checkpointing and before ``fully_shard``. ``ep`` splits the experts
+    of a mixture-of-experts model (prepared by ``components/moe/experts.install_experts``) over
+    groups of ``ep`` dp_shard ranks (``components/moe/dispatch.shard_experts``).
     """
     if tp != tp_size(mesh):
         raise ValueError(f"tp={tp} but the mesh has tp={tp_size(mesh)}")
@@ -82,6 +87,14 @@ def parallelize_model(
     hf_model = unwrap(model)
     if sequence_parallel and hf_model is not model:
         _require_torch_for_lora_sequence_parallel()
+
+    # 0. Expert parallelism: the experts' parameters become Shard(0) DTensors on the ep mesh,
+    #    which the TP plan skips and FSDP is told to ignore.
+    experts: set[Any] = set()
+    if ep > 1:
+        from automodel_cli.components.moe.dispatch import shard_experts
+
+        experts = shard_experts(model, mesh, ep)
 
     # 1. Tensor parallelism.
     if tp > 1:
@@ -114,8 +127,9 @@ def parallelize_model(
         for i, layer in enumerate(layers):
             # The last layer's parameters are needed first in backward: keep them gathered.
             fully_shard(layer, mesh=dp, mp_policy=policy,
-                        reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
-        fully_shard(model, mesh=dp, mp_policy=policy)
+                        reshard_after_forward=reshard_after_forward and i < len(layers) - 1,
+                        ignored_params=experts & set(layer.parameters()) or None)
+        fully_shard(model, mesh=dp, mp_policy=policy, ignored_params=experts or None)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
@@ -272,9 +286,10 @@ def clip_grad_norm_(parameters: Iterable[Any], max_norm: float | None, norm_type
                     foreach: bool | None = None) -> float:
     """Clip gradients by their total norm over the whole model and all ranks; return that norm.
 
-    Gradients may be DTensors on different meshes (FSDP, TP, FSDP x TP, plus plain tensors for
-    replicated parameters): norms are computed per (mesh, placements) group, turned into the
-    true global norm with ``full_tensor()`` and combined. ``max_norm=None`` only measures.
+    Gradients may be DTensors on different meshes (FSDP, TP, FSDP x TP, the experts on the "ep"
+    mesh, plus plain tensors for replicated parameters): norms are computed per (mesh,
+    placements) group, turned into the true global norm with ``full_tensor()`` and combined (an
+    ep mesh spans one copy of the experts: their replicas are not counted twice). ``max_norm=None`` only measures.
     Collective when any gradient is a DTensor: call it on every rank.
     """
     import math

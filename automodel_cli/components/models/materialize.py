@@ -275,7 +275,9 @@ def saved_names(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
     """Model key -> the name ``save_pretrained`` gives it, where the model's weight conversions
     rename it (a VLM's modules are ``model.language_model.layers.*`` and ``model.visual.*``; its
     checkpoints, written in the original format, say ``model.layers.*`` and ``visual.*``).
-    Conversions that join several tensors into one have no per-key name and are left out."""
+    Conversions that join several tensors into one have no per-key name and are left out (a
+    mixture of experts' fused experts, saved one tensor per expert). Each key is reverted as a
+    meta tensor of its parameter's shape, which conversions that split a tensor need."""
     from automodel_cli.components.models.hf_stream import reverted
 
     shapes = {checkpoint_key(name): tuple(param.shape) for name, param in model.named_parameters()}
