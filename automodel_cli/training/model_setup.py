@@ -177,9 +177,9 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
                                    meta.saved_names(model, expected),
                                    joined=lambda key: joined_layout(model, key, shapes[key]))
         if mapping is None:
-            from automodel_cli.components.distributed.mesh import config_num_experts
+            from automodel_cli.components.models.structure import num_experts
 
-            if config_num_experts(config.to_dict()):
+            if num_experts(config):
                 return whole("the checkpoint stores its experts in a layout the shard-by-shard reader cannot "
                              "join into the model's stacked experts")
             return whole("the checkpoint's tensor names are not this architecture's")

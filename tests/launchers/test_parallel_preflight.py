@@ -64,8 +64,8 @@ class Config(dict):
 
 
 @pytest.mark.parametrize("kind, overrides, ep, dp_shard, peft, phrases", [
-    ("llama", {}, 2, 2, {}, ["needs a mixture-of-experts model"]),
-    ("qwen3_moe", {"num_experts": 6}, 4, 4, {}, ["must divide the model's 6 experts"]),
+    ("llama", {}, 2, 2, {}, ["has no experts", "Set distributed.ep=1"]),
+    ("qwen3_moe", {"num_experts": 6}, 4, 4, {}, ["must divide the number of experts", "has 6", "Choose distributed.ep from 1, 2, 3, 6"]),
     ("qwen3_moe", {}, 2, 3, {}, ["must divide distributed.dp_shard=3"]),
     ("qwen3_moe", {}, 2, 2, {"peft.method": "lora", "peft.moe_experts": True}, ["peft.moe_experts=true"]),
     ("mixtral", {}, 2, 2, {"peft.method": "lora", "peft.target_modules": ["q_proj", "w1"]}, ["names w1"]),

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from automodel_cli.components.models.structure import num_experts
 from automodel_cli.errors import UserError
 
 DIM_NAMES = ("dp_replicate", "dp_shard", "tp")
@@ -34,8 +35,6 @@ DIM_NAMES = ("dp_replicate", "dp_shard", "tp")
 _DP_MESHES: dict[int, tuple[Any, Any]] = {}
 #: expert-parallel groups, keyed by (id() of their root mesh, ep).
 _EP_GROUPS: dict[tuple[int, int], tuple[Any, Any]] = {}
-#: HF config keys that give the number of routed experts, across MoE architectures.
-NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
@@ -184,23 +183,12 @@ def expert_groups(mesh: Any, ep: int) -> tuple[Any, Any]:
     return ep_mesh, replica
 
 
-def config_num_experts(config: dict[str, Any]) -> int | None:
-    """The number of routed experts a Hugging Face config (as a dict) gives, or None (not a
-    mixture of experts); a vision-language model's is in its ``text_config``."""
-    for key in NUM_EXPERTS_KEYS:
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    text = config.get("text_config")
-    return config_num_experts(text) if isinstance(text, dict) else None
-
-
 def check_ep(config: dict[str, Any], ep: int, where: str = "the model") -> int | None:
     """Refuse ``distributed.ep=ep`` for a model whose config (a dict, e.g. config.json's) it does
     not fit: ep > 1 needs a mixture-of-experts model whose number of experts ep divides. Pure
     (no torch, no process group), so a check before launch can call it. Returns the number of
     experts (None: not a mixture of experts)."""
-    count = config_num_experts(config)
+    count = num_experts(config)
     if ep == 1:
         return count
     if count is None:

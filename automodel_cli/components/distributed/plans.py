@@ -44,14 +44,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from automodel_cli.components.models.structure import decoder_stack, output_head, text_config
+from automodel_cli.components.models.structure import decoder_stack, num_experts, output_head, text_config
 from automodel_cli.errors import UserError
 
 # --------------------------------------------------------------------------- validation
-
-#: Config keys that give a mixture-of-experts model's number of routed experts.
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-
 
 def _field(config: Any, name: str) -> Any:
     return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
@@ -63,13 +59,6 @@ def _text(config: Any) -> Any:
     return text_config(config)
 
 
-def expert_count(config: Any) -> int | None:
-    """Routed experts of a mixture-of-experts model (a HF config or its config.json as a dict);
-    None for a dense model."""
-    cfg = _text(config)
-    return next((v for v in (_field(cfg, k) for k in EXPERT_COUNT_KEYS) if isinstance(v, int) and v > 0), None)
-
-
 def tp_sizes(config: Any) -> dict[str, Any]:
     """The sizes ``distributed.tp`` must divide: attention and key/value heads, and the MLP width
     where the plan shards the MLP (a mixture-of-experts model's experts and router stay
@@ -78,7 +67,7 @@ def tp_sizes(config: Any) -> dict[str, Any]:
     heads = _field(cfg, "num_attention_heads")
     sizes = {"num_attention_heads": heads, "num_key_value_heads": _field(cfg, "num_key_value_heads") or heads}
     dense_layers = bool(_field(cfg, "mlp_only_layers")) or (_field(cfg, "decoder_sparse_step") or 1) > 1
-    if expert_count(cfg) is None or dense_layers:
+    if num_experts(cfg) is None or dense_layers:
         sizes["intermediate_size"] = _field(cfg, "intermediate_size")
     return sizes
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from automodel_cli.config.resolve import Problem
 from automodel_cli.config.yaml_io import Source
+from automodel_cli.errors import UserError
 
 #: Recipes whose processes read training data.
 DATA_RECIPES = ("finetune", "distill", "pretrain")
@@ -93,7 +94,8 @@ def parallel_problems(cfg: Any, spec: Any, plan_types: list[str] | None) -> list
     model type, ``distributed.tp`` not dividing the heads (or the MLP where it is sharded),
     ``distributed.ep`` on a dense model or not dividing the experts or ``dp_shard``, and LoRA
     targets on experts that expert parallelism shards."""
-    from automodel_cli.components.distributed.plans import expert_count, tp_divisors, tp_problems, tp_sizes
+    from automodel_cli.components.distributed.mesh import check_ep
+    from automodel_cli.components.distributed.plans import tp_divisors, tp_problems, tp_sizes
     from automodel_cli.components.peft.lora import explicit_expert_names
 
     tp, ep = cfg.get("distributed.tp") or 1, cfg.get("distributed.ep") or 1
@@ -102,7 +104,6 @@ def parallel_problems(cfg: Any, spec: Any, plan_types: list[str] | None) -> list
     config = offline_config(cfg)
     if config is None:
         return []
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     model_type = config.get("model_type", "?")
     found: list[tuple[str, str]] = []
     if tp > 1 and plan_types is not None and model_type not in plan_types:
@@ -116,19 +117,16 @@ def parallel_problems(cfg: Any, spec: Any, plan_types: list[str] | None) -> list
         found.append(("distributed.tp", f"distributed.tp={tp} must divide the model's {', '.join(problems)} "
                                         f"({model_type}: {sizes}). Choose tp from {tp_divisors(config)}."))
     if ep > 1:
-        experts = expert_count(text)
         dp_shard = getattr(getattr(spec, "mesh", None), "dp_shard", None)
-        if experts is None:
-            found.append(("distributed.ep", f"distributed.ep={ep} needs a mixture-of-experts model, and "
-                                            f"{cfg.get('model.path')} ({model_type}) has no experts. Set "
-                                            "distributed.ep=1."))
-        elif experts % ep:
-            found.append(("distributed.ep", f"distributed.ep={ep} must divide the model's {experts} experts. "
-                                            f"Choose ep from {[d for d in range(1, experts + 1) if experts % d == 0]}."))
+        try:
+            experts = check_ep(config, ep, where=str(cfg.get("model.path")))
+        except UserError as problem:
+            experts = None
+            found.append(("distributed.ep", problem.render()))
         if isinstance(dp_shard, int) and dp_shard % ep:
             found.append(("distributed.ep", f"distributed.ep={ep} must divide distributed.dp_shard={dp_shard} "
                                             "(expert-parallel groups are carved out of the FSDP shard group)."))
-        if experts is not None and cfg.get("peft.method") not in (None, "none"):
+        if experts and cfg.get("peft.method") not in (None, "none"):
             named = explicit_expert_names(cfg.get("peft.target_modules") or "all-linear")
             if cfg.get("peft.moe_experts") is True or named:
                 what = f"peft.target_modules names {', '.join(named)}" if named else "peft.moe_experts=true"

@@ -37,6 +37,35 @@ def text_config(config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
 
+#: Config fields that give a mixture of experts' number of routed experts, and the experts each
+#: token is routed to, by family (Qwen/OLMoE, Mixtral, DeepSeek, ...).
+NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "experts_per_token", "top_k")
+
+
+def config_value(config: Any, names: tuple[str, ...]) -> int | None:
+    """The first positive integer among ``names`` in the decoder's config (a ``PretrainedConfig``
+    or a config.json dict; a multimodal config's ``text_config``), or None."""
+    if isinstance(config, dict):
+        text = config.get("text_config")
+        config = text if isinstance(text, dict) else config
+        values = (config.get(name) for name in names)
+    else:
+        config = text_config(config)
+        values = (getattr(config, name, None) for name in names)
+    return next((v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+
+
+def num_experts(config: Any) -> int | None:
+    """A mixture of experts' number of routed experts (None: a dense model)."""
+    return config_value(config, NUM_EXPERTS_KEYS)
+
+
+def experts_per_token(config: Any) -> int | None:
+    """Experts each token is routed to (None: a dense model)."""
+    return config_value(config, TOP_K_KEYS) if num_experts(config) else None
+
+
 def decoder_stack(model: Any) -> tuple[str, Any]:
     """``(prefix, module)`` of the text decoder: the first module with ``embed_tokens`` and a
     ``layers`` ModuleList (``model.`` for a CausalLM, ``base_model.model.model.`` under peft,

@@ -37,10 +37,6 @@ from typing import Any
 from automodel_cli.components.loss.targets import IGNORE_INDEX
 from automodel_cli.components.models import structure
 
-#: Config attributes holding the number of routed experts and the experts per token, by family.
-NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k")
-
 _MONITORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -233,9 +229,8 @@ def attach_monitor(model: Any, aux_coef: float | None = None, z_coef: float | No
     if found is None:
         return None
     routers, index = found
-    config = structure.text_config(structure.unwrap(_inner(model)).config)
-    num_experts = _first_attribute(config, NUM_EXPERTS_KEYS)
-    top_k = _first_attribute(config, TOP_K_KEYS)
+    config = structure.unwrap(_inner(model)).config
+    num_experts, top_k = structure.num_experts(config), structure.experts_per_token(config)
     if num_experts is None or top_k is None:
         return None
     previous = monitor_of(model)
@@ -280,7 +275,3 @@ def find_routers(model: Any) -> tuple[list[Any], int] | None:
 def _inner(model: Any) -> Any:
     """The module inside a ``torch.compile`` wrapper."""
     return getattr(model, "_orig_mod", model)
-
-
-def _first_attribute(config: Any, names: tuple[str, ...]) -> Any:
-    return next((getattr(config, name) for name in names if getattr(config, name, None) is not None), None)

@@ -41,10 +41,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from automodel_cli.components.models.structure import text_config
-
-#: Config attributes that hold a mixture of experts' number of routed experts.
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+from automodel_cli.components.models.structure import experts_per_token, text_config
 
 #: (regular expression on the device name, label, dense bf16 TFLOP/s). First match wins, so
 #: specific names come before the names they contain (GH200 before H200, L40S before L40).
@@ -97,14 +94,6 @@ def matmul_parameters(model: Any) -> int:
 
     return sum(module.weight.numel() for module in model.modules()
                if isinstance(module, torch.nn.Linear))
-
-
-def experts_per_token(config: Any) -> int | None:
-    """Experts each token is routed to (``num_experts_per_tok``), or None for a dense model."""
-    config = text_config(config)
-    experts = next((getattr(config, key) for key in EXPERT_COUNT_KEYS if getattr(config, key, None)), None)
-    top_k = getattr(config, "num_experts_per_tok", None) or getattr(config, "experts_per_token", None)
-    return int(top_k) if experts and top_k else None
 
 
 def active_expert_parameters(model: Any, top_k: int) -> int:

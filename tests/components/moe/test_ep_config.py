@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from automodel_cli.components.distributed.mesh import MeshShape, check_ep, config_num_experts
+from automodel_cli.components.distributed.mesh import MeshShape, check_ep
+from automodel_cli.components.models.structure import num_experts
 from automodel_cli.errors import UserError
 from moe_models import tiny_moe_config
 
@@ -29,8 +30,8 @@ def test_ep_that_does_not_divide_dp_shard_is_refused(args, ep, divisors):
 @pytest.mark.parametrize("kind, experts", [("qwen3_moe", 8), ("mixtral", 8)])
 def test_the_number_of_experts_is_read_from_the_config(kind, experts):
     config = tiny_moe_config(kind).to_dict()
-    assert config_num_experts(config) == experts
-    assert config_num_experts({"model_type": "llava", "text_config": config}) == experts
+    assert num_experts(config) == experts
+    assert num_experts({"model_type": "llava", "text_config": config}) == experts
     assert check_ep(config, 4) == experts
 
 
