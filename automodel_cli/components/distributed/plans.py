@@ -171,8 +171,8 @@ def _make_styles():
 
     class ReplicateParallel(ParallelStyle):
         """Keep the module's own parameters whole on every TP rank (Replicate DTensors) and read
-        its first input as a DTensor with ``input_layout``; the output is returned as a local
-        tensor. With a sharded input (``Shard(d)``: the local heads for per-head q/k norms, the
+        its first input as a DTensor with ``input_layout``; the output (or each tensor of a tuple
+        output) is returned as a local tensor. With a sharded input (``Shard(d)``: the local heads for per-head q/k norms, the
         local sequence chunk for LoRA B under sequence parallelism) DTensor sums the parameter
         gradients over the TP group; with ``Replicate()`` it only makes the parameter a DTensor
         (so optimizers see one kind of tensor) and needs no communication."""
@@ -204,6 +204,9 @@ def _make_styles():
                 return (first, *inputs[1:])
 
             def output_fn(mod: Any, outputs: Any, mesh: Any) -> Any:
+                # A tuple too (a mixture of experts' router returns logits, weights and indices).
+                if isinstance(outputs, tuple):
+                    return tuple(o.to_local() if isinstance(o, DTensor) else o for o in outputs)
                 return outputs.to_local() if isinstance(outputs, DTensor) else outputs
 
             return distribute_module(module, device_mesh, partition_fn, input_fn, output_fn)

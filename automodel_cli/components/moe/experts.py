@@ -201,8 +201,11 @@ def local(tensor: Any) -> Any:
 
 
 def experts_forward(module: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
-    """The forward installed on every experts module (see the module docstring)."""
+    """The forward installed on every experts module (see the module docstring). Under tensor
+    parallelism the module is replicated and its input arrives as a replicated ``DTensor``: the
+    computation runs on the local tensors (the same on every tensor-parallel rank)."""
     state = expert_state(module)
+    hidden_states, top_k_index, top_k_weights = (local(t) for t in (hidden_states, top_k_index, top_k_weights))
     tokens, top_k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
