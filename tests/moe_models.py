@@ -23,11 +23,28 @@ KINDS = {
 }
 
 
+#: More architectures, for the tests that check every family the same way (routers, experts
+#: layouts): OLMoE, Qwen2-MoE (shared expert), GPT-OSS (transposed experts with biases, sliding
+#: layers), Granite-MoE, DeepSeek-V3 (sigmoid, group-limited routing with a bias; no aux loss).
+MORE_KINDS = {
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32, router_aux_loss_coef=0.01),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, intermediate_size=64, router_aux_loss_coef=0.001),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, router_aux_loss_coef=0.9,
+                    layer_types=["sliding_attention", "full_attention"], sliding_window=8),
+    "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, router_aux_loss_coef=0.01),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        first_k_dense_replace=0, intermediate_size=64, kv_lora_rank=16, q_lora_rank=32,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, n_group=2, topk_group=1,
+                        num_key_value_heads=4),
+}
+
+
 def tiny_moe_config(kind: str = "qwen3_moe", **overrides: object):
     """The ``transformers`` config of a tiny ``kind`` MoE (``overrides`` win)."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(kind, **{**COMMON, **KINDS[kind], **overrides})
+    return AutoConfig.for_model(kind, **{**COMMON, **{**KINDS, **MORE_KINDS}[kind], **overrides})
 
 
 def tiny_moe(kind: str = "qwen3_moe", seed: int = 0, **overrides: object):

@@ -63,22 +63,35 @@ class BalanceMonitor:
     aux_coef: float
     z_coef: float = 0.0
     micro_batches: int = 1
+    experts: list[Any] = field(default_factory=list)  # the routers' experts modules, when found
     _captured: list[Any] | None = None
+    _chosen: list[Any] = field(default_factory=list)  # the experts each token was sent to, per layer
     _handles: list[Any] = field(default_factory=list)
     _sums: dict[str, Any] = field(default_factory=dict)
     _load: Any = None
 
     def __post_init__(self) -> None:
         self._handles = [router.register_forward_hook(self._hook) for router in self.routers]
+        self._handles += [module.register_forward_pre_hook(self._experts_hook, with_kwargs=True)
+                          for module in self.experts]
 
     def _hook(self, _module: Any, _args: Any, output: Any) -> None:
         if self._captured is not None:
             self._captured.append(output[self.index] if isinstance(output, (tuple, list)) else output)
 
+    def _experts_hook(self, _module: Any, args: tuple, kwargs: dict) -> None:
+        """The experts a layer's tokens actually go to (``top_k_index``, the second argument of a
+        Hugging Face experts forward): what the expert load counts, exact also for routers whose
+        choice is not the top-k of their logits (DeepSeek's biased, group-limited routing)."""
+        if self._captured is not None:
+            chosen = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+            if chosen is not None:
+                self._chosen.append(getattr(chosen, "to_local", lambda: chosen)())
+
     @contextlib.contextmanager
     def recording(self):
         """Keep the router logits of the forward passes inside the block (a list, in layer order)."""
-        self._captured = []
+        self._captured, self._chosen = [], []
         try:
             yield self._captured
         finally:
@@ -93,7 +106,9 @@ class BalanceMonitor:
         import torch
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.aux_coef or self.z_coef)):
-            aux, z, load = balance_terms(logits, self.num_experts, self.top_k, token_mask, with_z=bool(self.z_coef))
+            chosen = self._chosen if len(self._chosen) == len(logits) else None
+            aux, z, load = balance_terms(logits, self.num_experts, self.top_k, token_mask, with_z=bool(self.z_coef),
+                                         chosen=chosen)
             share = 1.0 / self.micro_batches
             terms = {"aux_loss": aux * share}
             if z is not None:
@@ -128,7 +143,7 @@ class BalanceMonitor:
 
 
 def balance_terms(logits: list[Any], num_experts: int, top_k: int, token_mask: Any = None,
-                  with_z: bool = False) -> tuple[Any, Any, Any]:
+                  with_z: bool = False, chosen: list[Any] | None = None) -> tuple[Any, Any, Any]:
     """``(aux, z, load)`` of one forward pass from each layer's router logits (``[tokens,
     experts]`` or ``[batch, seq, experts]``): HF's load-balancing loss, the z-loss (None unless
     ``with_z``) and the real tokens per expert per layer (``[layers, experts]``, no graph).
@@ -146,14 +161,18 @@ def balance_terms(logits: list[Any], num_experts: int, top_k: int, token_mask: A
     rows: Any = 0.0
     z_sum: Any = 0.0
     loads = []
-    for layer in logits:
+    for i, layer in enumerate(logits):
         layer = layer.reshape(-1, layer.shape[-1]).to(device)
         probs = torch.softmax(layer.float(), dim=-1)
         selected = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
         row_weights = weights if weights is not None else torch.ones(layer.shape[0], device=device)
         load = torch.zeros(num_experts, dtype=torch.float32, device=device).scatter_add_(
             0, selected, row_weights.repeat_interleave(top_k))
-        loads.append(load)
+        if chosen is not None and chosen[i].numel() == selected.numel():  # the experts actually used
+            loads.append(torch.zeros(num_experts, dtype=torch.float32, device=device).scatter_add_(
+                0, chosen[i].reshape(-1).to(device), row_weights.repeat_interleave(top_k)))
+        else:
+            loads.append(load)
         assigned = assigned + load
         probability = probability + (probs * row_weights.unsqueeze(-1)).sum(dim=0)
         rows = rows + row_weights.sum()
@@ -237,7 +256,7 @@ def attach_monitor(model: Any, aux_coef: float | None = None, z_coef: float | No
     if previous is not None:
         previous.detach()
     monitor = BalanceMonitor(
-        routers, index, int(num_experts), int(top_k),
+        routers, index, int(num_experts), int(top_k), experts=experts_of(model, routers),
         aux_coef=float(aux_coef if aux_coef is not None else getattr(config, "router_aux_loss_coef", 0.0) or 0.0),
         z_coef=float(z_coef if z_coef is not None else getattr(config, "router_z_loss_coef", 0.0) or 0.0))
     _MONITORS[model] = monitor
@@ -270,6 +289,16 @@ def find_routers(model: Any) -> tuple[list[Any], int] | None:
                if target is not None and isinstance(module, target)
                and (layer_name is None or f".{layer_name.strip('.')}." in f".{name}.")]
     return (routers, int(getattr(spec, "index", 0))) if routers else None
+
+
+def experts_of(model: Any, routers: list[Any]) -> list[Any]:
+    """The experts module beside each router (its MoE block's ``experts`` child), or [] when some
+    router has none: the load then counts the top-k of the router logits."""
+    import torch
+
+    parents = {id(child): module for module in model.modules() for child in module.children()}
+    found = [getattr(parents.get(id(router)), "experts", None) for router in routers]
+    return found if all(isinstance(module, torch.nn.Module) for module in found) else []
 
 
 def _inner(model: Any) -> Any:

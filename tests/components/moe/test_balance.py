@@ -158,3 +158,37 @@ def test_load_metrics_and_histograms():
     assert load_metrics(load) == {"expert_load_max_mean": 1.75, "expert_load_max_mean_layer0": 1.0,
                                   "expert_load_max_mean_layer1": 2.5}
     assert load_histograms(load) == {"expert_load/layer0": [4.0] * 4, "expert_load/layer1": [10.0, 2.0, 2.0, 2.0]}
+
+
+@pytest.mark.parametrize("kind", ["olmoe", "qwen2_moe", "gpt_oss", "granitemoe"])
+def test_other_families_aux_loss_is_hugging_faces(kind):
+    """The routers are found from each model's own ``router_logits`` recorder, so every family
+    that computes an aux loss gets Hugging Face's value and loss."""
+    model = tiny_moe(kind)
+    inputs, labels = batch(padded=True)
+    expected = hf_outputs(model, inputs, labels)
+    loss, step = monitored_loss(model, inputs, labels)
+    assert_close_f32(step.sums["aux_loss"], expected.aux_loss, **TERM_ROUNDING)
+    assert_close_f32(loss, expected.loss, terms=2 * TERM_ROUNDING["terms"] + 64, depth=40)
+
+
+def test_expert_load_counts_the_experts_the_tokens_went_to():
+    """DeepSeek-V3 routes by sigmoid scores plus a balancing bias, in groups: not the top-k of its
+    logits. The load counts the experts each token was actually sent to; with a large bias on
+    expert 5 every token goes there. Its config has no aux coefficient: nothing is trained."""
+    model = tiny_moe("deepseek_v3")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.e_score_correction_bias.zero_()
+            layer.mlp.gate.e_score_correction_bias[5] = 10.0
+    inputs, labels = batch(padded=True)
+    monitor = attach_monitor(model)
+    assert monitor.aux_coef == 0.0 and len(monitor.experts) == LAYERS
+    loss = training_loss(model, inputs, labels, (labels[:, 1:] != -100).sum(), MASKED_CE)
+    step = monitor.take_step()
+    real_tokens = float(inputs["attention_mask"].sum())
+    assert step.load[:, 5].tolist() == [real_tokens] * LAYERS
+    assert step.load.sum(dim=1).tolist() == [real_tokens * 2] * LAYERS
+    plain = training_loss(model, inputs, labels, (labels[:, 1:] != -100).sum(), MASKED_CE)
+    monitor.detach()
+    assert torch.equal(loss, plain)  # coefficient 0: the loss is the CE alone

@@ -29,7 +29,7 @@ def eager(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gpt_oss", "granitemoe", "deepseek_v3"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_model_loss_and_gradients_match_the_eager_loop(kind, kernel):
     reference = eager(tiny_moe(kind))
