@@ -61,7 +61,7 @@ def checkpoint_key(name: str) -> str:
     name = _WRAPPERS.sub(r"\1", name).strip(".").replace("..", ".")
     if name.startswith("base_model.model."):  # a peft model
         name = name[len("base_model.model."):]
-    return name.replace(".base_layer.", ".")
+    return re.sub(r"(\.base_layer)+\.", ".", name)  # nested wrappers (peft's parameter adapters) too
 
 
 def is_adapter(name: str) -> bool:

@@ -117,6 +117,8 @@ def test_adapters_start_as_the_base_model(sharded, method):
     ("model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"),
     ("base_model.model.model.layers.1.self_attn.v_proj.base_layer.weight", "model.layers.1.self_attn.v_proj.weight"),
     ("_orig_mod.lm_head.weight", "lm_head.weight"),
+    ("base_model.model.model.layers.0.mlp.experts.base_layer.base_layer.gate_up_proj",  # nested parameter adapters
+     "model.layers.0.mlp.experts.gate_up_proj"),
 ])
 def test_checkpoint_keys_of_wrapped_parameters(name, key):
     assert meta.checkpoint_key(name) == key
