@@ -58,6 +58,7 @@ def register_models(registry):
                  recipe_defaults=DEMO_RECIPE_DEFAULTS,
                  description="Bundled tiny Llama (random init) + string-reversal data; offline, CPU")
     registry.add("demo-moe", path=str(demo_moe_dir()), family="qwen3_moe", defaults=DEMO_MOE_DEFAULTS,
+                 recipe_defaults={"benchmark": DEMO_RECIPE_DEFAULTS["benchmark"]},
                  description="Bundled tiny Qwen3-MoE (8 experts, top-2, random init) with the demo's tokenizer; "
                              "logs the router balance loss and expert load; offline, CPU")
     registry.add("demo-vlm", path=str(demo_vlm_dir()), family="gemma3", defaults=DEMO_VLM_DEFAULTS,

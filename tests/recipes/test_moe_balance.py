@@ -96,3 +96,11 @@ def test_distilling_into_a_moe_student_adds_its_balance_loss(cli, tmp_path, loss
     assert first["aux_loss"] == pytest.approx(off["aux_loss"], rel=rtol, abs=atol)
     assert first["kl"] == pytest.approx(off["kl"], rel=rtol, abs=atol)
     assert first["loss"] - off["loss"] == pytest.approx(0.01 * first["aux_loss"], rel=1e-3, abs=atol)
+
+
+def test_benchmark_demo_moe_counts_the_active_experts(cli, tmp_path):
+    """`automodel benchmark demo-moe` fits the demo's positions and its FLOPs count the routed experts."""
+    result = cli("benchmark", "demo-moe", "benchmark.warmup_steps=1", "benchmark.steps=2")
+    assert result.exit_code == 0, result.stderr
+    assert "1 x 128 tokens per rank" in result.stdout
+    assert "mixture of experts: the weights of the 2 experts a token is routed to" in result.stdout
