@@ -81,7 +81,7 @@ def test_bad_mesh_is_a_clear_error(tmp_path, args, message):
     result = finetune(tmp_path / "bad", *args, "train.max_steps=1")
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "error: " in result.stderr and "Traceback" not in result.stderr
 
 
 def test_save_on_two_ranks_resume_on_one_matches(single, tmp_path):

@@ -84,12 +84,19 @@ class MoeTargets:
 
 
 def moe_layout(model: Any) -> MoeLayout | None:
-    """The experts (modules holding 3-D parameters) and routers of ``model``; None for a dense
-    model. The router is the module the model records ``router_logits`` from
-    (``_can_record_outputs``), else a block's child named ``gate`` or ``router``."""
+    """The experts (modules holding parameters stacked ``[num_experts, ...]``) and routers of
+    ``model``; None for a dense model (its config names no experts). The router is the module
+    the model records ``router_logits`` from (``_can_record_outputs``), else a block's child
+    named ``gate`` or ``router``."""
+    from automodel_cli.components.models.structure import num_experts
+
+    count = num_experts(getattr(model, "config", None) or {})
+    if not count:  # a dense model (a vision tower's 3-D attention-pooling probe is no expert)
+        return None
     experts: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        fused = [p for p, value in module.named_parameters(recurse=False) if value.ndim == 3]
+        fused = [p for p, value in module.named_parameters(recurse=False)
+                 if value.ndim == 3 and value.shape[0] == count]
         if fused:
             experts[name] = fused
     if not experts:

@@ -149,7 +149,9 @@ def test_experts_are_read_from_their_per_expert_tensors(tmp_path, kind):
     directory = save_moe_model(tmp_path / kind, kind)
     said = []
     model, reference = build(directory, say=said.append), pretrained(directory)
-    assert torch.equal(logits(model), logits(reference))
+    expected = dict(reference.named_parameters())
+    for name, param in model.named_parameters():  # bit for bit (the forwards differ: ours is grouped)
+        assert torch.equal(param, expected[name]), name
     assert any("read shard by shard" in line for line in said) and not any("whole" in line for line in said), said
 
     reader = meta.CheckpointReader(sorted(directory.glob("*.safetensors")))
