@@ -33,7 +33,7 @@ What the wiring session must do:
 2. Data: cp peers read the same samples (the data-parallel index is ``dp_rank`` without cp); pad
    every batch to a multiple of ``2 * cp`` (``SFTCollator(pad_to_multiple_of=...)``, like sequence
    parallelism does; with tp+sp the multiple is ``lcm(2 * cp, tp)``), then ``shard_batch`` with
-   the cp group. Packed rows need ``flatten`` or not, both work (the mask is per row).
+   the cp group. Packed batches work flattened or not (the mask is built per row).
 3. Loss: the batch's ``targets`` are already shifted, so the loss must NOT shift again: the loss
    head (``components/loss/head.py``) shifts HF labels itself today; it needs a "targets given"
    path (rows layout ``[N, V]`` with ``[N]`` targets, which every built-in loss accepts).

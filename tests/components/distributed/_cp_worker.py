@@ -58,12 +58,27 @@ def reference(model, batch: dict) -> tuple[float, dict, torch.Tensor]:
     return float(loss), {n: p.grad for n, p in model.named_parameters()}, logits.detach()
 
 
+def counting_attention(calls: list) -> None:
+    """Re-register "automodel_cp" so each call is counted (a recompute under activation
+    checkpointing calls it again in the backward, with the shard it got from the forward)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return cp.context_parallel_attention(*args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS.register(cp.ATTENTION, counted)
+
+
 def context_parallel(model, batch: dict, cp_size: int, rank: int) -> tuple[float, dict, torch.Tensor, dict]:
+    calls: list = []
+    counting_attention(calls)
     shard = cp.shard_batch(batch, cp_size, rank, group=dist.group.WORLD)
     targets, tokens = shard.pop("targets"), shard.pop("num_label_tokens")
     logits = model(**shard, use_cache=False).logits
     loss = masked_cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), tokens)
     loss.backward()
+    facts = {"attention_calls": len(calls)}
     full_logits = cp.gather_sequence(logits.detach(), shard["cp_shard"])
     summed = loss.detach().clone()
     dist.all_reduce(summed)
@@ -71,10 +86,10 @@ def context_parallel(model, batch: dict, cp_size: int, rank: int) -> tuple[float
     dist.all_reduce(local_tokens)
     grads = {}
     for name, param in model.named_parameters():
-        grad = param.grad.clone()
+        grad = torch.zeros_like(param) if param.grad is None else param.grad.clone()  # none: reported as wrong
         dist.all_reduce(grad)
         grads[name] = grad
-    facts = {"tokens_summed": int(local_tokens), "tokens_batch": int(tokens),
+    facts |= {"tokens_summed": int(local_tokens), "tokens_batch": int(tokens),
              "local_tokens": shard["input_ids"].shape[1], "position_ids_rank": shard["position_ids"].tolist()}
     return float(summed), grads, full_logits, facts
 
@@ -99,7 +114,7 @@ def run(name: str, env) -> dict:
     errors = {n: float((grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-30)) for n, g in ref_grads.items()}
     return {"loss": loss, "ref_loss": ref_loss, "grad_rel_errors": errors,
             "logits_rel_error": float((logits - ref_logits)[real].abs().max() / ref_logits[real].abs().max()),
-            "checkpointing": bool(model.is_gradient_checkpointing),
+            "checkpointing": bool(model.is_activation_checkpointing),
             "seq_len": batch["input_ids"].shape[1], **facts}
 
 
