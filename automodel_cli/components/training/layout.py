@@ -121,7 +121,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from automodel_cli.components.distributed.plans import tp_problems
 from automodel_cli.components.training.flops import lookup_peak
@@ -268,7 +268,6 @@ class Candidate:
     phase: str | None = None
     time: StepTime | None = None
     rejected: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -298,7 +297,8 @@ def _tp_config(arch: Architecture) -> dict:
 
 
 def mesh_shapes(arch: Architecture, *, nodes: int, gpus_per_node: int, seq_len: int, global_batch: int,
-                allowed: Iterable[str], virtual_stages: Iterable[int] = (1,)) -> Iterator[tuple[Layout, str | None]]:
+                allowed: Iterable[str], virtual_stages: Iterable[int] = (1,),
+                sequence_parallel: bool = False) -> Iterator[tuple[Layout, str | None]]:
     """Every (pp, dp_replicate, dp_shard, cp, tp, ep[, v]) over the allowed dimensions whose
     product is the world size, with the reason the model or the mesh rules it out (None: it can
     run). Micro-batch and checkpointing are left at their defaults (``layouts`` expands them)."""
@@ -321,11 +321,12 @@ def mesh_shapes(arch: Architecture, *, nodes: int, gpus_per_node: int, seq_len: 
                             layout = Layout(pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, tp=tp,
                                             ep=ep, virtual_stages=v)
                             yield layout, mesh_problem(arch, layout, gpus_per_node=gpus_per_node, seq_len=seq_len,
-                                                       global_batch=global_batch)
+                                                       global_batch=global_batch,
+                                                       sequence_parallel=sequence_parallel)
 
 
-def mesh_problem(arch: Architecture, layout: Layout, *, gpus_per_node: int, seq_len: int,
-                 global_batch: int) -> str | None:
+def mesh_problem(arch: Architecture, layout: Layout, *, gpus_per_node: int, seq_len: int, global_batch: int,
+                 sequence_parallel: bool = False) -> str | None:
     """Why ``layout``'s mesh cannot run this model (None: it can)."""
     tp, cp, pp = layout.tp, layout.cp, layout.pp
     if tp > gpus_per_node or gpus_per_node % tp:
@@ -335,6 +336,8 @@ def mesh_problem(arch: Architecture, layout: Layout, *, gpus_per_node: int, seq_
         return f"tp={tp} does not divide {', '.join(problems)}"
     if cp > 1 and seq_len % (2 * cp):
         return f"sequence {seq_len} is not a multiple of 2 x cp = {2 * cp} (load-balanced halves)"
+    if sequence_parallel and tp > 1 and (seq_len // cp) % tp:
+        return f"sequence parallelism needs the {seq_len // cp} tokens per rank to be a multiple of tp={tp}"
     if pp * layout.virtual_stages > arch.layers:
         return f"pp={pp} x {layout.virtual_stages} virtual stage(s) exceeds the {arch.layers} layers"
     if layout.dp_replicate > 1 and (layout.dp_shard * cp * tp) % gpus_per_node:
@@ -388,7 +391,8 @@ def layout_memory(arch: Architecture, base: Setup, layout: Layout, *, seq_len: i
     param_dtype, autocast = setup.precision()
     c = DTYPE_BYTES[autocast or param_dtype]
     gathered_kv = c * 2 * setup.micro_batch * seq_len * arch.kv_width / layout.tp if layout.cp > 1 else 0
-    peaks = {f"{phase}{', last stage' if layout.pp > 1 else ''}": value + (gathered_kv if phase != "optimizer step" else 0)
+    stage_name = ", last stage" if layout.pp > 1 else ""
+    peaks = {phase + stage_name: value + (gathered_kv if phase != "optimizer step" else 0)
              for phase, value in last.phases.items()}
     if layout.pp > 1:
         extra = (in_flight(layout) - 1) * last.activations + gathered_kv
@@ -496,7 +500,8 @@ def choose_layout(arch: Architecture, *, nodes: int, gpus_per_node: int, seq_len
     modes = tuple(checkpointing)
     candidates: list[Candidate] = []
     for mesh, problem in mesh_shapes(arch, nodes=nodes, gpus_per_node=gpus_per_node, seq_len=seq_len,
-                                     global_batch=global_batch, allowed=allowed, virtual_stages=virtual_stages):
+                                     global_batch=global_batch, allowed=allowed, virtual_stages=virtual_stages,
+                                     sequence_parallel=base.sequence_parallel):
         if problem:
             candidates.append(Candidate(mesh, rejected=problem))
             continue
@@ -510,13 +515,18 @@ def choose_layout(arch: Architecture, *, nodes: int, gpus_per_node: int, seq_len
             rejected = (f"needs {gib(memory)} per process, {gib(usable)} usable ({phase})"
                         if memory > usable else None)
             candidates.append(Candidate(layout, memory, phase, time, rejected))
-    fitting = [c for c in candidates if c.fits]
-    if not fitting:
+    if not any(c.fits for c in candidates):
         raise UserError(*_nothing_fits(candidates, usable, arch, nodes, gpus_per_node, seq_len, global_batch))
+    return pick(candidates), candidates
+
+
+def pick(candidates: list[Candidate]) -> Candidate:
+    """The winner among candidates that fit: within ``TIE_TOLERANCE`` of the fastest, the fewest
+    parallel dimensions, then the fastest, then the least memory."""
+    fitting = [c for c in candidates if c.fits]
     fastest = min(c.time.total for c in fitting)
     near = [c for c in fitting if c.time.total <= fastest * (1 + TIE_TOLERANCE)]
-    best = min(near, key=lambda c: (c.layout.dimensions, c.time.total, c.memory))
-    return best, candidates
+    return min(near, key=lambda c: (c.layout.dimensions, c.time.total, c.memory))
 
 
 def _nothing_fits(candidates: list[Candidate], usable: int, arch: Architecture, nodes: int, gpus_per_node: int,
@@ -524,6 +534,9 @@ def _nothing_fits(candidates: list[Candidate], usable: int, arch: Architecture, 
     planned = [c for c in candidates if c.memory is not None]
     world = f"{nodes} node(s) x {gpus_per_node} process(es)"
     model = f"{arch.parameters().total / 1e9:.1f}B parameters"
+    if not candidates:
+        return (f"No layout of {world} uses only the allowed dimensions: their sizes cannot multiply to "
+                f"{nodes * gpus_per_node} processes.", "Allow dp (dp_shard takes any number of processes).")
     if not planned:
         reasons = sorted({c.rejected for c in candidates if c.rejected})
         return (f"No layout of {world} can run this model ({model}) with a global batch of {global_batch} x "
@@ -551,14 +564,20 @@ def representatives(candidates: list[Candidate]) -> list[Candidate]:
     return sorted((min(group, key=rank) for group in by_mesh.values()), key=rank)
 
 
-def describe(best: Candidate, candidates: list[Candidate], limit: int = 20) -> list[str]:
+def others(best: Candidate, candidates: list[Candidate]) -> list[Candidate]:
+    """``representatives`` of every mesh shape but ``best``'s."""
+    mine = (best.layout.mesh(), best.layout.virtual_stages)
+    return [c for c in representatives(candidates) if (c.layout.mesh(), c.layout.virtual_stages) != mine]
+
+
+def describe(candidates: list[Candidate], best: Candidate | None = None, limit: int = 20) -> list[str]:
     """The candidates as a table (one row per mesh shape, its best micro-batch and checkpointing)
-    and a paragraph on why ``best`` won."""
-    rows = representatives(candidates)
-    rows = [best] + [c for c in rows if c.layout.mesh() != best.layout.mesh()
-                     or c.layout.virtual_stages != best.layout.virtual_stages]
-    header = f"{'layout':<34} {'micro x acc':>11} {'checkpoint':>10} {'memory/GPU':>12} {'step':>9} {'bubble':>7}  verdict"
-    lines = [header]
+    and a paragraph on why the winner (``best``, else ``pick``'s) won."""
+    best = best or pick(candidates)
+    rows = [best] + others(best, candidates)
+    width = max(len(c.layout.mesh_label()) for c in rows[:limit])
+    lines = [f"{'layout':<{width}} {'micro x acc':>11} {'checkpoint':>10} {'memory/GPU':>12} {'step':>9} "
+             f"{'bubble':>7}  verdict"]
     for candidate in rows[:limit]:
         layout = candidate.layout
         memory = gib(candidate.memory) if candidate.memory is not None else "-"
@@ -567,7 +586,8 @@ def describe(best: Candidate, candidates: list[Candidate], limit: int = 20) -> l
         verdict = "chosen" if candidate is best else (candidate.rejected or "fits")
         batch = layout.batch_label() if candidate.time else "-"
         mode = layout.activation_checkpointing if candidate.time else "-"
-        lines.append(f"{layout.mesh_label():<34} {batch:>11} {mode:>10} {memory:>12} {seconds:>9} {bubble:>7}  {verdict}")
+        lines.append(f"{layout.mesh_label():<{width}} {batch:>11} {mode:>10} {memory:>12} {seconds:>9} {bubble:>7}  "
+                     f"{verdict}")
     if len(rows) > limit:
         lines.append(f"... {len(rows) - limit} more layout(s)")
     lines.append("")
@@ -578,12 +598,11 @@ def describe(best: Candidate, candidates: list[Candidate], limit: int = 20) -> l
 def why(best: Candidate, candidates: list[Candidate]) -> str:
     """One paragraph: what the winner costs, why the next best and the simpler layouts lost."""
     layout, time = best.layout, best.time
-    rows = [c for c in representatives(candidates) if c.layout.mesh() != layout.mesh()
-            or c.layout.virtual_stages != layout.virtual_stages]
+    rows = others(best, candidates)
     fitting = [c for c in rows if c.fits]
     costs = ", ".join(f"{name} {value:.3g} s" for name, value in time.terms().items() if value > 1e-3 * time.total)
     text = (f"Chosen: {layout.mesh_label()}, micro-batch {layout.micro_batch} x {layout.accumulation} per step, "
-            f"{layout.activation_checkpointing} activation checkpointing: peak {gib(best.memory)} per process "
+            f"{_checkpointing(layout)}: peak {gib(best.memory)} per process "
             f"({best.phase}), predicted {time.total:.3g} s per step ({costs}). "
             f"{len(fitting) + 1} of {len(rows) + 1} layouts fit.")
     faster = [c for c in fitting if c.time.total < time.total]
@@ -610,10 +629,15 @@ def why(best: Candidate, candidates: list[Candidate]) -> str:
     return text
 
 
+def _checkpointing(layout: Layout) -> str:
+    mode = layout.activation_checkpointing
+    return "no activation checkpointing" if mode == "none" else f"{mode} activation checkpointing"
+
+
 def _versus(other: Candidate, best: Candidate) -> str:
     """``other``'s time against ``best``'s and the term that makes most of the difference."""
     theirs, ours = other.time.terms(), best.time.terms()
     name = max(theirs, key=lambda term: theirs[term] - ours[term])
-    return (f"{other.layout.mesh_label()} ({other.layout.activation_checkpointing} checkpointing), takes "
+    return (f"{other.layout.mesh_label()} ({_checkpointing(other.layout)}), takes "
             f"{other.time.total:.3g} s (+{other.time.total / best.time.total - 1:.0%}): {name} "
             f"{theirs[name]:.3g} s against {ours[name]:.3g} s")
