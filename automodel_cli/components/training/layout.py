@@ -26,6 +26,13 @@ What the wiring session must do:
   ``train.activation_checkpointing``, and the pp/cp keys the other components define; the
   global batch is ``micro_batch x accumulation x dp_replicate x dp_shard``.
 
+What the model predicts today, worth knowing before trusting it: Llama 3.1 8B at 32k context on
+2 x 8 H100 gets ``dp_replicate=2 x cp=8`` without checkpointing (cp alone brings the activations
+under the margin); Qwen3-30B-A3B on 2 x 8 gets ``dp_shard=16 x ep=8`` over the dimensions that
+exist, but ``pp=16`` once pp is allowed (no data-parallel traffic at all, and every matmul is
+charged the same efficiency, so small per-stage matmuls and uneven expert routing cost nothing
+here). Calibrating ``GPU_EFFICIENCY`` per shape against ``automodel benchmark`` is the next step.
+
 Assumptions (each is an approximation, named where it is made):
 
 * Mesh order, outermost first: ``pp, dp_replicate, dp_shard, cp, tp`` (torchtitan's). ``tp`` is
@@ -162,11 +169,12 @@ class Hardware:
 GPU_EFFICIENCY = 0.4
 #: NVLink 4 (H100/H200 SXM): 900 GB/s bidirectional, ~450 GB/s per direction.
 NVLINK_BANDWIDTH = 450e9
-#: One 400 Gb/s InfiniBand NIC per GPU (DGX/HGX H100 reference design: 8 x 400 Gb/s per node).
+#: One 400 Gb/s InfiniBand NIC per GPU (DGX/HGX H100 reference design: 8 x 400 Gb/s per node); a
+#: node with 4 x 400 Gb/s gives each of its 8 GPUs 25e9.
 INFINIBAND_BANDWIDTH = 50e9
-#: What torch reports as the total memory of an H100 SXM (80 GB) and an H200 SXM (141 GB).
-H100_MEMORY = int(79.1 * GIB)
-H200_MEMORY = int(139.7 * GIB)
+#: The memory nvidia-smi reports for an H100 SXM (80 GB: 81559 MiB) and an H200 SXM (141 GB: 143771 MiB).
+H100_MEMORY = 81559 * 2**20
+H200_MEMORY = 143771 * 2**20
 
 
 def _peak(name: str) -> float:
