@@ -49,13 +49,14 @@ FOUR_PROCESS = [
 ]
 
 
-def _launch(nproc: int, scenarios: list[str], out: Path) -> dict:
+def _launch(nproc: int, scenarios: list[str], out: Path, worker: Path = WORKER) -> dict:
+    """Run ``worker OUT SCENARIO...`` under torchrun on ``nproc`` CPU processes; its JSON."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(WORKER), str(out), *scenarios]
+           f"--nproc-per-node={nproc}", str(worker), str(out), *scenarios]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
