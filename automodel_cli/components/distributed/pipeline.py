@@ -241,7 +241,7 @@ def build_stage_module(model: Any, stage_index: int, num_stages: int, layer_rang
     """
     import torch.nn as nn
 
-    prefix, stack = structure.decoder_stack(model)
+    _, stack = structure.decoder_stack(model)
     total = len(stack.layers)
     if not (0 <= stage_index < num_stages):
         raise UserError(f"Pipeline stage {stage_index} does not exist in a pipeline of {num_stages} stages.",
