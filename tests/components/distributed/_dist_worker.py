@@ -66,11 +66,12 @@ SCENARIOS = {
 }
 
 
-def make_model(arch: str):
+def make_model(arch: str, **overrides):
     from transformers import AutoModelForCausalLM
 
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    common.update(overrides)
     if arch == "llama":
         from transformers import LlamaConfig
         config = LlamaConfig(**common)

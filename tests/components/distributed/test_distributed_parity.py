@@ -50,6 +50,7 @@ FOUR_PROCESS = [
 
 
 def _launch(nproc: int, scenarios: list[str], out: Path, worker: Path = WORKER) -> dict:
+    """Run ``worker OUT SCENARIO...`` under torchrun on ``nproc`` CPU processes; its JSON."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
