@@ -258,19 +258,24 @@ def refuse_unsupported(model: Any) -> None:
     from automodel_cli.components.models.structure import text_config, unwrap
 
     config = text_config(unwrap(model).config)
-    layer_types = getattr(config, "layer_types", None) or ()
+    problem = unsupported_problem(config.to_dict())
+    if problem:
+        raise UserError(problem, "Use cp=1 for this model (data, tensor or sequence parallelism still apply).")
+
+
+def unsupported_problem(config: dict[str, Any]) -> str | None:
+    """Why context parallelism cannot run the model of ``config`` (a config.json dict, its text
+    part for a multimodal model), or None. Pure: the checks before launch call it too."""
+    layer_types = config.get("layer_types") or ()
     reasons = []
-    if "sliding_attention" in layer_types or (getattr(config, "use_sliding_window", False)
-                                              and getattr(config, "sliding_window", None)):
+    if "sliding_attention" in layer_types or (config.get("use_sliding_window") and config.get("sliding_window")):
         reasons.append("sliding-window attention layers")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
+    if config.get("attn_logit_softcapping") is not None:
         reasons.append("attention logit soft-capping")
-    if reasons:
-        raise UserError(
-            f"Context parallelism cannot run {getattr(config, 'model_type', 'this model')}: it has "
-            f"{' and '.join(reasons)}, which the context-parallel attention does not implement.",
-            "Use cp=1 for this model (data, tensor or sequence parallelism still apply).",
-        )
+    if not reasons:
+        return None
+    return (f"Context parallelism cannot run {config.get('model_type', 'this model')}: it has "
+            f"{' and '.join(reasons)}, which the context-parallel attention does not implement.")
 
 
 def register_attention() -> None:

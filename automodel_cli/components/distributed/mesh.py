@@ -117,6 +117,12 @@ class MeshShape:
                 f"distributed.dp_shard=-1 to use the rest: {_suggest(world_size, tp, cp)}), or "
                 f"launch {fixed * dp_shard} processes.",
             )
+        if ep > 1 and cp > 1:
+            raise UserError(
+                f"distributed.ep={ep} and distributed.cp={cp} cannot be combined ({given}, {world_size} "
+                "process(es)): expert parallelism does not run under context parallelism.",
+                "Set distributed.cp=1 for expert parallelism, or distributed.ep=1 to split sequences.",
+            )
         if not isinstance(ep, int) or ep < 1 or dp_shard % ep:
             divisors = [d for d in range(1, dp_shard + 1) if dp_shard % d == 0]
             raise UserError(
@@ -124,12 +130,6 @@ class MeshShape:
                 f"{world_size} process(es)): expert-parallel groups are made of dp_shard ranks.",
                 f"Choose distributed.ep from {', '.join(map(str, divisors))} (it must also divide the model's "
                 f"number of experts), or launch more processes.",
-            )
-        if ep > 1 and cp > 1:
-            raise UserError(
-                f"distributed.ep={ep} and distributed.cp={cp} cannot be combined ({given}, {world_size} "
-                "process(es)): expert parallelism does not run under context parallelism.",
-                "Set distributed.cp=1 for expert parallelism, or distributed.ep=1 to split sequences.",
             )
         return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep, cp=cp)
 
