@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 5
 COMMON = (f"train.max_steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2",
-          "train.eval_every_steps=null", "data.eval_split=null", "logging.progress=false", "model.dtype=float32")
+          "train.eval_every_steps=null", "logging.progress=false", "model.dtype=float32")
 ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 #: Relative: five optimizer steps feed each step's rounding differences (cp ranks sum their parts
 #: of the loss and gradients in another order than one process) into the next; a token trained
@@ -83,6 +83,7 @@ def test_cp_with_dp_shard_reads_half_the_samples_per_rank(runs):
     assert "dp_shard=2 x cp=2" in runs["finetune", "cp2x2"][1].stdout
     assert "on each of 2 data-parallel rank(s)" in runs["finetune", "cp2x2"][1].stdout
     assert "eval_loss" in curve(runs["pretrain", "cp2"][0])[1]  # validated at step 2, on whole blocks
+    assert "eval_loss" in curve(runs["finetune", "cp2"][0])[-1]  # and finetune after the last step
 
 
 @pytest.mark.parametrize("args, message", [

@@ -63,9 +63,8 @@ class MeshShape:
         return self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     def as_dict(self) -> dict[str, int]:
-        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
-        if self.cp > 1:
-            sizes["cp"] = self.cp
+        context = {"cp": self.cp} if self.cp > 1 else {}
+        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, **context, "tp": self.tp}
         return {**sizes, "ep": self.ep} if self.ep > 1 else sizes
 
     def describe(self) -> str:
