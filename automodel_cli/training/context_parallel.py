@@ -3,8 +3,9 @@
 The component (``components/distributed/context_parallel.py``) splits one batch over the cp
 group and attends across the split; here a run uses it:
 
-* ``pad_multiple``: batches are padded to a multiple of ``2 * cp`` (the zig-zag chunks), of
-  ``lcm(2 * cp, tp)`` under sequence parallelism;
+* ``pad_multiple``: batches are padded to a multiple of ``2 * cp`` (the zig-zag chunks); under
+  sequence parallelism each rank's ``T / cp`` tokens are split again over tp, so of
+  ``lcm(2 * cp, cp * tp)``;
 * ``micro_batch_loss``: this rank's part of a micro-batch's loss. The collated batch (labels in
   the Hugging Face layout) is shifted over the whole row, then split; the loss gets the local
   ``targets`` already shifted (``training_loss(..., shifted=True)``) and is normalised by the
@@ -29,9 +30,8 @@ CP_RECIPES = ("finetune", "pretrain")
 
 def pad_multiple(cp: int, tp: int, sequence_parallel: bool) -> int | None:
     """The multiple every batch's sequence length is padded to (None: no constraint)."""
-    multiple = tp if sequence_parallel and tp > 1 else 1
-    if cp > 1:
-        multiple = math.lcm(2 * cp, multiple)
+    split = tp if sequence_parallel and tp > 1 else 1
+    multiple = math.lcm(2 * cp, cp * split) if cp > 1 else split
     return multiple if multiple > 1 else None
 
 

@@ -66,7 +66,7 @@ def test_expert_parallelism_with_cp_is_refused():
 
 @pytest.mark.parametrize(("cp", "tp", "sp", "expected"), [
     (1, 1, False, None), (1, 2, True, 2), (2, 1, False, 4), (3, 1, False, 6), (2, 2, True, 4),
-    (2, 3, True, 12), (2, 3, False, 4),
+    (2, 3, True, 12), (2, 3, False, 4), (2, 4, True, 8),  # a rank's 8 / 2 tokens split over tp=4
 ])
 def test_batches_pad_to_the_chunks_and_the_sequence_parallel_group(cp, tp, sp, expected):
     assert pad_multiple(cp, tp, sp) == expected
