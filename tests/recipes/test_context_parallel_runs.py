@@ -2,7 +2,8 @@
 torchrun, gloo on CPU) on the demo model.
 
 One module-scoped set of runs, to pay each torchrun start once: cp=2 on 2 processes and cp=2 x
-dp_shard=2 on 4, unpacked and packed, log the single process's loss and grad norm step by step;
+dp_shard=2 on 4, unpacked and packed, cp=2 x tp=2 with sequence parallelism and LoRA with cp=2 log
+the single process's loss, grad norm and validation loss step by step;
 pretrain with cp=2 logs the single process's curve and validation (run on whole blocks). cp values
 that cannot work stop before torchrun with exit code 2 and one message.
 """
@@ -32,7 +33,10 @@ COMPARED = ("loss", "grad_norm", "eval_loss")
 
 RUNS = {
     "finetune": {"single": (), "cp2": ("--nproc-per-node", "2", "distributed.cp=2"),
-                 "cp2x2": ("--nproc-per-node", "4", "distributed.cp=2")},
+                 "cp2x2": ("--nproc-per-node", "4", "distributed.cp=2"),
+                 "cp2tp2": ("--nproc-per-node", "4", "distributed.cp=2", "distributed.tp=2",
+                            "distributed.sequence_parallel=true")},
+    "finetune-lora": {"single": ("--peft", "lora"), "cp2": ("--nproc-per-node", "2", "distributed.cp=2", "--peft", "lora")},
     "finetune-packed": {"single": ("data.packing=true",),
                         "cp2": ("--nproc-per-node", "2", "distributed.cp=2", "data.packing=true"),
                         "cp2x2": ("--nproc-per-node", "4", "distributed.cp=2", "data.packing=true")},
