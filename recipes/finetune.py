@@ -38,7 +38,7 @@ def run(context: Any) -> int:
         vision = is_vision_language(load_config(cfg.model))
         tokenizer = load_tokenizer(cfg.model, processor=vision)
         data = (prepare_vlm_data if vision else prepare_sft_data)(
-            cfg, tokenizer, run.registries, run.say, pad_to_multiple_of=run.shape.tp if run.sequence_parallel else None)
+            cfg, tokenizer, run.registries, run.say, pad_to_multiple_of=run.pad_multiple)
 
         # 3. Model, adapters, parallelism: built empty, then each process's shards are loaded.
         model = run.load_model(tokenizer)

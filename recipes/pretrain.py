@@ -28,7 +28,7 @@ RECIPE = "pretrain"
 def run(context: Any) -> int:
     import torch
 
-    from automodel_cli.components.loss.head import training_loss
+    from automodel_cli.training.context_parallel import micro_batch_loss, whole_sequences
     from automodel_cli.components.models.loading import load_config, load_tokenizer
     from automodel_cli.training.run import StepOutput, TrainingRun
     from automodel_cli.training.text_data import prepare_text_data
@@ -64,7 +64,8 @@ def run(context: Any) -> int:
         data.restore(state, run.start_step)
 
         def validate() -> dict[str, float] | None:  # loss and perplexity on the validation blocks
-            return data.validate(model, run.precision, eval_batch_size, cfg.train.eval_batches)
+            with whole_sequences(model, run.cp_size):  # every rank evaluates the same whole blocks
+                return data.validate(model, run.precision, eval_batch_size, cfg.train.eval_batches)
 
         def step(index: int) -> StepOutput:
             """One optimizer step's forward and backward passes on this rank's blocks."""
@@ -75,8 +76,8 @@ def run(context: Any) -> int:
             loss_sum = torch.zeros((), device=run.precision.device)
             for group in groups[run.dp_index::run.dp_size]:
                 batch = data.collate(group)
-                loss = training_loss(model, data.model_inputs(batch, run.precision.device), batch["labels"],
-                                     label_tokens, run.loss_spec, run.precision.autocast)
+                loss = micro_batch_loss(run, model, data.model_inputs(batch, run.precision.device), batch["labels"],
+                                        label_tokens)
                 loss.backward()
                 loss_sum += loss.detach()
             return StepOutput({"loss": loss_sum}, tokens=len(blocks) * block_size,
@@ -112,15 +113,19 @@ def check_pretrain_settings(cfg: Any) -> None:
 
 
 def check_text_settings(run: Any, tokenizer: Any, architecture: Any, block_size: int) -> None:
-    """Blocks fit the model and split evenly over a sequence-parallel group; the tokenizer fits
-    the vocabulary."""
+    """Blocks fit the model and split evenly over a sequence- or context-parallel group; the
+    tokenizer fits the vocabulary."""
     from automodel_cli.training.text_data import check_block_size
 
     check_block_size(block_size, architecture)
-    if run.sequence_parallel and block_size % run.shape.tp:
-        raise UserError(f"Sequence parallelism splits every block over tp={run.shape.tp} ranks, but "
-                        f"data.max_length={block_size} is not a multiple of {run.shape.tp}.",
-                        f"Set data.max_length to a multiple of {run.shape.tp}.")
+    multiple = run.pad_multiple
+    if multiple and block_size % multiple:
+        groups = " and ".join(part for part, on in (
+            (f"sequence parallelism over tp={run.shape.tp} ranks", run.sequence_parallel),
+            (f"context parallelism into {2 * run.shape.cp} chunks (cp={run.shape.cp})", run.shape.cp > 1)) if on)
+        raise UserError(f"{groups[0].upper()}{groups[1:]} splits every block, but "
+                        f"data.max_length={block_size} is not a multiple of {multiple}.",
+                        f"Set data.max_length to a multiple of {multiple} (e.g. {-(-block_size // multiple) * multiple}).")
     if len(tokenizer) > architecture.vocab_size:
         raise UserError(
             f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {architecture.vocab_size}.",

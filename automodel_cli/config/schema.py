@@ -193,6 +193,7 @@ CORE: dict[str, dict[str, Key] | Key] = {
         "dp_shard": _k(int, -1, "FSDP2 shard group size (-1: whatever remains of the world size).",
                        check=_dp_shard_problem, check_doc="-1 or >= 1"),
         "tp": _k(int, 1, "Tensor-parallel degree (plans from the parallel-plan registry, by model_type).", ge=1),
+        "cp": _k(int, 1, "Context-parallel degree: each sequence is split over cp ranks that read the same samples (zig-zag load balancing, exact attention across the split); world size = dp_replicate x dp_shard x cp x tp; docs/distributed.md.", ge=1),
         "ep": _k(int, 1, "Expert-parallel degree for mixture-of-experts models: each group of ep neighbouring dp_shard ranks splits every layer's experts ep ways (must divide dp_shard and the number of experts); docs/moe.md.", ge=1),
         "sequence_parallel": _k(bool, False, "Shard norms and dropout along the sequence inside the tensor-parallel group."),
     },

@@ -161,7 +161,7 @@ def setup_from_config(cfg: Any, recipe: str, shape: Any, target: Target, registr
         model_dtype=cfg.get("model.dtype") or "auto", peft=cfg.get("peft.method") or "none",
         lora_rank=int(cfg.get("peft.rank") or 8),
         lora_targets=targets if isinstance(targets, str) else tuple(targets),
-        dp_replicate=shape.dp_replicate, dp_shard=shape.dp_shard, tp=shape.tp,
+        dp_replicate=shape.dp_replicate, dp_shard=shape.dp_shard, tp=shape.tp, cp=getattr(shape, "cp", 1),
         ep=int(cfg.get("distributed.ep") or 1),
         sequence_parallel=bool(cfg.get("distributed.sequence_parallel")) and shape.tp > 1,
         activation_checkpointing=str(plans.checkpointing_mode(cfg.get("train.activation_checkpointing"))),

@@ -76,6 +76,10 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     model.train()
     if cfg.train.compile and not distributed:
         compile_decoder_layers(model, cfg.train.compile_backend)
+    if getattr(shape, "cp", 1) > 1:  # before FSDP wraps it: every layer attends across the cp group
+        from automodel_cli.components.distributed.context_parallel import use_context_parallel_attention
+
+        use_context_parallel_attention(model)
     if distributed:
         model = parallelize_model(
             model, mesh, plan_registry=registries.parallel_plans, tp=shape.tp,

@@ -69,7 +69,9 @@ class TrainingRun:
 
     Attributes a recipe uses: ``cfg`` (the resolved config), ``registries``, ``env`` (rank,
     world size, device), ``shape`` and ``mesh`` (the device mesh, None on one process),
-    ``dp_size``/``dp_index`` (data-parallel size and this rank's index), ``precision``
+    ``dp_size``/``dp_index`` (data-parallel size and this rank's index), ``cp_size``/``cp_rank``/
+    ``cp_group`` (context parallelism; ``training/context_parallel.py``), ``pad_multiple`` (what
+    batches are padded to a multiple of, or None), ``precision``
     (device, dtypes, ``autocast()``), ``loss_spec`` (``loss.name``'s ``LossSpec``, ready for
     ``training_loss``),
     ``sequence_parallel``, ``output_dir`` (a ``Path``; None with ``output=False``), ``say``
@@ -81,20 +83,27 @@ class TrainingRun:
     """
 
     def __init__(self, context: Any, *, output: bool = True, stream: TextIO | None = None):
-        from automodel_cli.training import loop, memory_plan
+        from automodel_cli.components.distributed import mesh as meshes
+        from automodel_cli.training import context_parallel, loop, memory_plan
 
         self.context = context
         self.cfg = context.config
         self.registries = context.registries
         # Processes and mesh sizes first: checked before anything is read or written.
         self.env, self.shape, self.say = loop.processes(self.cfg, stream)
+        context_parallel.check_recipe(context.recipe, self.shape.cp)
         self.output_dir: Path | None = loop.claim_output_dir(self.cfg, context.recipe, self.env) if output else None
         self.mesh, self.dp_size, self.dp_index = loop.data_parallel(self.shape, self.env)
+        # Context parallelism: cp peers share dp_index and split each sequence's tokens.
+        self.cp_size, self.cp_rank, self.cp_group = (meshes.cp_size(self.mesh), meshes.cp_rank(self.mesh),
+                                                     meshes.cp_group(self.mesh))
         # A kernel loss that cannot run here (package or GPU missing) stops the run now.
         self.loss_spec = loop.build_loss(self.cfg, self.registries, self.env.device)
         # The same seed on every rank: identical initial weights.
         self.precision = loop.seeded_precision(self.cfg, self.env, self.dp_size)
         self.sequence_parallel = bool(self.cfg.distributed.sequence_parallel and self.shape.tp > 1)
+        #: every batch's sequence length is padded to a multiple of this (sequence/context parallelism)
+        self.pad_multiple = context_parallel.pad_multiple(self.shape.cp, self.shape.tp, self.sequence_parallel)
         memory_plan.say_plan(self)  # the memory plan: the first lines of a run
         self.model: Any = None
         self.base_path: Any = None  # where an adapter's base weights live (load_model)
@@ -270,7 +279,7 @@ class TrainingRun:
                 elapsed = time.perf_counter() - started
                 sums = {**out.sums, **(routed.sums if routed is not None else {})}
                 names = list(sums)
-                values = meshes.all_reduce_dp(torch.stack([sums[n].detach().float() for n in names]),
+                values = meshes.all_reduce_loss(torch.stack([sums[n].detach().float() for n in names]),
                                               self.mesh).tolist()
                 metrics = {"step": step, **dict(zip(names, values))}
                 histograms = self._router_metrics(routed, metrics) if routed is not None else None

@@ -193,12 +193,12 @@ def sft_step(run: Any, model: Any, data: SFTData, plan: Any,
     """The step function of supervised fine-tuning, for ``TrainingRun.train``: the step's samples
     (``plan``, a ``StepPlan``), cut into micro-batches of similar length; this rank takes its
     share, computes ``run.loss_spec`` on each (normalised by the step's trained tokens over all
-    ranks) and backpropagates. ``extra_metrics(index)`` adds the recipe's own numbers to the
+    ranks; with context parallelism on this rank's part of each sequence) and backpropagates. ``extra_metrics(index)`` adds the recipe's own numbers to the
     step's metrics (called after the step's backward passes)."""
     import torch
 
-    from automodel_cli.components.loss.head import training_loss
     from automodel_cli.components.training import steps as step_math
+    from automodel_cli.training.context_parallel import micro_batch_loss
     from automodel_cli.training.run import StepOutput
 
     micro_batch_size = run.cfg.train.micro_batch_size
@@ -210,8 +210,8 @@ def sft_step(run: Any, model: Any, data: SFTData, plan: Any,
         loss_sum = torch.zeros((), device=run.precision.device)
         for group in groups[run.dp_index::run.dp_size]:  # this rank's share of the step
             batch = data.collate([data.train[i] for i in group])
-            loss = training_loss(model, model_inputs(batch, run.precision.device), batch["labels"], label_tokens,
-                                 run.loss_spec, run.precision.autocast)
+            loss = micro_batch_loss(run, model, model_inputs(batch, run.precision.device), batch["labels"],
+                                    label_tokens)
             loss.backward()
             loss_sum += loss.detach()
         metrics = {"label_tokens": label_tokens, **(extra_metrics(index) if extra_metrics else {}),
@@ -224,8 +224,10 @@ def sft_step(run: Any, model: Any, data: SFTData, plan: Any,
 def sft_validation(run: Any, model: Any, data: SFTData) -> Callable[[], dict[str, float] | None]:
     """Validation for ``TrainingRun.train``: loss, exact match and token accuracy on the held-out
     samples (``train.eval_batches`` batches of 4 micro-batches' size at most); None without
-    validation data. Every rank evaluates the same batches (sharded forwards are collective)."""
+    validation data. Every rank evaluates the same batches (sharded forwards are collective),
+    whole: with context parallelism too (``whole_sequences``)."""
     from automodel_cli.components.training.evaluation import evaluate
+    from automodel_cli.training.context_parallel import whole_sequences
 
     def forward(model_: Any, batch: dict[str, Any]) -> Any:
         with run.precision.autocast():
@@ -235,6 +237,7 @@ def sft_validation(run: Any, model: Any, data: SFTData) -> Callable[[], dict[str
         if not data.eval:
             return None
         cfg = run.cfg
-        return evaluate(model, data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches), forward)
+        with whole_sequences(model, run.cp_size):
+            return evaluate(model, data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches), forward)
 
     return validate

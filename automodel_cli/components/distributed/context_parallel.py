@@ -1,7 +1,7 @@
 """Context parallelism: one sequence split over ``cp`` ranks, attention exact across the split.
 
-Developer note (the component exists; nothing in the mesh, config, recipes or CLI uses it yet)
--------------------------------------------------------------------------------------------------
+``distributed.cp`` (docs/distributed.md, "Context parallelism") runs it in finetune and pretrain.
+
 Supported here, proven against one process by ``tests/components/distributed/test_context_parallel.py``
 (real torchrun + gloo, tiny Llama and Qwen3 with grouped-query attention, packed and unpacked):
 
@@ -24,34 +24,26 @@ attention biases (Gemma 2/3, Mistral-style windows), vision-language batches. Me
 holds the keys/values of the whole sequence for one layer at a time and a ``[B, T/cp, T]`` boolean
 mask per batch; a ring exchange (torch's ``context_parallel``) would lower the former if needed.
 
-What the wiring session must do:
+How a run uses it (``components/distributed/mesh.py``, ``training/context_parallel.py``):
 
-1. Mesh: a ``cp`` dimension (between dp_shard and tp) whose ranks see the same samples. For
-   parameters, fold cp into the FSDP shard group (``fully_shard`` over ``dp_shard x cp``): cp
-   peers train the same weights on different tokens, so their gradients must be SUMMED, which the
-   existing sum reduction does once cp is part of the shard group.
-2. Data: cp peers read the same samples (the data-parallel index is ``dp_rank`` without cp); pad
-   every batch to a multiple of ``2 * cp`` (``SFTCollator(pad_to_multiple_of=...)``, like sequence
-   parallelism does; with tp+sp the multiple is ``lcm(2 * cp, tp)``), then ``shard_batch`` with
-   the cp group. Packed batches work flattened or not (the mask is built per row).
-3. Loss: the batch's ``targets`` are already shifted, so the loss must NOT shift again: the loss
-   head (``components/loss/head.py``) shifts HF labels itself today; it needs a "targets given"
-   path (rows layout ``[N, V]`` with ``[N]`` targets, which every built-in loss accepts).
-   Normalise by the step's trained tokens counted ONCE per sample: either the collator's
-   ``num_label_tokens`` summed over dp only, or ``local_label_tokens(targets)`` summed over
-   ``dp x cp`` (the two are equal); summing the collator's count over dp x cp would count each
-   sample cp times. Logged loss: sum the per-rank values over dp x cp.
-4. Model: ``use_context_parallel_attention(model)`` before parallelising; call the model with
-   ``use_cache=False`` and the extra keyword ``cp_shard`` (it reaches the attention through the
-   model's ``**kwargs``, so activation checkpointing recomputes with it). Evaluation/generation
-   stay unsplit (``cp_shard`` absent is an error, so switch the implementation back to "sdpa" or
-   run evaluation sharded too and gather with ``gather_sequence``).
-5. Checks before launch: ``cp`` divides the world size with the other dims; refuse models with
-   sliding windows / soft-capping (``refuse_unsupported`` checks a loaded model; a config-level
-   check belongs in the pre-launch validation), VLM data, and ``data.max_length`` not a multiple
-   of ``2 * cp`` when packing.
-6. Memory plan: activations scale with ``T / cp`` except the gathered K/V of one layer
-   (``2 * T * kv_heads * head_dim`` values) and the mask (``B * T * T / cp`` bytes).
+1. Mesh: a ``cp`` dimension between dp_shard and tp whose ranks read the same samples
+   (``dp_rank`` excludes cp); FSDP shards over the flattened ``dp_shard x cp``, so the existing
+   sum reduction adds the cp peers' gradients.
+2. Data: every batch is padded to a multiple of ``2 * cp`` (``lcm(2 * cp, cp * tp)`` under
+   sequence parallelism, whose tp ranks split each rank's ``T / cp`` tokens again), then
+   ``shard_batch`` with the cp group.
+3. Loss: ``training_loss(..., shifted=True)`` takes the shard's ``targets`` as they are; each
+   rank normalises by the step's trained tokens counted once per sample, and the logged loss is
+   summed over dp x cp (``mesh.all_reduce_loss``).
+4. Model: ``use_context_parallel_attention`` before parallelising; validation switches back to
+   sdpa on whole batches (``training/context_parallel.whole_sequences``).
+5. Checks before launch (``components/launch/preflight.context_parallel_problems``): the recipe,
+   vision-language models and data, ``unsupported_problem`` on config.json, and
+   ``data.max_length`` for packed rows and pretrain blocks; ``MeshShape.resolve`` fits cp to the
+   world size and refuses it with ep.
+6. Memory plan: activations of ``T / cp`` tokens, plus every non-checkpointed layer's gathered
+   keys and values (repeated to the query heads, kept for SDPA's backward) and the
+   ``B * T * T / cp``-byte mask.
 """
 
 from __future__ import annotations
@@ -258,19 +250,24 @@ def refuse_unsupported(model: Any) -> None:
     from automodel_cli.components.models.structure import text_config, unwrap
 
     config = text_config(unwrap(model).config)
-    layer_types = getattr(config, "layer_types", None) or ()
+    problem = unsupported_problem(config.to_dict())
+    if problem:
+        raise UserError(problem, "Use cp=1 for this model (data, tensor or sequence parallelism still apply).")
+
+
+def unsupported_problem(config: dict[str, Any]) -> str | None:
+    """Why context parallelism cannot run the model of ``config`` (a config.json dict, its text
+    part for a multimodal model), or None. Pure: the checks before launch call it too."""
+    layer_types = config.get("layer_types") or ()
     reasons = []
-    if "sliding_attention" in layer_types or (getattr(config, "use_sliding_window", False)
-                                              and getattr(config, "sliding_window", None)):
+    if "sliding_attention" in layer_types or (config.get("use_sliding_window") and config.get("sliding_window")):
         reasons.append("sliding-window attention layers")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
+    if config.get("attn_logit_softcapping") is not None:
         reasons.append("attention logit soft-capping")
-    if reasons:
-        raise UserError(
-            f"Context parallelism cannot run {getattr(config, 'model_type', 'this model')}: it has "
-            f"{' and '.join(reasons)}, which the context-parallel attention does not implement.",
-            "Use cp=1 for this model (data, tensor or sequence parallelism still apply).",
-        )
+    if not reasons:
+        return None
+    return (f"Context parallelism cannot run {config.get('model_type', 'this model')}: it has "
+            f"{' and '.join(reasons)}, which the context-parallel attention does not implement.")
 
 
 def register_attention() -> None:

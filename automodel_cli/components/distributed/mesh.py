@@ -1,10 +1,14 @@
 """The device mesh: how the processes of a run split into data- and tensor-parallel groups.
 
-A run has ``world_size = dp_replicate x dp_shard x tp`` processes laid out on a 3-D
-``DeviceMesh`` with the dimension names ``("dp_replicate", "dp_shard", "tp")`` (tp innermost,
-so a tensor-parallel group sits on neighbouring ranks, i.e. inside one node):
+A run has ``world_size = dp_replicate x dp_shard x cp x tp`` processes laid out on a 4-D
+``DeviceMesh`` with the dimension names ``("dp_replicate", "dp_shard", "cp", "tp")`` (tp
+innermost, so a tensor-parallel group sits on neighbouring ranks, i.e. inside one node):
 
 * ``tp`` ranks hold slices of the same layers and must see the **same** data;
+* ``cp`` ranks (context parallelism) read the **same** samples and each trains a part of every
+  sequence's tokens (``context_parallel.py``); they train the same weights, so parameters are
+  sharded over ``dp_shard x cp`` (one flattened "dp_shard_cp" dimension) and their gradients
+  summed there;
 * ``dp_shard`` ranks shard parameters, gradients and optimizer state (FSDP2);
 * ``dp_replicate`` ranks hold replicas of those shards (HSDP when > 1, e.g. one replica per node).
 
@@ -16,9 +20,10 @@ group, over which expert gradients are summed (``expert_groups``). Every rank st
 data: ep changes where experts live, not which samples a rank trains on.
 
 The data-parallel coordinates that decide which samples a rank reads are ``dp_rank(mesh)`` and
-``dp_world_size(mesh)`` (replicate x shard, flattened). ``fsdp_mesh(mesh)`` is what
+``dp_world_size(mesh)`` (replicate x shard, flattened; cp excluded). ``fsdp_mesh(mesh)`` is what
 ``fully_shard`` receives (1-D for FSDP, 2-D for HSDP) and ``dp_mesh(mesh)`` a flattened 1-D
-"dp" mesh whose process group the recipe uses to sum label-token counts and losses.
+"dp" mesh whose process group sums counts that every cp rank holds whole; ``all_reduce_loss``
+sums per-rank losses over dp x cp (a cp rank's loss covers only its part of the tokens).
 """
 
 from __future__ import annotations
@@ -29,23 +34,25 @@ from typing import Any
 from automodel_cli.components.models.structure import num_experts
 from automodel_cli.errors import UserError
 
-DIM_NAMES = ("dp_replicate", "dp_shard", "tp")
+DIM_NAMES = ("dp_replicate", "dp_shard", "cp", "tp")
 
-#: flattened dp meshes, keyed by id() of their root mesh (built once, collectively).
-_DP_MESHES: dict[int, tuple[Any, Any]] = {}
+#: flattened dp meshes and dp x cp process groups, keyed by id() of their root mesh (built once,
+#: collectively).
+_DP_MESHES: dict[int, tuple[Any, Any, Any]] = {}
 #: expert-parallel groups, keyed by (id() of their root mesh, ep).
 _EP_GROUPS: dict[tuple[int, int], tuple[Any, Any]] = {}
 
 
 @dataclass(frozen=True)
 class MeshShape:
-    """Sizes of the three mesh dimensions; their product is the number of processes. ``ep``
+    """Sizes of the four mesh dimensions; their product is the number of processes. ``ep``
     (expert parallelism) divides ``dp_shard``: it groups dp_shard ranks, it adds no dimension."""
 
     dp_replicate: int
     dp_shard: int
     tp: int
     ep: int = 1
+    cp: int = 1
 
     @property
     def dp_size(self) -> int:
@@ -53,30 +60,33 @@ class MeshShape:
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     def as_dict(self) -> dict[str, int]:
-        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp}
+        context = {"cp": self.cp} if self.cp > 1 else {}
+        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, **context, "tp": self.tp}
         return {**sizes, "ep": self.ep} if self.ep > 1 else sizes
 
     def describe(self) -> str:
         experts = f" (experts split ep={self.ep} ways inside dp_shard)" if self.ep > 1 else ""
-        return (f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} "
+        context = f" x cp={self.cp}" if self.cp > 1 else ""
+        return (f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard}{context} x tp={self.tp} "
                 f"= {self.world_size} process(es){experts}")
 
     @classmethod
     def resolve(cls, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1,
-                world_size: int = 1, ep: int = 1) -> MeshShape:
+                world_size: int = 1, ep: int = 1, *, cp: int = 1) -> MeshShape:
         """Check the configured sizes against ``world_size``; ``dp_shard=-1`` takes the rest;
-        ``ep`` must divide the resulting dp_shard.
+        ``ep`` must divide the resulting dp_shard; ``cp`` (context parallelism) multiplies the
+        world size like tp and does not combine with ep.
 
         Every problem is a ``UserError`` that names all the numbers and a setting that works.
         """
         given = (f"distributed.dp_replicate={dp_replicate}, distributed.dp_shard={dp_shard}, "
-                 f"distributed.tp={tp}")
+                 + (f"distributed.cp={cp}, " if cp != 1 else "") + f"distributed.tp={tp}")
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-        bad = [f"{name}={value}" for name, value in (("dp_replicate", dp_replicate), ("tp", tp))
+        bad = [f"{name}={value}" for name, value in (("dp_replicate", dp_replicate), ("cp", cp), ("tp", tp))
                if not isinstance(value, int) or value < 1]
         if not isinstance(dp_shard, int) or (dp_shard < 1 and dp_shard != -1):
             bad.append(f"dp_shard={dp_shard}")
@@ -85,23 +95,32 @@ class MeshShape:
                 f"Mesh sizes must be positive integers ({given}; bad: {', '.join(bad)}).",
                 "Use 1 or more for each; dp_shard=-1 means 'all remaining processes'.",
             )
-        fixed = dp_replicate * tp
+        fixed = dp_replicate * cp * tp
+        fixed_names = "dp_replicate x cp x tp" if cp != 1 else "dp_replicate x tp"
+        fixed_values = f"{dp_replicate} x {cp} x {tp}" if cp != 1 else f"{dp_replicate} x {tp}"
+        all_names = "dp_replicate x dp_shard x cp x tp" if cp != 1 else "dp_replicate x dp_shard x tp"
         if dp_shard == -1:
             if world_size % fixed:
                 raise UserError(
-                    f"{given} does not fit {world_size} process(es): dp_replicate x tp = "
-                    f"{dp_replicate} x {tp} = {fixed} does not divide {world_size}.",
-                    f"Choose dp_replicate and tp whose product divides {world_size} "
-                    f"(e.g. {_suggest(world_size, tp)}), or change the number of processes.",
+                    f"{given} does not fit {world_size} process(es): {fixed_names} = "
+                    f"{fixed_values} = {fixed} does not divide {world_size}.",
+                    f"Choose {fixed_names.replace(' x ', ', ')} whose product divides {world_size} "
+                    f"(e.g. {_suggest(world_size, tp, cp)}), or change the number of processes.",
                 )
             dp_shard = world_size // fixed
         elif fixed * dp_shard != world_size:
             raise UserError(
                 f"{given} multiply to {fixed * dp_shard} processes, but the run has "
                 f"{world_size}.",
-                f"Make dp_replicate x dp_shard x tp equal {world_size} (e.g. set "
-                f"distributed.dp_shard=-1 to use the rest: {_suggest(world_size, tp)}), or "
+                f"Make {all_names} equal {world_size} (e.g. set "
+                f"distributed.dp_shard=-1 to use the rest: {_suggest(world_size, tp, cp)}), or "
                 f"launch {fixed * dp_shard} processes.",
+            )
+        if ep > 1 and cp > 1:
+            raise UserError(
+                f"distributed.ep={ep} and distributed.cp={cp} cannot be combined ({given}, {world_size} "
+                "process(es)): expert parallelism does not run under context parallelism.",
+                "Set distributed.cp=1 for expert parallelism, or distributed.ep=1 to split sequences.",
             )
         if not isinstance(ep, int) or ep < 1 or dp_shard % ep:
             divisors = [d for d in range(1, dp_shard + 1) if dp_shard % d == 0]
@@ -111,17 +130,20 @@ class MeshShape:
                 f"Choose distributed.ep from {', '.join(map(str, divisors))} (it must also divide the model's "
                 f"number of experts), or launch more processes.",
             )
-        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep)
+        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep, cp=cp)
 
 
-def _suggest(world_size: int, tp: int) -> str:
+def _suggest(world_size: int, tp: int, cp: int = 1) -> str:
     t = tp if tp >= 1 and world_size % tp == 0 else 1
-    return f"dp_replicate=1, dp_shard={world_size // t}, tp={t}"
+    c = cp if cp >= 1 and (world_size // t) % cp == 0 else 1
+    context = f", cp={c}" if cp != 1 else ""
+    return f"dp_replicate=1, dp_shard={world_size // t // c}{context}, tp={t}"
 
 
 def build_mesh(shape: MeshShape, device_type: str) -> Any:
-    """The 3-D ``DeviceMesh`` for ``shape`` (collective: every rank calls it), or None for one
-    process. Also builds the flattened data-parallel mesh that ``dp_mesh`` returns."""
+    """The 4-D ``DeviceMesh`` for ``shape`` (collective: every rank calls it), or None for one
+    process. Also builds the flattened data-parallel mesh that ``dp_mesh`` returns, and with
+    cp > 1 the flattened "dp_shard_cp" dimension FSDP shards over."""
     if shape.world_size == 1:
         return None
     import torch.distributed as dist
@@ -135,23 +157,34 @@ def build_mesh(shape: MeshShape, device_type: str) -> Any:
             f"process(es).",
             "Resolve the shape with MeshShape.resolve(..., world_size=<launched processes>).",
         )
-    mesh = init_device_mesh(device_type, (shape.dp_replicate, shape.dp_shard, shape.tp),
+    mesh = init_device_mesh(device_type, (shape.dp_replicate, shape.dp_shard, shape.cp, shape.tp),
                             mesh_dim_names=DIM_NAMES)
+    if shape.cp > 1:  # FSDP shards over dp_shard x cp: a dimension of the same root mesh as tp
+        mesh["dp_shard", "cp"]._flatten(SHARD_CP)
     _build_dp_mesh(mesh)
     return mesh
 
 
+#: Name of the flattened (dp_shard, cp) dimension FSDP shards over when cp > 1.
+SHARD_CP = "dp_shard_cp"
+
+
 def _build_dp_mesh(mesh: Any) -> Any:
-    """Create one process group per tp coordinate spanning (dp_replicate, dp_shard): a flattened
-    "dp" mesh built with public APIs (``new_subgroups_by_enumeration`` + ``from_group``)."""
+    """Create one process group per (cp, tp) coordinate spanning (dp_replicate, dp_shard): a
+    flattened "dp" mesh built with public APIs (``new_subgroups_by_enumeration`` +
+    ``from_group``); with cp > 1 also one group per tp coordinate spanning dp x cp."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
-    ranks = mesh.mesh  # [dp_replicate, dp_shard, tp] tensor of global ranks
-    groups = [ranks[:, :, t].flatten().tolist() for t in range(ranks.shape[2])]
+    ranks = mesh.mesh  # [dp_replicate, dp_shard, cp, tp] tensor of global ranks
+    _, _, cps, tps = ranks.shape
+    groups = [ranks[:, :, c, t].flatten().tolist() for c in range(cps) for t in range(tps)]
     mine, _ = dist.new_subgroups_by_enumeration(groups)
     dp = DeviceMesh.from_group(mine, mesh.device_type, mesh_dim_names=("dp",))
-    _DP_MESHES[id(mesh)] = (mesh, dp)
+    with_cp = mine
+    if cps > 1:
+        with_cp, _ = dist.new_subgroups_by_enumeration([ranks[..., t].flatten().tolist() for t in range(tps)])
+    _DP_MESHES[id(mesh)] = (mesh, dp, with_cp)
     return dp
 
 
@@ -167,7 +200,7 @@ def expert_groups(mesh: Any, ep: int) -> tuple[Any, Any]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
-    ranks = mesh.mesh  # [dp_replicate, dp_shard, tp]
+    ranks = mesh.mesh[:, :, 0]  # [dp_replicate, dp_shard, tp] (MeshShape refuses ep with cp > 1)
     replicate, shard, tp = ranks.shape
     if shard % ep:
         raise ValueError(f"ep={ep} does not divide dp_shard={shard}")
@@ -227,6 +260,21 @@ def tp_size(mesh: Any) -> int:
     return 1 if mesh is None else _size(mesh, "tp")
 
 
+def cp_size(mesh: Any) -> int:
+    """Context-parallel degree: ranks that split the tokens of the same samples."""
+    return 1 if mesh is None else _size(mesh, "cp")
+
+
+def cp_rank(mesh: Any) -> int:
+    """This rank's place in its context-parallel group (0 without one)."""
+    return 0 if cp_size(mesh) == 1 else mesh.get_local_rank("cp")
+
+
+def cp_group(mesh: Any) -> Any:
+    """Process group of this rank's context-parallel peers (None without context parallelism)."""
+    return mesh["cp"].get_group() if cp_size(mesh) > 1 else None
+
+
 def tp_mesh(mesh: Any) -> Any:
     """The 1-D tensor-parallel sub-mesh, or None when there is no tensor parallelism."""
     return mesh["tp"] if tp_size(mesh) > 1 else None
@@ -234,12 +282,16 @@ def tp_mesh(mesh: Any) -> Any:
 
 def fsdp_mesh(mesh: Any) -> Any:
     """The mesh ``fully_shard`` gets: 1-D ``dp_shard`` (FSDP), 2-D ``(dp_replicate, dp_shard)``
-    (HSDP: shard inside, replicate across), or None when there is one data-parallel rank."""
-    if mesh is None or dp_world_size(mesh) == 1:
+    (HSDP: shard inside, replicate across), or None when there is one data-parallel rank and no
+    context parallelism. With cp > 1 the shard dimension is the flattened ``dp_shard x cp``: cp
+    peers train the same weights on different tokens, and FSDP's sum reduction adds their
+    gradients."""
+    if mesh is None or dp_world_size(mesh) * cp_size(mesh) == 1:
         return None
+    shard = SHARD_CP if cp_size(mesh) > 1 else "dp_shard"
     if _size(mesh, "dp_replicate") > 1:
-        return mesh["dp_replicate", "dp_shard"]
-    return mesh["dp_shard"]
+        return mesh["dp_replicate", shard]
+    return mesh[shard]
 
 
 def dp_mesh(mesh: Any) -> Any:
@@ -260,10 +312,23 @@ def dp_group(mesh: Any) -> Any:
 
 
 def all_reduce_dp(tensor: Any, mesh: Any) -> Any:
-    """Sum ``tensor`` in place over the data-parallel ranks (no-op without a mesh); returns it."""
+    """Sum ``tensor`` in place over the data-parallel ranks (no-op without a mesh); returns it.
+    For values every cp rank holds whole (a sample count); a loss is ``all_reduce_loss``'s."""
     if mesh is None or dp_world_size(mesh) == 1:
         return tensor
     import torch.distributed as dist
 
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=dp_group(mesh))
+    return tensor
+
+
+def all_reduce_loss(tensor: Any, mesh: Any) -> Any:
+    """Sum per-rank losses (or anything a cp rank holds a part of) in place over dp x cp; returns
+    it. Equals ``all_reduce_dp`` without context parallelism."""
+    if cp_size(mesh) == 1:
+        return all_reduce_dp(tensor, mesh)
+    import torch.distributed as dist
+
+    dp_mesh(mesh)  # checks the mesh came from build_mesh
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=_DP_MESHES[id(mesh)][2])
     return tensor

@@ -78,7 +78,7 @@ def job_problems(recipe: str, cfg: Any, spec: Any, launcher: Any,
             add(dotted, f"`{dotted}` is the local path `{shown}`, which does not exist on this machine; the "
                         f"{launcher.name} job's processes would fail on it. Check the path (relative paths "
                         f"resolve from {os.getcwd()}), or give a hub id.")
-    for dotted, message in parallel_problems(cfg, spec, plan_types):
+    for dotted, message in parallel_problems(cfg, spec, plan_types) + context_parallel_problems(recipe, cfg):
         add(dotted, message)
     gpus, warning = gpus_problem(cfg, spec, launcher)
     if gpus:
@@ -133,6 +133,47 @@ def parallel_problems(cfg: Any, spec: Any, plan_types: list[str] | None) -> list
                 found.append(("peft.moe_experts" if not named else "peft.target_modules",
                               f"{what}, but distributed.ep={ep} shards the experts, where LoRA cannot adapt "
                               "them. Leave the experts out (all-linear does with ep > 1) or set distributed.ep=1."))
+    return found
+
+
+def context_parallel_problems(recipe: str, cfg: Any) -> list[tuple[str, str]]:
+    """(key, message) for ``distributed.cp > 1`` where it cannot run: a recipe whose step does not
+    split sequences, a vision-language model or image-text data, a model with sliding-window
+    attention or logit soft-capping (from config.json, when at hand), and sequences that do not
+    cut into ``2 * cp`` chunks: ``data.max_length`` (pretrain blocks, packed rows) not a multiple
+    of what batches are padded to. Whether cp fits the world size is ``job_mesh``'s check."""
+    from automodel_cli.components.distributed.context_parallel import unsupported_problem
+    from automodel_cli.training.context_parallel import CP_RECIPES, pad_multiple
+
+    cp = cfg.get("distributed.cp") or 1
+    if not isinstance(cp, int) or cp <= 1:
+        return []
+    found: list[tuple[str, str]] = []
+    if recipe not in CP_RECIPES:
+        found.append(("distributed.cp", f"distributed.cp={cp} (context parallelism) is supported by "
+                                        f"{' and '.join(CP_RECIPES)}, not by `automodel {recipe}`. Set distributed.cp=1."))
+        return found
+    if cfg.get("data.name") == "vlm":
+        found.append(("distributed.cp", f"distributed.cp={cp} cannot split image-text batches (data.name=vlm): image "
+                                        "tokens cannot be cut by position. Set distributed.cp=1."))
+    config = offline_config(cfg)
+    if config is not None:
+        if config.get("vision_config") is not None:
+            found.append(("distributed.cp", f"distributed.cp={cp} does not run vision-language models "
+                                            f"({config.get('model_type', '?')}). Set distributed.cp=1."))
+        problem = unsupported_problem(config.get("text_config") or config)
+        if problem:
+            found.append(("distributed.cp", f"{problem} Set distributed.cp=1 for this model."))
+    tp = cfg.get("distributed.tp") or 1
+    multiple = pad_multiple(cp, tp, bool(cfg.get("distributed.sequence_parallel")) and tp > 1)
+    length = cfg.get("data.max_length")
+    cut = recipe == "pretrain" or cfg.get("data.packing")
+    if cut and isinstance(length, int) and multiple and length % multiple:
+        what = "pretrain blocks" if recipe == "pretrain" else "packed rows (data.packing=true)"
+        found.append(("data.max_length", f"distributed.cp={cp} cuts every sequence into {2 * cp} equal chunks, but "
+                                         f"data.max_length={length} ({what}) is not a multiple of {multiple}. Set "
+                                         f"data.max_length to a multiple of {multiple} (e.g. "
+                                         f"{-(-length // multiple) * multiple})."))
     return found
 
 

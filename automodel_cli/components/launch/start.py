@@ -76,7 +76,8 @@ def processes_per_node(cfg: Any) -> int:
 def job_mesh(cfg: Any, world_size: int) -> MeshShape:
     """The mesh must fit the job's processes: refuse before submitting, not on the cluster."""
     dist = cfg.distributed
-    return MeshShape.resolve(dist.dp_replicate, dist.dp_shard, dist.tp, world_size=world_size, ep=dist.ep)
+    return MeshShape.resolve(dist.dp_replicate, dist.dp_shard, dist.tp, world_size=world_size, ep=dist.ep,
+                              cp=dist.cp)
 
 
 def _launch_error(cfg: Any, dotted: str, message: str) -> UserError:

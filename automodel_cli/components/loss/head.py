@@ -63,12 +63,17 @@ def training_loss(
     num_label_tokens: int | Any,
     loss_spec: LossSpec | Callable[..., Any],
     autocast: Callable[[], Any] | None = None,
+    *,
+    shifted: bool = False,
 ) -> Any:
     """The loss of one micro-batch, with its autograd graph (call ``.backward()`` on it).
 
     ``inputs`` are the model's keyword inputs already on the model's device (``input_ids`` and
     ``attention_mask`` or ``position_ids``); ``labels`` are the HF-convention ``[B, T]`` labels
-    (any device); ``num_label_tokens`` the optimizer step's trained tokens (the normaliser);
+    (any device), or with ``shifted=True`` ``[B, T]`` targets already shifted (position ``t``
+    predicts ``labels[t]``: a context-parallel shard, whose last local token's target lies in
+    another rank's part, is never shifted again); ``num_label_tokens`` the optimizer step's
+    trained tokens (the normaliser);
     ``autocast`` a context-manager factory wrapped around the forward pass. ``loss_spec`` is the
     loss (``build_loss`` gives it with its options applied); a plain function is a logits loss.
 
@@ -80,28 +85,36 @@ def training_loss(
 
     with balance.router_terms(model, inputs, labels) as with_router_terms:
         return with_router_terms(_training_loss(model, inputs, labels, num_label_tokens, LossSpec.of(loss_spec),
-                                                autocast))
+                                                autocast, shifted))
 
 
 def _training_loss(model: Any, inputs: dict[str, Any], labels: Any, num_label_tokens: Any, spec: LossSpec,
-                   autocast: Callable[[], Any] | None) -> Any:
+                   autocast: Callable[[], Any] | None, shifted: bool = False) -> Any:
     autocast = autocast or contextlib.nullcontext
     head = fusable_head(model)[0] if spec.kind == "fused" or spec.rows else None
     if head is None:
-        return _full_logits_loss(model, inputs, labels, num_label_tokens, spec, autocast)
+        return _full_logits_loss(model, inputs, labels, num_label_tokens, spec, autocast, shifted)
 
     def compute(selected: Any, targets: Any, project: Callable[[Any], Any]) -> Any:
         if spec.kind == "fused":
             return spec.fn(selected, head.weight, targets, num_label_tokens, bias=head.bias)
         return spec.fn(project(selected), targets, num_label_tokens)
 
-    value, output = _loss_inside_forward(model, head, inputs, labels, compute, autocast)
+    value, output = _loss_inside_forward(model, head, inputs, labels, compute, autocast, shifted=shifted)
     if value is not None:
         return value
     if output is None:  # the model transformed its "logits": never fused again (see above)
-        return _full_logits_loss(model, inputs, labels, num_label_tokens, spec, autocast)
-    logits = output.logits
-    return spec.logits_fn(logits, labels.to(logits.device), num_label_tokens)
+        return _full_logits_loss(model, inputs, labels, num_label_tokens, spec, autocast, shifted)
+    return _logits_loss(spec, output.logits, labels, num_label_tokens, shifted)
+
+
+def _logits_loss(spec: LossSpec, logits: Any, labels: Any, num_label_tokens: Any, shifted: bool) -> Any:
+    """``spec``'s logits loss; already-shifted targets go in the rows layout (``[N, V]`` logits
+    with ``[N]`` targets), which every built-in loss takes as given."""
+    labels = labels.to(logits.device)
+    if shifted:
+        return spec.logits_fn(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), num_label_tokens)
+    return spec.logits_fn(logits, labels, num_label_tokens)
 
 
 def distillation_training_loss(
@@ -152,7 +165,8 @@ def distillation_training_loss(
 
 def _loss_inside_forward(model: Any, head: Any, inputs: dict[str, Any], labels: Any,
                          compute: Callable[[Any, Any, Any], Any], autocast: Callable[[], Any],
-                         returned: Callable[[Any], Any] = lambda value: value) -> tuple[Any, Any]:
+                         returned: Callable[[Any], Any] = lambda value: value,
+                         shifted: bool = False) -> tuple[Any, Any]:
     """Run ``model`` with its LM head's forward replaced by a probe that calls
     ``compute(hidden states of the trained positions [N, H], their targets [N], project)``, where
     ``project`` is the head's own forward (hidden states -> logits).
@@ -161,11 +175,12 @@ def _loss_inside_forward(model: Any, head: Any, inputs: dict[str, Any], labels: 
     not fuse or was never called (``output.logits`` are then the model's full logits), ``(None, None)``
     when the model changed what the head returned (nothing usable; computed again unfused). The
     last two are remembered for ``fusable_head``. ``returned(value)`` is the tensor the probe
-    hands back in place of the logits (checked to come out of the model unchanged).
+    hands back in place of the logits (checked to come out of the model unchanged). ``shifted``:
+    ``labels`` are next-token targets already (``training_loss``).
     """
     from automodel_cli.components.loss.targets import shift_labels
 
-    targets = shift_labels(labels).reshape(-1)
+    targets = (labels if shifted else shift_labels(labels)).reshape(-1)
     rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # on the labels' device (CPU: no sync)
     kept = targets.index_select(0, rows)
     state: dict[str, Any] = {}
@@ -210,10 +225,10 @@ def _remember(model: Any, reason: str) -> None:
 
 
 def _full_logits_loss(model: Any, inputs: dict[str, Any], labels: Any, num_label_tokens: Any,
-                      spec: LossSpec, autocast: Callable[[], Any]) -> Any:
+                      spec: LossSpec, autocast: Callable[[], Any], shifted: bool = False) -> Any:
     with autocast():
         logits = model(**inputs, use_cache=False).logits
-    return spec.logits_fn(logits, labels.to(logits.device), num_label_tokens)
+    return _logits_loss(spec, logits, labels, num_label_tokens, shifted)
 
 
 def fusable_head(model: Any) -> tuple[Any, str | None]:

@@ -374,9 +374,10 @@ def layouts(mesh: Layout, *, global_batch: int, checkpointing: Iterable[str] = C
 
 # ------------------------------------------------------------------------------- memory
 def layout_setup(base: Setup, layout: Layout, seq_len: int, device: str) -> Setup:
-    """The memory plan's view of one rank of ``layout`` (module docstring, "Memory")."""
+    """The memory plan's view of one rank of ``layout`` (module docstring, "Memory"); cp is
+    modelled here (``seq / cp``, ``dp_shard x cp``), so the plan's own ``Setup.cp`` stays 1."""
     return replace(base, micro_batch=layout.micro_batch, seq_len=seq_len // layout.cp, device=device,
-                   dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard * layout.cp, tp=layout.tp,
+                   dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard * layout.cp, tp=layout.tp, cp=1,
                    ep=layout.ep, activation_checkpointing=layout.activation_checkpointing,
                    accumulation=layout.accumulation)
 

@@ -178,6 +178,7 @@ class Setup:
     dp_shard: int = 1
     tp: int = 1
     ep: int = 1  # expert parallelism: routed experts split over ep of the dp_shard ranks
+    cp: int = 1  # context parallelism: each sequence split over cp ranks (parameters sharded over dp_shard x cp)
     sequence_parallel: bool = False
     activation_checkpointing: str = "none"
     loss_name: str = "masked_ce"
@@ -199,12 +200,17 @@ class Setup:
 
     @property
     def world_size(self) -> int:
-        return self.dp_size * self.tp
+        return self.dp_size * self.cp * self.tp
 
     @property
     def sharded(self) -> bool:
-        """FSDP2 wraps the model (more than one data-parallel rank)."""
-        return self.dp_size > 1
+        """FSDP2 wraps the model (more than one data-parallel or context-parallel rank)."""
+        return self.dp_size * self.cp > 1
+
+    @property
+    def local_tokens(self) -> float:
+        """Tokens of a micro-batch on one process: a context-parallel rank holds 1/cp of each row."""
+        return self.micro_batch * self.seq_len / self.cp
 
     def precision(self) -> tuple[str, str | None]:
         """(parameter dtype, autocast dtype or None), as ``Precision.choose`` picks them."""
@@ -250,7 +256,7 @@ def plan(arch: Architecture, setup: Setup) -> MemoryPlan:
     r = c if mixed else p  # ... so its residual stream is bf16 too
     casts = r != c  # autocast copies fp32 tensors into bf16 for every matmul
     counts = arch.parameters()
-    shard, tp = setup.dp_shard, setup.tp
+    shard, tp = setup.dp_shard * setup.cp, setup.tp  # FSDP shards over dp_shard x cp
     vocab_tp = tp if arch.vocab % tp == 0 else 1
     peft = setup.peft != "none"
     notes: list[str] = []
@@ -272,11 +278,15 @@ def plan(arch: Architecture, setup: Setup) -> MemoryPlan:
     optimizer_scratch = trainable_bytes  # foreach AdamW: sqrt(exp_avg_sq) for every tensor
 
     # Activations kept for backward (bytes).
-    tokens = setup.micro_batch * setup.seq_len
+    tokens = setup.local_tokens
     layer = layer_activations(arch, setup, r=r, c=c, casts=casts) * tokens
+    if setup.cp > 1:  # the layer's all-gathered keys and values, repeated to the query heads, kept for SDPA's backward
+        layer += 2 * setup.micro_batch * setup.seq_len * arch.q_width / tp * c
     kept_input = r * arch.hidden / (tp if setup.sequence_parallel else 1) * tokens  # a checkpointed layer's input
     outside = outside_activations(arch, setup, r=r, c=c, casts=casts) * tokens
-    if setup.attention_mask:
+    if setup.cp > 1:  # the context-parallel boolean [batch, 1, seq / cp, seq] mask, always built
+        outside += setup.micro_batch * setup.seq_len ** 2 / setup.cp
+    elif setup.attention_mask:
         outside += setup.micro_batch * setup.seq_len ** 2  # SDPA's boolean [batch, 1, seq, seq] mask
     # With adapters, the first layer's input needs no gradient: its first norm saves nothing.
     first_layer_input = 4 * arch.hidden / (tp if setup.sequence_parallel else 1) * tokens if peft else 0
@@ -421,7 +431,7 @@ def loss_memory(arch: Architecture, setup: Setup, *, r: int, c: int, p: int, hea
     chunk of fp32 logits and ``logsumexp``'s two temporaries (and a copy of the head in the
     autocast dtype over fp32 weights). A tensor-parallel head also holds its shard of the
     logits before they are gathered."""
-    rows = setup.micro_batch * setup.seq_len
+    rows = setup.local_tokens
     vocab = arch.vocab
     kind = setup.loss_kind
     if kind == "fused" and not _fusable(arch, setup):

@@ -119,6 +119,21 @@ def test_activations_scale_with_tokens_and_checkpointing_cuts_them():
     assert checkpointed.phases["layer recompute"] > checkpointed.activations  # one layer recomputed
 
 
+def test_context_parallelism_shards_state_and_splits_tokens():
+    """cp=2: parameters are sharded over dp_shard x cp; a rank keeps the activations of half the
+    tokens plus, per layer, the gathered keys and values (repeated to the query heads) and the
+    [batch, 1, seq / cp, seq] boolean mask once."""
+    one = plan(ARCH, Setup(micro_batch=2, seq_len=16))
+    half = plan(ARCH, Setup(micro_batch=1, seq_len=16))  # the same tokens as one cp rank's share
+    cp = plan(ARCH, Setup(micro_batch=2, seq_len=16, cp=2))
+    sharded = plan(ARCH, Setup(micro_batch=2, seq_len=16, dp_shard=2))
+    assert cp.parameters == sharded.parameters == one.parameters // 2
+    gathered_kv = L * 2 * 2 * 16 * HEADS * 8 * 4  # layers x (k, v) x batch x seq x q heads x head_dim x fp32
+    mask = 2 * 16 * 16 // 2
+    assert cp.activations == half.activations + gathered_kv + mask
+    assert cp.logits == half.logits  # the loss sees the local tokens only
+
+
 def test_masked_loss_keeps_fp32_log_probabilities():
     rows = 2 * 16
     result = plan(ARCH, Setup(micro_batch=2, seq_len=16))
