@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``automodel`` script; returns (and exits with) the exit code."""
     code = _run(argv)
     if argv is None:
+        distributed = sys.modules.get("automodel_cli.components.distributed.env")
+        if distributed is not None and distributed.process_group_destroyed():
+            distributed.exit_process(code)  # a torchrun worker; see exit_process for why
         sys.exit(code)
     return code
 

@@ -10,6 +10,7 @@ on a laptop unchanged.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,9 +92,46 @@ def init_distributed(backend: str | None = None) -> DistEnv:
                    backend=dist.get_backend())
 
 
+#: Set once this process has destroyed its process group (see ``exit_process``).
+_DESTROYED = False
+
+
 def destroy() -> None:
-    """Tear the default process group down (a no-op when none exists)."""
+    """Tear the default process group down (a no-op when none exists) and drop our cached
+    meshes and groups."""
+    global _DESTROYED
     import torch.distributed as dist
+
+    from automodel_cli.components.distributed.mesh import forget_groups
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _DESTROYED = True
+    forget_groups()
+
+
+def exit_process(code: int) -> None:
+    """End a process whose process group ``destroy()`` tore down: run the ``atexit`` handlers
+    (loggers, temporary directories), flush stdout/stderr, then ``os._exit(code)``.
+
+    Why not a plain ``sys.exit``: ``destroy_process_group`` only unregisters the groups; a gloo
+    group's worker threads live until its last Python reference goes, and references remain in
+    torch's DTensor caches and in the model's FSDP state. Their teardown during interpreter
+    shutdown can then abort a run that has finished and saved (SIGABRT, "terminate called without
+    an active exception"; pytorch/pytorch#179291), which torchrun reports as a failed run. Every
+    output was written and closed before ``destroy()``, so nothing is lost by skipping it.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def process_group_destroyed() -> bool:
+    """Whether ``destroy()`` ended a process group in this process."""
+    return _DESTROYED

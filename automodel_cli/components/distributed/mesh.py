@@ -188,6 +188,14 @@ def _build_dp_mesh(mesh: Any) -> Any:
     return dp
 
 
+def forget_groups() -> None:
+    """Drop the cached dp/cp/ep meshes and process groups (called when the process group is
+    destroyed): the cache would keep them, and their gloo worker threads, alive, and a later
+    mesh in the same process could be given a dead mesh's groups by a reused ``id()``."""
+    _DP_MESHES.clear()
+    _EP_GROUPS.clear()
+
+
 def expert_groups(mesh: Any, ep: int) -> tuple[Any, Any]:
     """(the 1-D "ep" ``DeviceMesh`` of this rank's expert-parallel group, the process group of its
     replica group, or None where no other rank holds the same experts). Collective the first time

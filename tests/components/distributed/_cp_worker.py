@@ -12,17 +12,16 @@ whole batch in one process with transformers' own sdpa attention, and writes the
 from __future__ import annotations
 
 import copy
-import json
 import sys
 
 import torch
 import torch.distributed as dist
-from _dist_worker import make_model
+from _dist_worker import finish, make_model
 
 from automodel_cli.components.data.collate import SFTCollator
 from automodel_cli.components.data.packing import pack_sequences
 from automodel_cli.components.distributed import context_parallel as cp
-from automodel_cli.components.distributed.env import destroy, init_distributed
+from automodel_cli.components.distributed.env import init_distributed
 from automodel_cli.components.loss.masked_ce import masked_cross_entropy
 from automodel_cli.components.training.memory import enable_activation_checkpointing
 
@@ -122,12 +121,7 @@ def main() -> None:
     out, names = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)
     env = init_distributed()
-    results = {name: run(name, env) for name in names}
-    if env.is_main:
-        with open(out, "w") as handle:
-            json.dump(results, handle, indent=1)
-    dist.barrier()
-    destroy()
+    finish(env, out, {name: run(name, env) for name in names})
 
 
 if __name__ == "__main__":

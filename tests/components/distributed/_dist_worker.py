@@ -18,7 +18,7 @@ import types
 
 import torch
 
-from automodel_cli.components.distributed.env import destroy, init_distributed
+from automodel_cli.components.distributed.env import destroy, exit_process, init_distributed
 from automodel_cli.components.distributed.mesh import (
     MeshShape,
     all_reduce_dp,
@@ -194,12 +194,21 @@ def main() -> None:
     results = {}
     for name in names:
         results[name] = run(name, env, registry)
+    finish(env, out, results)
+
+
+def finish(env, out, results) -> None:
+    """The end of every multi-process test worker: rank 0 writes ``results`` as JSON to ``out``,
+    every rank waits for the others, tears the process group down and exits with 0 by
+    ``exit_process``, which skips the interpreter teardown where gloo's leftover worker threads
+    can abort a finished process."""
     if env.is_main:
         with open(out, "w") as handle:
             json.dump(results, handle, indent=1)
     if env.distributed:
         torch.distributed.barrier()
     destroy()
+    exit_process(0)
 
 
 if __name__ == "__main__":

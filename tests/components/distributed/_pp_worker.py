@@ -13,14 +13,13 @@ writes everything with both losses.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 
 import torch
 import torch.distributed as dist
 
-from _dist_worker import add_lora, make_model
-from automodel_cli.components.distributed.env import destroy, init_distributed
+from _dist_worker import add_lora, finish, make_model
+from automodel_cli.components.distributed.env import init_distributed
 from automodel_cli.components.distributed.pipeline import PipelineRunner, build_stage_module, split_points
 from automodel_cli.components.loss.builtin import LINEAR_CE, MASKED_CE
 from automodel_cli.components.loss.head import training_loss
@@ -121,11 +120,7 @@ def main() -> None:
         gathered = [None] * env.world_size
         dist.all_gather_object(gathered, mine)
         results[name] = gathered
-    if env.is_main:
-        with open(out, "w") as handle:
-            json.dump(results, handle, indent=1)
-    dist.barrier()
-    destroy()
+    finish(env, out, results)
 
 
 if __name__ == "__main__":

@@ -277,3 +277,29 @@ def test_parallelize_model_checks_tp_against_the_mesh():
 
     with pytest.raises(ValueError, match="tp=2"):
         parallelize_model(tiny(), None, tp=2, mixed_precision=False)
+
+
+def test_a_worker_that_destroyed_its_group_exits_with_its_code_after_exit_handlers(tmp_path):
+    """``exit_process`` skips interpreter teardown (where gloo's leftover worker threads can
+    abort a finished run) but still runs atexit handlers and flushes buffered output."""
+    marker = tmp_path / "atexit-ran"
+    script = f"""
+import atexit, os, sys
+import torch.distributed as dist
+from automodel_cli.components.distributed import env
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:0")
+from torch.distributed.device_mesh import init_device_mesh
+mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+assert not env.process_group_destroyed()
+env.destroy()
+assert env.process_group_destroyed() and not dist.is_initialized()
+atexit.register(lambda: open({str(marker)!r}, "w").write("ran"))
+sys.stdout.write("buffered, no newline")
+env.exit_process(3)
+raise AssertionError("exit_process returned")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "buffered, no newline"
+    assert marker.read_text() == "ran"

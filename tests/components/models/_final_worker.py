@@ -12,7 +12,6 @@ the most gathered bytes alive at once on rank 0.
 
 from __future__ import annotations
 
-import json
 import sys
 import weakref
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "distributed"))
 
-from _dist_worker import make_model  # noqa: E402  (tiny models of each architecture)
+from _dist_worker import finish, make_model  # noqa: E402  (tiny models of each architecture)
 
 # name -> (architecture, dp_shard, tp)
 SCENARIOS = {
@@ -129,7 +128,7 @@ def run(name: str, work: Path, env, registry) -> dict | None:
 
 
 def main() -> None:
-    from automodel_cli.components.distributed.env import destroy, init_distributed
+    from automodel_cli.components.distributed.env import init_distributed
     from automodel_cli.plugins import parallel_plans
     from automodel_cli.registry import ParallelPlanRegistry
 
@@ -138,11 +137,7 @@ def main() -> None:
     env = init_distributed()
     registry = ParallelPlanRegistry()
     parallel_plans.register_parallel_plans(registry)
-    results = {name: run(name, work, env, registry) for name in names}
-    if env.is_main:
-        out.write_text(json.dumps(results, indent=1))
-    torch.distributed.barrier()
-    destroy()
+    finish(env, out, {name: run(name, work, env, registry) for name in names})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ its plan, the vision tower replicated), all seeing the whole batch.
 
 from __future__ import annotations
 
-import json
 import sys
 import types
 from pathlib import Path
@@ -22,7 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: vlm_models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))  # _dist_worker
 
+from _dist_worker import finish  # noqa: E402
 from vlm_models import IMAGE_TOKEN, VISION_END, VISION_START, vlm_inputs  # noqa: E402
 
 from automodel_cli.components.distributed.env import init_distributed  # noqa: E402
@@ -87,10 +88,7 @@ def main() -> None:
     from torch.distributed.fsdp import FSDPModule
 
     units = [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)]
-    if env.is_main:
-        Path(out).write_text(json.dumps({"losses": losses, "grad_norms": norms, "units": units}))
-    if env.distributed:
-        torch.distributed.barrier()
+    finish(env, out, {"losses": losses, "grad_norms": norms, "units": units})
 
 
 if __name__ == "__main__":
