@@ -196,6 +196,12 @@ CORE: dict[str, dict[str, Key] | Key] = {
         "cp": _k(int, 1, "Context-parallel degree: each sequence is split over cp ranks that read the same samples (zig-zag load balancing, exact attention across the split); world size = dp_replicate x dp_shard x cp x tp; docs/distributed.md.", ge=1),
         "ep": _k(int, 1, "Expert-parallel degree for mixture-of-experts models: each group of ep neighbouring dp_shard ranks splits every layer's experts ep ways (must divide dp_shard and the number of experts); docs/moe.md.", ge=1),
         "sequence_parallel": _k(bool, False, "Shard norms and dropout along the sequence inside the tensor-parallel group."),
+        "pp": _k(int, 1, "Pipeline-parallel degree: the decoder layers are split into pp stages (embedding on the first, norm + LM head + loss on the last), each on its own group of ranks; world size = pp x dp_replicate x dp_shard x cp x tp; docs/distributed.md.", ge=1),
+        "pp_schedule": _k(str, "1f1b", "Pipeline schedule: gpipe (all forwards, then all backwards), 1f1b (one forward, one backward: fewer micro-batches in flight), interleaved_1f1b (pp_virtual_stages stages per rank: a smaller bubble).",
+                          choices=("gpipe", "1f1b", "interleaved_1f1b")),
+        "pp_virtual_stages": _k(OPT_INT, None, "Stages per pipeline rank for interleaved_1f1b (null: 2 for interleaved_1f1b, 1 for the others).", ge=1),
+        "pp_split": _k((list, NoneType), None, "Manual pipeline split: the first decoder layer of every stage after the first (pp x virtual stages - 1 increasing layer indices); null: balanced by the memory plan's per-layer cost."),
+        "auto": _k(bool, False, "Choose pp, dp, cp, tp, the micro-batch and activation checkpointing for the launched processes from the memory plan and a step-time model; `automodel plan` and --dry-run print the candidates (docs/distributed.md, \"Automatic layout\")."),
     },
     "checkpoint": {
         "every_steps": _k(OPT_INT, None, "Save a resumable checkpoint every N optimizer steps.", ge=1),

@@ -32,7 +32,7 @@ def processes(cfg: Any, stream: TextIO | None = None) -> tuple[Any, Any, Callabl
     env = dist_env.init_distributed()
     shape = MeshShape.resolve(cfg.distributed.dp_replicate, cfg.distributed.dp_shard,
                               cfg.distributed.tp, world_size=env.world_size, ep=cfg.distributed.ep,
-                              cp=cfg.distributed.cp)
+                              cp=cfg.distributed.cp, pp=cfg.distributed.pp)
     return env, shape, printer(env.is_main, stream)
 
 

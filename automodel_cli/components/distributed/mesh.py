@@ -45,14 +45,16 @@ _EP_GROUPS: dict[tuple[int, int], tuple[Any, Any]] = {}
 
 @dataclass(frozen=True)
 class MeshShape:
-    """Sizes of the four mesh dimensions; their product is the number of processes. ``ep``
-    (expert parallelism) divides ``dp_shard``: it groups dp_shard ranks, it adds no dimension."""
+    """Sizes of the mesh dimensions (``pp`` outermost, then dp_replicate, dp_shard, cp, tp);
+    their product is the number of processes. ``ep`` (expert parallelism) divides ``dp_shard``:
+    it groups dp_shard ranks, it adds no dimension."""
 
     dp_replicate: int
     dp_shard: int
     tp: int
     ep: int = 1
     cp: int = 1
+    pp: int = 1
 
     @property
     def dp_size(self) -> int:
@@ -60,33 +62,36 @@ class MeshShape:
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     def as_dict(self) -> dict[str, int]:
+        pipeline = {"pp": self.pp} if self.pp > 1 else {}
         context = {"cp": self.cp} if self.cp > 1 else {}
-        sizes = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, **context, "tp": self.tp}
+        sizes = {**pipeline, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, **context, "tp": self.tp}
         return {**sizes, "ep": self.ep} if self.ep > 1 else sizes
 
     def describe(self) -> str:
         experts = f" (experts split ep={self.ep} ways inside dp_shard)" if self.ep > 1 else ""
+        pipeline = f"pp={self.pp} x " if self.pp > 1 else ""
         context = f" x cp={self.cp}" if self.cp > 1 else ""
-        return (f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard}{context} x tp={self.tp} "
+        return (f"{pipeline}dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard}{context} x tp={self.tp} "
                 f"= {self.world_size} process(es){experts}")
 
     @classmethod
     def resolve(cls, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1,
-                world_size: int = 1, ep: int = 1, *, cp: int = 1) -> MeshShape:
+                world_size: int = 1, ep: int = 1, *, cp: int = 1, pp: int = 1) -> MeshShape:
         """Check the configured sizes against ``world_size``; ``dp_shard=-1`` takes the rest;
-        ``ep`` must divide the resulting dp_shard; ``cp`` (context parallelism) multiplies the
-        world size like tp and does not combine with ep.
+        ``ep`` must divide the resulting dp_shard; ``cp`` (context parallelism) and ``pp``
+        (pipeline stages) multiply the world size like tp; cp does not combine with ep.
 
         Every problem is a ``UserError`` that names all the numbers and a setting that works.
         """
-        given = (f"distributed.dp_replicate={dp_replicate}, distributed.dp_shard={dp_shard}, "
+        given = ((f"distributed.pp={pp}, " if pp != 1 else "")
+                 + f"distributed.dp_replicate={dp_replicate}, distributed.dp_shard={dp_shard}, "
                  + (f"distributed.cp={cp}, " if cp != 1 else "") + f"distributed.tp={tp}")
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-        bad = [f"{name}={value}" for name, value in (("dp_replicate", dp_replicate), ("cp", cp), ("tp", tp))
+        bad = [f"{name}={value}" for name, value in (("pp", pp), ("dp_replicate", dp_replicate), ("cp", cp), ("tp", tp))
                if not isinstance(value, int) or value < 1]
         if not isinstance(dp_shard, int) or (dp_shard < 1 and dp_shard != -1):
             bad.append(f"dp_shard={dp_shard}")
@@ -95,17 +100,19 @@ class MeshShape:
                 f"Mesh sizes must be positive integers ({given}; bad: {', '.join(bad)}).",
                 "Use 1 or more for each; dp_shard=-1 means 'all remaining processes'.",
             )
-        fixed = dp_replicate * cp * tp
-        fixed_names = "dp_replicate x cp x tp" if cp != 1 else "dp_replicate x tp"
-        fixed_values = f"{dp_replicate} x {cp} x {tp}" if cp != 1 else f"{dp_replicate} x {tp}"
-        all_names = "dp_replicate x dp_shard x cp x tp" if cp != 1 else "dp_replicate x dp_shard x tp"
+        fixed = pp * dp_replicate * cp * tp
+        named = [(n, v) for n, v in (("pp", pp), ("dp_replicate", dp_replicate), ("cp", cp), ("tp", tp))
+                 if n in ("dp_replicate", "tp") or v != 1]
+        fixed_names = " x ".join(n for n, _ in named)
+        fixed_values = " x ".join(str(v) for _, v in named)
+        all_names = fixed_names.replace("dp_replicate", "dp_replicate x dp_shard")
         if dp_shard == -1:
             if world_size % fixed:
                 raise UserError(
                     f"{given} does not fit {world_size} process(es): {fixed_names} = "
                     f"{fixed_values} = {fixed} does not divide {world_size}.",
                     f"Choose {fixed_names.replace(' x ', ', ')} whose product divides {world_size} "
-                    f"(e.g. {_suggest(world_size, tp, cp)}), or change the number of processes.",
+                    f"(e.g. {_suggest(world_size, tp, cp, pp)}), or change the number of processes.",
                 )
             dp_shard = world_size // fixed
         elif fixed * dp_shard != world_size:
@@ -113,7 +120,7 @@ class MeshShape:
                 f"{given} multiply to {fixed * dp_shard} processes, but the run has "
                 f"{world_size}.",
                 f"Make {all_names} equal {world_size} (e.g. set "
-                f"distributed.dp_shard=-1 to use the rest: {_suggest(world_size, tp, cp)}), or "
+                f"distributed.dp_shard=-1 to use the rest: {_suggest(world_size, tp, cp, pp)}), or "
                 f"launch {fixed * dp_shard} processes.",
             )
         if ep > 1 and cp > 1:
@@ -130,14 +137,16 @@ class MeshShape:
                 f"Choose distributed.ep from {', '.join(map(str, divisors))} (it must also divide the model's "
                 f"number of experts), or launch more processes.",
             )
-        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep, cp=cp)
+        return cls(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, ep=ep, cp=cp, pp=pp)
 
 
-def _suggest(world_size: int, tp: int, cp: int = 1) -> str:
+def _suggest(world_size: int, tp: int, cp: int = 1, pp: int = 1) -> str:
     t = tp if tp >= 1 and world_size % tp == 0 else 1
     c = cp if cp >= 1 and (world_size // t) % cp == 0 else 1
+    p = pp if pp >= 1 and (world_size // t // c) % pp == 0 else 1
     context = f", cp={c}" if cp != 1 else ""
-    return f"dp_replicate=1, dp_shard={world_size // t // c}{context}, tp={t}"
+    pipeline = f"pp={p}, " if pp != 1 else ""
+    return f"{pipeline}dp_replicate=1, dp_shard={world_size // t // c // p}{context}, tp={t}"
 
 
 def build_mesh(shape: MeshShape, device_type: str) -> Any:

@@ -77,7 +77,7 @@ def job_mesh(cfg: Any, world_size: int) -> MeshShape:
     """The mesh must fit the job's processes: refuse before submitting, not on the cluster."""
     dist = cfg.distributed
     return MeshShape.resolve(dist.dp_replicate, dist.dp_shard, dist.tp, world_size=world_size, ep=dist.ep,
-                              cp=dist.cp)
+                              cp=dist.cp, pp=dist.pp)
 
 
 def _launch_error(cfg: Any, dotted: str, message: str) -> UserError:
