@@ -226,6 +226,9 @@ class BackgroundWrites:
         concurrent.futures.wait(self._futures)
 
     def wait(self) -> None:
+        # Every write ends first: a failed one must not let the caller remove the directory
+        # while another thread still writes into it.
+        self.wait_quietly()
         for future in self._futures:
             try:
                 future.result()
