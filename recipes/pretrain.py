@@ -65,7 +65,8 @@ def run(context: Any) -> int:
 
         def validate() -> dict[str, float] | None:  # loss and perplexity on the validation blocks
             with whole_sequences(model, run.cp_size):  # every rank evaluates the same whole blocks
-                return data.validate(model, run.precision, eval_batch_size, cfg.train.eval_batches)
+                return data.validate(run.evaluation_model(model), run.precision, eval_batch_size,
+                                     cfg.train.eval_batches)
 
         def step(index: int) -> StepOutput:
             """One optimizer step's forward and backward passes on this rank's blocks."""
@@ -74,7 +75,11 @@ def run(context: Any) -> int:
             micro = cfg.train.micro_batch_size
             groups = [blocks[i:i + micro] for i in range(0, len(blocks), micro)]
             loss_sum = torch.zeros((), device=run.precision.device)
-            for group in groups[run.dp_index::run.dp_size]:
+            mine = groups[run.dp_index::run.dp_size]
+            if run.pipeline is not None:  # every stage's rank reads the same micro-batches
+                loss_sum = run.pipeline.step([data.collate(group) for group in mine], label_tokens, micro, block_size)
+                mine = []
+            for group in mine:
                 batch = data.collate(group)
                 loss = micro_batch_loss(run, model, data.model_inputs(batch, run.precision.device), batch["labels"],
                                         label_tokens)

@@ -187,14 +187,20 @@ def open_loggers(cfg: Any, registries: Any, output_dir: Path, start_step: int, i
     return [JsonlLogger(metrics_path), *loggers]
 
 
-def optimizer_step(model: Any, optimizer: Any, scheduler: Any | None, max_grad_norm: float | None) -> tuple[Any, float]:
+def optimizer_step(model: Any, optimizer: Any, scheduler: Any | None, max_grad_norm: float | None,
+                   pipeline: Any = None) -> tuple[Any, float]:
     """Clip the gradients, step the optimizer and the schedule, zero the gradients; returns the
-    gradient norm before clipping and the learning rate the step used."""
+    gradient norm before clipping and the learning rate the step used. ``pipeline``
+    (``training.pipeline.Pipeline``): the norm is the whole model's, over every stage."""
     from automodel_cli.components.distributed.parallelize import clip_grad_norm_
     from automodel_cli.components.moe.dispatch import sum_replica_grads
 
     sum_replica_grads(model)  # expert parallelism: replicas of the same experts add their tokens' gradients
-    grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm)
+    if pipeline is None:
+        grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:
+        grad_norm = clip_grad_norm_(model.parameters(), max_grad_norm, pipeline_group=pipeline.group,
+                                    uncounted=pipeline.uncounted())
     lr = scheduler.get_last_lr()[0] if scheduler is not None else optimizer.param_groups[0]["lr"]
     optimizer.step()
     if scheduler is not None:
@@ -300,7 +306,7 @@ def close_loop(loggers: list[Any], stop: Any, step: int, total_steps: int, outpu
 
 
 def save_outputs(model: Any, tokenizer: Any, cfg: Any, env: Any, output_dir: Path, say: Callable[[str], None], *,
-                 base_path: Any, summary: dict[str, Any]) -> None:
+                 base_path: Any, summary: dict[str, Any], pipeline: Any = None) -> None:
     """Write ``final/`` (every rank gathers the model one tensor at a time, rank 0 writes) and
     ``summary.json`` (rank 0), wait for every rank and close the process group."""
     from automodel_cli.components.distributed import env as dist_env
@@ -308,7 +314,8 @@ def save_outputs(model: Any, tokenizer: Any, cfg: Any, env: Any, output_dir: Pat
 
     # A failure on rank 0 (a full disk) is raised on every rank instead of leaving the others
     # waiting at the barrier.
-    final_dir = save_final(model, tokenizer, output_dir, merge=cfg.peft.merge, base_path=base_path)
+    final_dir = save_final(model, tokenizer, output_dir, merge=cfg.peft.merge, base_path=base_path,
+                           pipeline=(pipeline.group, pipeline.plan.tied) if pipeline is not None else None)
     if env.is_main:
         summary = {"steps": summary.pop("steps", None), "output_dir": str(output_dir), "final": str(final_dir),
                    **summary}

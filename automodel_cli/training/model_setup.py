@@ -87,7 +87,8 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
             sequence_parallel=sequence_parallel,
             activation_checkpointing=cfg.train.activation_checkpointing,
             mixed_precision=precision.autocast_dtype is not None,
-            compile=cfg.train.compile, compile_backend=cfg.train.compile_backend, ep=getattr(shape, "ep", 1))
+            compile=cfg.train.compile, compile_backend=cfg.train.compile_backend, ep=getattr(shape, "ep", 1),
+            pipeline=getattr(shape, "pp", 1) > 1)
     return model
 
 
@@ -134,7 +135,7 @@ def weight_files(model_cfg: Any) -> list[Any] | None:
 
 def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: Any, registries: Any,
                 sequence_parallel: bool, dtype: Any, trainable: bool, say: Any,
-                on_empty: Any = None) -> Any:
+                on_empty: Any = None, pipeline: Any = None) -> Any:
     """The model as the run trains (or, ``trainable=False``, runs) it, built without ever
     holding it whole: on the meta device, with activation checkpointing and adapters (when
     ``trainable``), the tensor-parallel plan and FSDP2 applied while empty, then each process's
@@ -142,7 +143,9 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
     ``model.from_scratch``). A model this path cannot take (only ``.bin`` weights, keys that
     are not the architecture's, or ``model.meta_init=false``) is loaded whole in every process
     and sharded afterwards. ``on_empty(model)`` sees the bare model before anything wraps it
-    (to count FLOPs). Says one line: how many parameter bytes each process allocated."""
+    (to count FLOPs). ``pipeline`` (a ``training.pipeline.PipelinePlan``) cuts the model down to
+    this rank's stages before anything else. Says one line: how many parameter bytes each
+    process allocated."""
     from automodel_cli.components.models import materialize as meta
     from automodel_cli.components.models.joined import joined_layout
     from automodel_cli.components.models.loading import load_config, load_model
@@ -161,6 +164,8 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
         model = load_model(model_cfg, seed=seed, dtype=dtype)
         if on_empty is not None:
             on_empty(model)
+        if pipeline is not None:
+            pipeline.trim(model)
         model = _prepare(model, cfg, precision, mesh, shape, registries, sequence_parallel, trainable, say=say)
         _report_load(model, "loaded whole in every process, then sharded", mesh, say, started, whole=True)
         return model
@@ -172,13 +177,16 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
     model = _empty_model(config, model_cfg, dtype)
     if on_empty is not None:
         on_empty(model)
+    # A pipeline rank's part; a tied LM head whose embedding went to another stage reads the
+    # embedding's tensor (the checkpoint stores the tied weight once).
+    tied_elsewhere = pipeline.trim(model) if pipeline is not None else {}
     read = init = None
     if files is not None:
         reader = meta.CheckpointReader(files)
         shapes = {meta.checkpoint_key(name): tuple(param.shape) for name, param in model.named_parameters()}
         expected = list(shapes)
         mapping = meta.key_mapping(expected, reader.keys(), getattr(model, "base_model_prefix", ""),
-                                   meta.saved_names(model, expected),
+                                   {**meta.saved_names(model, expected), **tied_elsewhere},
                                    joined=lambda key: joined_layout(model, key, shapes[key]))
         if mapping is None:
             from automodel_cli.components.models.structure import num_experts
@@ -191,7 +199,8 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
         read = lambda key, offset, local: meta.read_mapped(reader, mapping[key], offset, local)  # noqa: E731
         how = f"read shard by shard from {len(files)} safetensors file{'s' * (len(files) > 1)}"
     else:
-        init = meta.SeededInit(_empty_model(config, model_cfg, dtype), seed)
+        seeded = meta.SeededInit(_empty_model(config, model_cfg, dtype), seed)
+        init = (lambda key: seeded(tied_elsewhere.get(key, key))) if tied_elsewhere else seeded  # noqa: E731
         how = "initialised shard by shard, seeded per parameter"
     model = _prepare(model, cfg, precision, mesh, shape, registries, sequence_parallel, trainable, on_meta=True,
                      say=say)

@@ -84,7 +84,7 @@ class TrainingRun:
 
     def __init__(self, context: Any, *, output: bool = True, stream: TextIO | None = None):
         from automodel_cli.components.distributed import mesh as meshes
-        from automodel_cli.training import context_parallel, loop, memory_plan
+        from automodel_cli.training import context_parallel, loop, memory_plan, pipeline
 
         self.context = context
         self.cfg = context.config
@@ -92,11 +92,17 @@ class TrainingRun:
         # Processes and mesh sizes first: checked before anything is read or written.
         self.env, self.shape, self.say = loop.processes(self.cfg, stream)
         context_parallel.check_recipe(context.recipe, self.shape.cp)
+        pipeline.check(context.recipe, self.cfg)
         self.output_dir: Path | None = loop.claim_output_dir(self.cfg, context.recipe, self.env) if output else None
         self.mesh, self.dp_size, self.dp_index = loop.data_parallel(self.shape, self.env)
         # Context parallelism: cp peers share dp_index and split each sequence's tokens.
         self.cp_size, self.cp_rank, self.cp_group = (meshes.cp_size(self.mesh), meshes.cp_rank(self.mesh),
                                                      meshes.cp_group(self.mesh))
+        # Pipeline parallelism: pp peers share dp_index and run the stages of the same samples.
+        self.pp_size = meshes.pp_size(self.mesh)
+        self.pipeline_plan = (pipeline.PipelinePlan(self.cfg, self.pp_size, meshes.pp_rank(self.mesh))
+                              if self.pp_size > 1 else None)
+        self.pipeline: Any = None  # training.pipeline.Pipeline, once the model is loaded
         # A kernel loss that cannot run here (package or GPU missing) stops the run now.
         self.loss_spec = loop.build_loss(self.cfg, self.registries, self.env.device)
         # The same seed on every rank: identical initial weights.
@@ -121,6 +127,10 @@ class TrainingRun:
 
     def __exit__(self, *exc: Any) -> None:
         self.close_loggers()
+        if self.pipeline is not None:
+            from automodel_cli.components.checkpoint import stages
+
+            stages.set_part(None)
 
     # ------------------------------------------------------------------------------ model
     def init_device(self) -> Any:
@@ -154,9 +164,36 @@ class TrainingRun:
         on_empty = (lambda model: self.count_flops(model, flops_seq_len)) if flops_seq_len else None
         self.model = build_model(cfg, cfg.model, precision=self.precision, mesh=self.mesh, shape=self.shape,
                                  registries=self.registries, sequence_parallel=self.sequence_parallel,
-                                 dtype=self.precision.param_dtype, trainable=True, say=self.say, on_empty=on_empty)
+                                 dtype=self.precision.param_dtype, trainable=True, say=self.say, on_empty=on_empty,
+                                 pipeline=self.pipeline_plan)
         self.watch_routers()
+        if self.pipeline_plan is not None:
+            self.start_pipeline()
         return self.model
+
+    def evaluation_model(self, model: Any) -> Any:
+        """What validation calls: ``model``, or with pipeline parallelism a module that runs the
+        stages forward only and gives every rank the logits."""
+        return model if self.pipeline is None else self.pipeline.evaluation_model(model)
+
+    def start_pipeline(self) -> None:
+        """The stages of this rank over the loaded model and their schedule (``distributed.pp``)."""
+        from automodel_cli.components.checkpoint import stages
+        from automodel_cli.components.distributed import mesh as meshes
+        from automodel_cli.errors import UserError
+        from automodel_cli.training.pipeline import Pipeline
+
+        if self.balance is not None:
+            raise UserError(
+                f"distributed.pp={self.pp_size} cannot train a mixture-of-experts model: its router balance "
+                "loss needs every layer's routers on one rank.",
+                "Set distributed.pp=1 for this model (expert parallelism, distributed.ep, splits its experts).")
+        self.say(self.pipeline_plan.describe())
+        group = meshes.pp_group_mesh(self.mesh).get_group()
+        self.pipeline = Pipeline(self.pipeline_plan, self.model, group, self.precision.device, self.loss_spec,
+                                 self.precision.autocast)
+        # Checkpoints save and read this stage's part under the whole model's names.
+        stages.set_part(stages.PipelinePart(group, self.pipeline_plan.tied))
 
     def prepare_model(self, model: Any) -> Any:
         """Activation checkpointing, adapters (``peft.method``), device, ``torch.compile`` and,
@@ -212,7 +249,8 @@ class TrainingRun:
         """Clip, step the optimizer and the schedule, zero the gradients: (grad norm, lr used)."""
         from automodel_cli.training.loop import optimizer_step
 
-        return optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm)
+        return optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.train.max_grad_norm,
+                              self.pipeline)
 
     def accumulation(self) -> int:
         """Micro-batches per data-parallel rank per step (``train.global_batch_size`` is the unit)."""
@@ -334,7 +372,7 @@ class TrainingRun:
 
         base = base_path if base_path is not None else self.base_path or resolve_model_source(self.cfg.model.path)
         save_outputs(self.model, tokenizer, self.cfg, self.env, self.output_dir, self.say, base_path=base,
-                     summary=summary)
+                     summary=summary, pipeline=self.pipeline)
         return 0
 
     def end(self) -> None:

@@ -208,7 +208,12 @@ def sft_step(run: Any, model: Any, data: SFTData, plan: Any,
         groups = step_math.micro_batches(samples, data.train_lengths, micro_batch_size)
         label_tokens = sum(data.train_label_tokens[i] for i in samples)
         loss_sum = torch.zeros((), device=run.precision.device)
-        for group in groups[run.dp_index::run.dp_size]:  # this rank's share of the step
+        mine = groups[run.dp_index::run.dp_size]  # this rank's share of the step
+        if run.pipeline is not None:  # every stage's rank reads the same micro-batches
+            loss_sum = run.pipeline.step([data.collate([data.train[i] for i in group]) for group in mine], label_tokens,
+                                         micro_batch_size, max(data.train_lengths[i] for i in samples))
+            mine = []
+        for group in mine:
             batch = data.collate([data.train[i] for i in group])
             loss = micro_batch_loss(run, model, model_inputs(batch, run.precision.device), batch["labels"],
                                     label_tokens)
@@ -238,6 +243,7 @@ def sft_validation(run: Any, model: Any, data: SFTData) -> Callable[[], dict[str
             return None
         cfg = run.cfg
         with whole_sequences(model, run.cp_size):
-            return evaluate(model, data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches), forward)
+            return evaluate(run.evaluation_model(model),
+                            data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches), forward)
 
     return validate

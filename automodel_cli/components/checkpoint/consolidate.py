@@ -231,8 +231,12 @@ def _adapter_key(key: str, adapter: str) -> str:
 
 
 def _plan_full(ckpt: _Checkpoint, config: dict[str, Any], cast) -> list[Output]:
+    tied = ckpt.meta.get("tied", {})
+    # A tied weight saved twice (once per pipeline stage that holds a copy) is written once.
+    twice = {alias for alias, stored in tied.items() if alias in ckpt.infos and stored in ckpt.infos}
     outputs = [Output(name, cast(info.dtype), info.shape, lambda n=name: ckpt.read(n))
-               for name, info in ckpt.infos.items()]
+               for name, info in ckpt.infos.items()
+               if not (config.get("tie_word_embeddings", False) and name in twice)]
     if not config.get("tie_word_embeddings", False):
         for alias, stored in sorted(ckpt.meta.get("tied", {}).items()):
             if stored in ckpt.infos and alias not in ckpt.infos:

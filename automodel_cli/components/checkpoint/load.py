@@ -28,6 +28,7 @@ from automodel_cli.components.checkpoint.state import (
     optimizer_state,
     read_scheduler_state,
     safe_torch_load,
+    tied_aliases,
 )
 from automodel_cli.errors import UserError
 
@@ -260,7 +261,8 @@ def load_checkpoint(
     try:
         if optimizer is not None:
             template = optimizer_state(model, optimizer)  # initialises a fresh optimizer's state
-            collective.run_agreed(lambda: check_optimizer_matches(template, found["optim_md"], path))
+            collective.run_agreed(lambda: check_optimizer_matches(template, found["optim_md"], path,
+                                                                  tied_aliases(model)))
 
         # ... then change state.
         load_model_state(model, path, found["model_md"])

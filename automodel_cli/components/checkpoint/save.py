@@ -350,7 +350,7 @@ def write_meta(directory: Path, step: int, model: torch.nn.Module, saved: dict[s
         "mesh": saved["mesh"],
         "trainable_only": len(trainable) < len(every),
         "peft": None if adapter is None else {k: v for k, v in adapter.items() if k != "config"},
-        "tied": tied_aliases(model),
+        "tied": {**tied_aliases(model), **saved.get("tied", {})},
         "params_sha256": signature_checksum(saved["params"]),
         "params": saved["params"],
         "files": dict(sorted(digests.items())),

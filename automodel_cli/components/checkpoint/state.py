@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from automodel_cli.components.checkpoint import dcp_io
+from automodel_cli.components.checkpoint import dcp_io, stages
 from automodel_cli.components.checkpoint.fsio import fsync_path
 from automodel_cli.components.checkpoint.layout import MODEL_DIR, OPTIMIZER_DIR, SCHEDULER_FILE
 from automodel_cli.errors import UserError
@@ -152,7 +152,10 @@ def save_model_state(model: torch.nn.Module, directory: Path,
     they were sharded over."""
     tensors = model_state(model)
     _dcp_save(tensors, directory / MODEL_DIR, background)
-    return {"params": param_signature(tensors), "mesh": mesh_description(tensors)}
+    params = param_signature(tensors)
+    if stages.part() is not None:  # every stage's parameters, for meta.json (collective)
+        params = dict(sorted({k: v for part in stages.part().everyone(params) for k, v in part.items()}.items()))
+    return {"params": params, "mesh": mesh_description(tensors), "tied": stages.all_tied()}
 
 
 def _dcp_save(state: dict[str, Any], directory: Path, background: dcp_io.BackgroundWrites | None) -> None:
@@ -169,15 +172,20 @@ def check_model_matches(model: torch.nn.Module, metadata: Any, checkpoint: Path,
     """Raise a ``UserError`` naming the first tensor that differs between checkpoint and model."""
     stored = dcp_io.tensor_infos(metadata)
     expected = {k: v for k, v in model_state(model).items()}
+    reads = stages.stored_names(list(expected), set(stored))  # a pipeline stage's tied head copy
+    elsewhere = (stages.other_stages(set(expected)) | set(reads.values())  # held by other stages
+                 | stages.tied_copies(set(stored), tied_aliases(model)))  # a stage's copy of a tied weight
     problems = []
     for name in dcp_io.byte_values(metadata):
         problems.append(f"entry `{name}` in {MODEL_DIR}/ is not a tensor")
     for name in sorted(set(stored) | set(expected)):
+        source = reads.get(name, name)
         if name not in expected:
-            problems.append(f"tensor `{name}` is in the checkpoint but is not a trainable parameter of the model")
-        elif name not in stored:
+            if name not in elsewhere:
+                problems.append(f"tensor `{name}` is in the checkpoint but is not a trainable parameter of the model")
+        elif source not in stored:
             problems.append(f"trainable parameter `{name}` of the model is not in the checkpoint")
-        elif tuple(stored[name].shape) != tuple(expected[name].shape):
+        elif tuple(stored[source].shape) != tuple(expected[name].shape):
             problems.append(
                 f"tensor `{name}` has shape {list(stored[name].shape)} in the checkpoint but "
                 f"{list(expected[name].shape)} in the model"
@@ -200,7 +208,9 @@ def load_model_state(model: torch.nn.Module, checkpoint: Path, metadata: Any) ->
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     tensors = model_state(model)
-    _dcp_load(tensors, checkpoint / MODEL_DIR, metadata)
+    reads = stages.stored_names(list(tensors), set(dcp_io.tensor_infos(metadata)))
+    # DCP fills the tensors in place (they are the same objects under the checkpoint's names).
+    _dcp_load({reads.get(k, k): v for k, v in tensors.items()}, checkpoint / MODEL_DIR, metadata)
     set_model_state_dict(model, tensors, options=StateDictOptions(strict=False))
 
 
@@ -231,9 +241,16 @@ def save_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     _dcp_save(optimizer_state(model, optimizer), directory / OPTIMIZER_DIR, background)
 
 
-def check_optimizer_matches(template: dict[str, Any], metadata: Any, checkpoint: Path) -> None:
+def check_optimizer_matches(template: dict[str, Any], metadata: Any, checkpoint: Path,
+                            tied: dict[str, str] | None = None) -> None:
+    """Raise a ``UserError`` when the saved optimizer state does not fit ``template`` (from
+    ``optimizer_state``); ``tied``: the model's tied names (``tied_aliases``)."""
     stored = metadata.state_dict_metadata
     tensors = dcp_io.tensor_infos(metadata)
+    reads = stages.stored_names(list(template), set(stored))  # a pipeline stage's tied head copy
+    elsewhere = (stages.other_stages(set(template)) | set(reads.values())  # held by other stages
+                 | stages.tied_copies(set(stored), tied or {}))  # a stage's copy of a tied weight
+    template = {reads.get(k, k): v for k, v in template.items()}
     problem = None
     for name, value in sorted(template.items()):
         if name not in stored:
@@ -246,7 +263,7 @@ def check_optimizer_matches(template: dict[str, Any], metadata: Any, checkpoint:
         if problem:
             break
     if problem is None:
-        extra = sorted(set(stored) - set(template), key=lambda k: (not k.startswith("state."), k))
+        extra = sorted(set(stored) - set(template) - elsewhere, key=lambda k: (not k.startswith("state."), k))
         if extra:
             problem = f"the checkpoint has `{extra[0]}`, which this optimizer does not"
     if problem:
@@ -261,7 +278,13 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     """Read ``optim/`` into ``template`` (from ``optimizer_state``) and apply it."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    _dcp_load(template, checkpoint / OPTIMIZER_DIR, metadata)
+    reads = stages.stored_names(list(template), set(metadata.state_dict_metadata))
+    if reads:  # a pipeline stage's tied head copy reads the embedding's state
+        renamed = {reads.get(k, k): v for k, v in template.items()}
+        _dcp_load(renamed, checkpoint / OPTIMIZER_DIR, metadata)
+        template = {k: renamed[reads.get(k, k)] for k in template}
+    else:
+        _dcp_load(template, checkpoint / OPTIMIZER_DIR, metadata)
     try:
         set_optimizer_state_dict(model, optimizer, template, options=_optim_options())
     except (ValueError, KeyError, TypeError) as exc:

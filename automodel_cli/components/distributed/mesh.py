@@ -41,6 +41,8 @@ DIM_NAMES = ("dp_replicate", "dp_shard", "cp", "tp")
 _DP_MESHES: dict[int, tuple[Any, Any, Any]] = {}
 #: expert-parallel groups, keyed by (id() of their root mesh, ep).
 _EP_GROUPS: dict[tuple[int, int], tuple[Any, Any]] = {}
+#: pipeline meshes: id() of a stage's 4-D mesh -> (that mesh, the 1-D "pp" mesh, all ranks).
+_PIPELINES: dict[int, tuple[Any, Any, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,15 @@ class MeshShape:
                 f"distributed.dp_shard=-1 to use the rest: {_suggest(world_size, tp, cp, pp)}), or "
                 f"launch {fixed * dp_shard} processes.",
             )
+        if pp > 1 and (cp > 1 or ep > 1 or tp > 1):
+            other = ", ".join(f"{n}={v}" for n, v in (("cp", cp), ("ep", ep), ("tp", tp)) if v > 1)
+            raise UserError(
+                f"distributed.pp={pp} (pipeline parallelism) does not combine with distributed.{other} yet "
+                f"({given}, {world_size} process(es)): pipeline stages compose with data parallelism "
+                "(dp_replicate, dp_shard) only.",
+                f"Set distributed.pp=1 to use {other}, or set {other.replace('=', '=1 instead of ')} and "
+                "split the model into pipeline stages over data-parallel groups.",
+            )
         if ep > 1 and cp > 1:
             raise UserError(
                 f"distributed.ep={ep} and distributed.cp={cp} cannot be combined ({given}, {world_size} "
@@ -166,12 +177,48 @@ def build_mesh(shape: MeshShape, device_type: str) -> Any:
             f"process(es).",
             "Resolve the shape with MeshShape.resolve(..., world_size=<launched processes>).",
         )
-    mesh = init_device_mesh(device_type, (shape.dp_replicate, shape.dp_shard, shape.cp, shape.tp),
-                            mesh_dim_names=DIM_NAMES)
+    sizes = (shape.dp_replicate, shape.dp_shard, shape.cp, shape.tp)
+    if shape.pp > 1:
+        # Pipeline stages outermost: this rank's 4-D mesh is its stage's slice of the root mesh;
+        # every group below is built for every slice (group creation is collective).
+        root = init_device_mesh(device_type, (shape.pp, *sizes), mesh_dim_names=(PP, *DIM_NAMES))
+        mesh = root[DIM_NAMES]
+        _PIPELINES[id(mesh)] = (mesh, root[PP], root.mesh)
+    else:
+        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=DIM_NAMES)
     if shape.cp > 1:  # FSDP shards over dp_shard x cp: a dimension of the same root mesh as tp
         mesh["dp_shard", "cp"]._flatten(SHARD_CP)
     _build_dp_mesh(mesh)
     return mesh
+
+
+#: Name of the pipeline dimension of the root mesh (pp > 1).
+PP = "pp"
+
+
+def _all_ranks(mesh: Any) -> Any:
+    """[pp, dp_replicate, dp_shard, cp, tp] global ranks of the whole job (pp = 1 without
+    pipeline parallelism), for building groups every rank must create alike."""
+    pipeline = _PIPELINES.get(id(mesh))
+    if pipeline is not None and pipeline[0] is mesh:
+        return pipeline[2]
+    return mesh.mesh.unsqueeze(0)
+
+
+def pp_size(mesh: Any) -> int:
+    """Pipeline stages' rank groups (1 without pipeline parallelism)."""
+    pipeline = _PIPELINES.get(id(mesh)) if mesh is not None else None
+    return pipeline[1].size() if pipeline is not None and pipeline[0] is mesh else 1
+
+
+def pp_rank(mesh: Any) -> int:
+    """This rank's place in its pipeline (the stage it runs with one stage per rank)."""
+    return pp_group_mesh(mesh).get_local_rank() if pp_size(mesh) > 1 else 0
+
+
+def pp_group_mesh(mesh: Any) -> Any:
+    """The 1-D "pp" mesh of this rank's pipeline (None without pipeline parallelism)."""
+    return _PIPELINES[id(mesh)][1] if pp_size(mesh) > 1 else None
 
 
 #: Name of the flattened (dp_shard, cp) dimension FSDP shards over when cp > 1.
@@ -185,14 +232,15 @@ def _build_dp_mesh(mesh: Any) -> Any:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
-    ranks = mesh.mesh  # [dp_replicate, dp_shard, cp, tp] tensor of global ranks
-    _, _, cps, tps = ranks.shape
-    groups = [ranks[:, :, c, t].flatten().tolist() for c in range(cps) for t in range(tps)]
+    ranks = _all_ranks(mesh)  # [pp, dp_replicate, dp_shard, cp, tp] tensor of global ranks
+    pps, _, _, cps, tps = ranks.shape
+    groups = [ranks[p, :, :, c, t].flatten().tolist() for p in range(pps) for c in range(cps) for t in range(tps)]
     mine, _ = dist.new_subgroups_by_enumeration(groups)
     dp = DeviceMesh.from_group(mine, mesh.device_type, mesh_dim_names=("dp",))
     with_cp = mine
     if cps > 1:
-        with_cp, _ = dist.new_subgroups_by_enumeration([ranks[..., t].flatten().tolist() for t in range(tps)])
+        with_cp, _ = dist.new_subgroups_by_enumeration(
+            [ranks[p, ..., t].flatten().tolist() for p in range(pps) for t in range(tps)])
     _DP_MESHES[id(mesh)] = (mesh, dp, with_cp)
     return dp
 
@@ -203,6 +251,7 @@ def forget_groups() -> None:
     mesh in the same process could be given a dead mesh's groups by a reused ``id()``."""
     _DP_MESHES.clear()
     _EP_GROUPS.clear()
+    _PIPELINES.clear()
 
 
 def expert_groups(mesh: Any, ep: int) -> tuple[Any, Any]:

@@ -46,7 +46,7 @@ from typing import Any
 
 from automodel_cli.components.distributed.mesh import fsdp_mesh, tp_mesh, tp_size
 from automodel_cli.components.distributed.plans import resolve_plan, validate_tp
-from automodel_cli.components.models.structure import decoder_layers, retie, shared_parameters, unwrap
+from automodel_cli.components.models.structure import decoder_layers, decoder_stack, retie, shared_parameters, unwrap
 from automodel_cli.components.training.memory import compile_decoder_layers, enable_activation_checkpointing
 from automodel_cli.errors import UserError
 
@@ -65,6 +65,7 @@ def parallelize_model(
     compile: bool = False,
     compile_backend: str = "inductor",
     ep: int = 1,
+    pipeline: bool = False,
 ) -> Any:
     """Parallelize ``model`` in place over ``mesh`` (from ``build_mesh``; None for one process)
     and return it.
@@ -78,7 +79,9 @@ def parallelize_model(
     ``components/training/memory.py``); ``compile`` compiles each decoder layer with
     ``compile_backend`` after checkpointing and before ``fully_shard``. ``ep`` splits the experts
     of a mixture-of-experts model (prepared by ``components/moe/experts.install_experts``) over
-    groups of ``ep`` dp_shard ranks (``components/moe/dispatch.shard_experts``).
+    groups of ``ep`` dp_shard ranks (``components/moe/dispatch.shard_experts``). ``pipeline``:
+    ``model`` is a pipeline rank's part, whose first stage runs the decoder without the root's
+    forward: the embedding becomes an FSDP unit of its own, gathered by its own hooks.
     """
     if tp != tp_size(mesh):
         raise ValueError(f"tp={tp} but the mesh has tp={tp_size(mesh)}")
@@ -129,6 +132,9 @@ def parallelize_model(
             fully_shard(layer, mesh=dp, mp_policy=policy,
                         reshard_after_forward=reshard_after_forward and i < len(layers) - 1,
                         ignored_params=experts & set(layer.parameters()) or None)
+        embedding = getattr(decoder_stack(model)[1], "embed_tokens", None) if pipeline else None
+        if embedding is not None:
+            fully_shard(embedding, mesh=dp, mp_policy=policy)
         fully_shard(model, mesh=dp, mp_policy=policy, ignored_params=experts or None)
         for module in model.modules():
             if isinstance(module, FSDPModule):
@@ -283,7 +289,8 @@ def apply_activation_checkpointing(model: Any, mode: bool | str = True) -> str:
 # --------------------------------------------------------------------------- clip and save
 
 def clip_grad_norm_(parameters: Iterable[Any], max_norm: float | None, norm_type: float = 2.0,
-                    foreach: bool | None = None) -> float:
+                    foreach: bool | None = None, *, pipeline_group: Any = None,
+                    uncounted: Iterable[Any] = ()) -> float:
     """Clip gradients by their total norm over the whole model and all ranks; return that norm.
 
     Gradients may be DTensors on different meshes (FSDP, TP, FSDP x TP, the experts on the "ep"
@@ -291,14 +298,20 @@ def clip_grad_norm_(parameters: Iterable[Any], max_norm: float | None, norm_type
     placements) group, turned into the true global norm with ``full_tensor()`` and combined (an
     ep mesh spans one copy of the experts: their replicas are not counted twice). ``max_norm=None`` only measures.
     Collective when any gradient is a DTensor: call it on every rank.
+    ``pipeline_group``: each rank holds one pipeline stage's parameters; the stages' norms are
+    combined over it. ``uncounted``: parameters clipped with the others but left out of the norm
+    (a tied weight's second copy on another stage, whose gradient equals the first's).
     """
     import math
 
     import torch
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
+    skipped = {id(p) for p in uncounted}
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None and id(p) not in skipped]
+    extra = [p.grad for p in parameters if p.grad is not None and id(p) in skipped]
+    if not grads and pipeline_group is None:
         return 0.0
     norm_type = float(norm_type)
     groups: dict[Any, list[Any]] = {}
@@ -311,18 +324,27 @@ def clip_grad_norm_(parameters: Iterable[Any], max_norm: float | None, norm_type
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         norms.append(norm.float().cpu())
-    stacked = torch.stack(norms)
+    stacked = torch.stack(norms) if norms else torch.zeros(1)
     if math.isinf(norm_type):
         total = stacked.max()
     else:
-        total = stacked.pow(norm_type).sum().pow(1.0 / norm_type)
+        total = stacked.pow(norm_type).sum()
+    if pipeline_group is not None:
+        import torch.distributed as dist
+
+        device = "cuda" if dist.get_backend(pipeline_group) == "nccl" else "cpu"
+        combined = total.to(device)
+        dist.all_reduce(combined, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM,
+                        group=pipeline_group)
+        total = combined.cpu()
+    if not math.isinf(norm_type):
+        total = total.pow(1.0 / norm_type)
     total_value = float(total)
     if max_norm is not None:
         coef = torch.clamp(torch.tensor(float(max_norm)) / (total + 1e-6), max=1.0)
         if coef < 1.0:
-            for group in groups.values():
-                for grad in group:
-                    grad.mul_(coef.to(dtype=grad.dtype).item())
+            for grad in [*(g for group in groups.values() for g in group), *extra]:
+                grad.mul_(coef.to(dtype=grad.dtype).item())
     return total_value
 
 

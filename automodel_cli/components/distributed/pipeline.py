@@ -242,7 +242,7 @@ def build_stage_module(model: Any, stage_index: int, num_stages: int, layer_rang
     import torch.nn as nn
 
     _, stack = structure.decoder_stack(model)
-    total = len(stack.layers)
+    total = _layer_count(stack)
     if not (0 <= stage_index < num_stages):
         raise UserError(f"Pipeline stage {stage_index} does not exist in a pipeline of {num_stages} stages.",
                         f"Use a stage index from 0 to {num_stages - 1}.")
@@ -256,7 +256,7 @@ def build_stage_module(model: Any, stage_index: int, num_stages: int, layer_rang
         raise UserError(f"Cannot find the final norm of {type(structure.unwrap(model)).__name__}'s decoder "
                         f"(none of {', '.join(FINAL_NORM_NAMES)}).",
                         "Pipeline parallelism needs a decoder laid out like Llama's; set pp=1 for this model.")
-    kept = {index: stack.layers[index] for index in layer_range}
+    kept = {index: _layer(stack, index) for index in layer_range}
     stage_layers, stage_module = _classes()
     stack.layers = stage_layers(kept)
     stack.config = _stage_config(stack.config, layer_range)
@@ -269,6 +269,90 @@ def build_stage_module(model: Any, stage_index: int, num_stages: int, layer_rang
             parent, _, attribute = head_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attribute, None)
     return stage_module(model, stack, stage_index, num_stages, layer_range)
+
+
+def _layer_count(stack: Any) -> int:
+    """Decoder layers of the whole model (a rank's part keeps the others' indices)."""
+    stage_layers, _ = _classes()
+    if isinstance(stack.layers, stage_layers):
+        return max(int(key) for key in stack.layers._modules) + 1 if len(stack.layers) else 0
+    return len(stack.layers)
+
+
+def _layer(stack: Any, index: int) -> Any:
+    """Decoder layer ``index`` of the whole model (also in a rank's part)."""
+    stage_layers, _ = _classes()
+    if isinstance(stack.layers, stage_layers):
+        if str(index) not in stack.layers._modules:
+            raise UserError(f"This pipeline rank does not hold decoder layer {index}.",
+                            "Build a stage only from the layers its rank keeps (keep_rank_part).")
+        return stack.layers._modules[str(index)]
+    return stack.layers[index]
+
+
+# --------------------------------------------------------------------------- a rank's stages
+
+def rank_stages(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
+    """The stage indices pipeline rank ``pp_rank`` runs (looped placement): ``r, r + pp, ...``."""
+    return [pp_rank + v * pp for v in range(virtual_stages)]
+
+
+def keep_rank_part(model: Any, ranges: Sequence[range], stages: Sequence[int]) -> None:
+    """Trim ``model`` (in place, also on the meta device) to what a pipeline rank running
+    ``stages`` holds: the decoder layers of those stages (under their original indices), the
+    embedding when it runs the first stage, the final norm and LM head when it runs the last.
+    The config is left whole: it describes the model that checkpoints and the final output hold.
+    Call ``stage_view`` for each stage's module once the model is prepared."""
+    import torch.nn as nn
+
+    _, stack = structure.decoder_stack(model)
+    num_stages = len(ranges)
+    kept = {index: _layer(stack, index) for stage in stages for index in ranges[stage]}
+    stage_layers, _ = _classes()
+    stack.layers = stage_layers(dict(sorted(kept.items())))
+    if 0 not in stages:
+        stack.embed_tokens = nn.Identity()  # not None: peft asks the model for its input embeddings
+    if num_stages - 1 not in stages:
+        norm_name = next((n for n in FINAL_NORM_NAMES if isinstance(getattr(stack, n, None), nn.Module)), None)
+        if norm_name is not None:
+            setattr(stack, norm_name, nn.Identity())
+        _, head_name = structure.output_head(model)
+        if head_name is not None:
+            parent, _, attribute = head_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attribute, None)
+
+
+def stage_view(model: Any, stage_index: int, num_stages: int, layer_range: range) -> Any:
+    """The module of one of this rank's stages over ``model`` (a rank's part from
+    ``keep_rank_part``, prepared: adapters, FSDP): ``build_stage_module`` applied to a view that
+    copies only the modules on the path from the root to the decoder (their child tables), so
+    the stages share every layer, parameter and FSDP hook with ``model``, which keeps its own
+    layers, names and state dict (checkpoints and the optimizer see one model per rank)."""
+    prefix, _ = structure.decoder_stack(model)
+    view = _shallow(model)
+    parent = view
+    for part in prefix.rstrip(".").split(".") if prefix else []:
+        child = _shallow(parent._modules[part])
+        parent._modules[part] = child
+        parent = child
+    return build_stage_module(view, stage_index, num_stages, layer_range)
+
+
+def _shallow(module: Any) -> Any:
+    """A copy of ``module`` with its own tables of children, parameters and buffers (the
+    entries themselves shared), so replacing a child of the copy leaves ``module`` intact."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    if isinstance(module, FSDPModule):
+        # The module's own class: the copy shares the FSDP hooks (they are in its hook tables)
+        # but is not an FSDP module itself, whose state would be looked up by identity.
+        cls = next(base for base in cls.__bases__ if not issubclass(base, FSDPModule))
+    clone = object.__new__(cls)  # not copy.copy: FSDP's module classes re-run __init__ there
+    clone.__dict__.update(module.__dict__)
+    for table in ("_modules", "_parameters", "_buffers"):
+        clone.__dict__[table] = type(module.__dict__[table])(module.__dict__[table])
+    return clone
 
 
 def _stage_config(config: Any, layer_range: range) -> Any:
@@ -303,8 +387,10 @@ def _stage_forward(stage: Any, x: Any, attention_mask: Any, position_ids: Any, l
 
 # --------------------------------------------------------------------------- one optimizer step
 
-def pad_micro_batches(micro_batches: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The micro-batches at one shape (the most rows and the longest row of any) and with the same
+def pad_micro_batches(micro_batches: Sequence[dict[str, Any]], shape: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """The micro-batches at one shape (the most rows and the longest row of any, or ``shape``
+    (rows, length) when that is larger: pipelines of different data-parallel ranks must run the
+    same shapes, since their stages' FSDP collectives meet) and with the same
     keys, since pipeline stages exchange fixed-size buffers. Added positions come after every real
     token (causal attention keeps them out of every real position) and added rows are whole dummy
     sequences; both have labels -100, so the loss and the gradients are those of the unpadded
@@ -321,6 +407,8 @@ def pad_micro_batches(micro_batches: Sequence[dict[str, Any]]) -> list[dict[str,
 
     rows = max(int(mb["input_ids"].shape[0]) for mb in micro_batches)
     length = max(int(mb["input_ids"].shape[1]) for mb in micro_batches)
+    if shape is not None:
+        rows, length = max(rows, int(shape[0])), max(length, int(shape[1]))
     keys = {key for mb in micro_batches for key in mb} & {"attention_mask", "position_ids"}
     if keys == {"attention_mask", "position_ids"} and any(mb.get("attention_mask") is None for mb in micro_batches):
         if not all(_right_padding_only(mb.get("attention_mask")) for mb in micro_batches):
@@ -418,19 +506,21 @@ class PipelineRunner:
         else:
             schedule = pipelining.ScheduleInterleaved1F1B(stages, **kwargs)
         self._schedules[key] = schedule
-        while len(self._schedules) > 4:
+        while len(self._schedules) > 16:
             self._schedules.popitem(last=False)
         return schedule
 
-    def step(self, micro_batches: Sequence[dict[str, Any]], num_label_tokens: int | Any) -> Any:
+    def step(self, micro_batches: Sequence[dict[str, Any]], num_label_tokens: int | Any,
+             shape: tuple[int, int] | None = None) -> Any:
         """Run forward and backward of ``micro_batches`` (each ``input_ids`` and ``labels`` [B, T],
         optionally ``attention_mask`` / ``position_ids``; the same on every rank of the group)
         and return the sum of their losses, each normalised by ``num_label_tokens`` (the step's
-        trained tokens), on every rank of the group. Gradients accumulate into the parameters."""
+        trained tokens), on every rank of the group. Gradients accumulate into the parameters.
+        ``shape``: (rows, length) to pad every micro-batch to at least (see ``pad_micro_batches``)."""
         import torch
         import torch.distributed as dist
 
-        padded = pad_micro_batches(micro_batches)
+        padded = pad_micro_batches(micro_batches, shape)
         batch = {key: torch.cat([mb[key] for mb in padded]).to(self.device) for key in padded[0]}
         schedule = self._schedule(tuple(padded[0]["input_ids"].shape) + tuple(sorted(batch)), len(padded))
         for stage in self.stages:
@@ -467,9 +557,14 @@ def _tied_head_weight(stages: list[Any]) -> tuple[Any, Any] | None:
 
 def _sum_tied_gradient(tied: tuple[Any, Any], group: Any, device: Any) -> None:
     """Sum the tied embedding/head weight's gradients of the first and the last stage over the
-    pipeline group (every rank takes part; ranks with neither contribute zeros)."""
+    pipeline group (every rank takes part; ranks with neither contribute zeros). Under FSDP the
+    two copies are sharded alike over the same data-parallel ranks, so the local shards add."""
     import torch
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    def local(tensor: Any) -> Any:
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
     embedding, head = tied
     owned = [w for w in (embedding, head) if w is not None]
@@ -477,13 +572,18 @@ def _sum_tied_gradient(tied: tuple[Any, Any], group: Any, device: Any) -> None:
     dist.all_reduce(trainable, group=group)
     if not trainable.item():  # frozen (LoRA): nothing to sum
         return
-    shape = next((w.shape for w in owned), None)
+    shape = next((local(w).shape for w in owned), None)
     shape_t = torch.tensor(list(shape) if shape is not None else [0, 0], device=device)
     dist.all_reduce(shape_t, op=dist.ReduceOp.MAX, group=group)
     grad = torch.zeros(tuple(int(x) for x in shape_t), device=device)
     for weight in owned:
         if weight.grad is not None:
-            grad += weight.grad
+            grad += local(weight.grad)
     dist.all_reduce(grad, group=group)
     for weight in owned:
-        weight.grad = grad.to(weight.dtype).clone() if len(owned) > 1 else grad.to(weight.dtype)
+        if weight.grad is None:
+            summed = grad.to(weight.dtype)
+            weight.grad = (DTensor.from_local(summed, weight.device_mesh, weight.placements, shape=weight.shape,
+                                              stride=weight.stride()) if isinstance(weight, DTensor) else summed)
+        else:
+            local(weight.grad).copy_(grad)

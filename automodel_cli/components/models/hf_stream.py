@@ -39,11 +39,11 @@ class Group:
     outputs: tuple[Entry, ...]
 
 
-def plan(model: Any, state: dict[str, Any]) -> list[Group]:
+def plan(model: Any, state: dict[str, Any], tied: dict[str, str] | None = None) -> list[Group]:
     """What ``save_pretrained`` would write for ``state`` (from ``sharded_state_dict``), in
     writing order, worked out on shapes alone (meta tensors): nothing is gathered."""
     names = [n for n in state if n not in set(getattr(model, "_keys_to_ignore_on_save", None) or ())]
-    names = _without_tied_duplicates(model, names)
+    names = _without_tied_duplicates(model, names, tied)
     meta = {n: torch.empty(state[n].shape, dtype=state[n].dtype, device="meta") for n in names}
     groups = [Group((n,), _entries(reverted(model, {n: meta[n]}))) for n in names]
     together = _entries(reverted(model, meta))
@@ -57,13 +57,14 @@ def _entries(tensors: dict[str, torch.Tensor]) -> tuple[Entry, ...]:
     return tuple(Entry(name, t.dtype, tuple(t.shape)) for name, t in tensors.items())
 
 
-def _without_tied_duplicates(model: Any, names: list[str]) -> list[str]:
+def _without_tied_duplicates(model: Any, names: list[str], tied: dict[str, str] | None = None) -> list[str]:
     """``names`` without the second names of tied weights, chosen by ``save_pretrained``'s own
     rule (``remove_tied_weights_from_state_dict``), shown one-element stand-ins that share
-    storage exactly where the parameters are shared."""
+    storage exactly where the parameters are shared (``tied``: more alias -> name pairs, for
+    copies of one weight held by different pipeline stages)."""
     from automodel_cli.components.checkpoint.state import tied_aliases
 
-    aliases = tied_aliases(model)
+    aliases = {**tied_aliases(model), **(tied or {})}
     tokens: dict[str, torch.Tensor] = {}
     for name in names:
         stored = aliases.get(name, name)
@@ -102,20 +103,99 @@ def gathered(model: Any, state: dict[str, Any], groups: list[Group], *,
         del made
 
 
-def write_weights(model: Any, directory: Path | None, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+def pipeline_gathered(model: Any, state: dict[str, Any], groups: list[Group], stages: Any, *,
+                      keep: bool) -> Iterator[tuple[Entry, torch.Tensor | None]]:
+    """``gathered`` for a pipeline-parallel model: each rank holds one stage's tensors
+    (``state``); ``stages`` (a ``PipelineStages``) says whose each tensor is. The owner's ranks
+    gather it over their data-parallel group and the one of them in global rank 0's pipeline
+    sends it there. Collective: every rank iterates to the end."""
+    import torch.distributed as dist
+
+    from automodel_cli.components.distributed.parallelize import full_tensor
+
+    writer_pipeline = dist.get_global_rank(stages.group, 0) == 0  # this pipeline holds global rank 0
+    for group in groups:
+        if len(group.sources) != 1:
+            raise NotImplementedError("weight conversions that join tensors are not written from a pipeline")
+        name = group.sources[0]
+        owner = stages.owner[name]
+        tensor = None
+        if owner == stages.rank:
+            sender = owner != 0 and writer_pipeline
+            tensor = full_tensor(state[name], keep=keep or sender)
+            if sender:
+                dist.send(tensor.to(stages.device).contiguous(), 0, group=stages.group)
+                tensor = None
+        elif keep:
+            meta = stages.meta[name]
+            received = torch.empty(meta.shape, dtype=meta.dtype, device=stages.device)
+            dist.recv(received, dist.get_global_rank(stages.group, owner), group=stages.group)
+            tensor = received.cpu()
+        made = reverted(model, {name: tensor}) if keep else {}
+        for entry in group.outputs:
+            yield entry, made.pop(entry.name, None)
+        del made, tensor
+
+
+@dataclass
+class PipelineStages:
+    """Who holds which tensor of a model split into pipeline stages: ``owner`` (name -> pipeline
+    rank), ``meta`` (name -> meta tensor: shape and dtype), ``tied`` (alias -> name of one weight
+    held by two stages), this rank's place ``rank`` and the pipeline ``group``."""
+
+    owner: dict[str, int]
+    meta: dict[str, torch.Tensor]
+    tied: dict[str, str]
+    rank: int
+    group: Any
+
+    @property
+    def device(self) -> Any:
+        """Where point-to-point transfers happen: the GPU under NCCL, else the CPU."""
+        import torch.distributed as dist
+
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @classmethod
+    def collect(cls, state: dict[str, Any], group: Any, tied: dict[str, str]) -> PipelineStages:
+        """Every rank's tensor names, shapes and dtypes (collective over the pipeline group)."""
+        import torch.distributed as dist
+
+        mine = [(name, tuple(value.shape), str(value.dtype).removeprefix("torch.")) for name, value in state.items()]
+        everyone: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, (mine, tied), group=group)
+        owner, meta, aliases = {}, {}, {}
+        for rank, (names, their_tied) in enumerate(everyone):
+            aliases.update(their_tied)
+            for name, shape, dtype in names:
+                if name not in owner:
+                    owner[name] = rank
+                    meta[name] = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+        aliases = {alias: first for alias, first in aliases.items() if alias in owner and first in owner}
+        return cls(owner, meta, aliases, dist.get_rank(group), group)
+
+
+def write_weights(model: Any, directory: Path | None, *, max_shard_bytes: int = MAX_SHARD_BYTES,
+                  pipeline: tuple[Any, dict[str, str]] | None = None) -> list[str]:
     """Write ``model``'s weights into ``directory`` as ``save_pretrained`` names and shards them;
     return the file names. Collective: every rank calls it, rank 0 with the directory (the
     others with None). A write that fails on rank 0 is raised there once every tensor has been
-    gathered, so the other ranks never wait for it."""
+    gathered, so the other ranks never wait for it. ``pipeline``: (the pipeline process group,
+    tied alias -> name) when each rank holds one pipeline stage of the model."""
     from automodel_cli.components.distributed.parallelize import sharded_state_dict
 
     state = sharded_state_dict(model)
-    groups = plan(model, state)
+    stages = PipelineStages.collect(state, *pipeline) if pipeline is not None else None
+    groups = plan(model, stages.meta, stages.tied) if stages is not None else plan(model, state)
     shards = plan_shards([entry for group in groups for entry in group.outputs], max_shard_bytes)
     file_of = {entry.name: (file, entries) for file, entries in shards for entry in entries}
     writer: StreamingWriter | None = None
     failure: Exception | None = None
-    for entry, tensor in gathered(model, state, groups, keep=directory is not None):
+    tensors = (gathered(model, state, groups, keep=directory is not None) if stages is None
+               else pipeline_gathered(model, state, groups, stages, keep=directory is not None))
+    for entry, tensor in tensors:
         if directory is not None and failure is None:
             try:
                 file, entries = file_of[entry.name]

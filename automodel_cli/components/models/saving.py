@@ -9,7 +9,8 @@ from typing import Any
 from automodel_cli.run_layout import RunDir
 
 
-def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, base_path: Any) -> Path:
+def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, base_path: Any,
+               pipeline: tuple[Any, dict[str, str]] | None = None) -> Path:
     """``final/``: the full model (safetensors, config, generation config, tokenizer), or with
     LoRA/DoRA the adapter that ``PeftModel.from_pretrained`` loads; ``final/merged`` when
     ``merge``. ``base_path`` is what the adapter is recorded against and merged into.
@@ -24,6 +25,8 @@ def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, bas
     Writing goes to a temporary directory renamed into place, so ``final/`` is never half written;
     when the disk refuses the write (full, over quota, read-only) the temporary copy is removed
     and a ``UserError``, raised on every rank, says which checkpoint the run can continue from.
+    ``pipeline``: (the pipeline group, tied alias -> name) when each rank holds one pipeline
+    stage: rank 0 receives the other stages' tensors.
     """
     from peft import PeftModel
 
@@ -45,11 +48,13 @@ def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, bas
                 staging.mkdir(parents=True)
             if is_adapter:
                 adapter = gather_full_state_dict(model, trainable_only=True) if collective.active() else None
+                if pipeline is not None:  # every stage's adapter weights (small) to every pipeline rank
+                    adapter = _join_stages(adapter, pipeline[0])
                 if is_main:
                     model.save_pretrained(staging, safe_serialization=True,
                                           **({"state_dict": adapter} if adapter is not None else {}))
             else:
-                hf_stream.write_weights(model, staging if is_main else None)
+                hf_stream.write_weights(model, staging if is_main else None, pipeline=pipeline)
                 if is_main:
                     hf_stream.write_model_files(model, staging)
             if is_main:
@@ -71,6 +76,15 @@ def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, bas
             shutil.rmtree(final)
         staging.rename(final)
     return final
+
+
+def _join_stages(tensors: dict[str, Any], group: Any) -> dict[str, Any]:
+    """The union of every pipeline rank's ``tensors`` (collective over ``group``)."""
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, {name: value.cpu() for name, value in tensors.items()}, group=group)
+    return {name: value for part in everyone for name, value in part.items()}
 
 
 def _output_bytes(model: Any, is_adapter: bool) -> int:
