@@ -2,7 +2,9 @@
 
 The same table ``--dry-run`` prints and a run prints first (``training/memory_plan.py``), for a
 config resolved exactly as the recipe command would resolve it (TARGET, ``-c`` files, the run
-options, ``key=value`` overrides). ``--json`` prints it as one JSON object. No torch.
+options, ``key=value`` overrides). With ``distributed.auto=true`` the automatic layout is chosen
+first, as a launch would choose it (its candidates, the choice and why), and the plan is that
+layout's. ``--json`` prints it as one JSON object. No torch.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def plan_command(registries: Registries):
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ) -> None:
         """Memory per process of a run: parameters, gradients, optimizer state, activations, logits, peak; whether it fits and what helps most."""
-        from automodel_cli.components.launch.start import job_mesh, make_launcher, processes_per_node
+        from automodel_cli.components.launch.start import make_launcher, processes_per_node, resolve_mesh
         from automodel_cli.config.assemble import resolve_command, split_arguments
         from automodel_cli.training.memory_plan import launch_target, plan_report
 
@@ -45,13 +47,14 @@ def plan_command(registries: Registries):
         cfg = resolve_command(registries, recipe=entry, target=target, config_files=config, overrides=overrides,
                               flags=launch_flags(peft, nproc_per_node, gpus_per_node, nodes, launcher, None))
         processes = processes_per_node(cfg)
-        shape = job_mesh(cfg, cfg.launch.nodes * processes)
         local = not make_launcher(registries, cfg.launch.launcher).requests_gpus
+        shape, layout = resolve_mesh(entry.name, cfg, processes=processes, local=local, registries=registries)
         report = plan_report(cfg, entry.name, shape, launch_target(cfg, local=local, processes_per_node=processes),
                              registries)
         if as_json:
-            typer.echo(json.dumps(report.as_dict(), indent=2))
+            typer.echo(json.dumps({**report.as_dict(), **({"auto_layout": layout.as_dict()} if layout else {})},
+                                  indent=2))
         else:
-            typer.echo("\n".join(report.lines()))
+            typer.echo("\n".join((layout.lines() + [""] if layout else []) + report.lines()))
 
     return plan

@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from automodel_cli.components.launch.preflight import offline_config
 from automodel_cli.components.training import memory_plan as plans
+from automodel_cli.components.training.layout import Layout, in_flight, pipeline_plan, pipeline_stage
 from automodel_cli.components.training.memory_plan import GIB, Architecture, Knob, MemoryPlan, Setup, gib
 
 #: Processes that read SFT data pad their batches (``attention_mask``) unless data is packed.
@@ -29,12 +30,14 @@ PADDED_RECIPES = ("finetune", "distill")
 @dataclass(frozen=True)
 class Target:
     """Where the processes run: ``device`` (cuda or cpu), whether it computes in bf16, and the
-    bytes one process may use (None: unknown, so the plan gives no verdict)."""
+    bytes one process may use (None: unknown, so the plan gives no verdict); ``gpu``: the GPU's
+    name when this machine has one (the automatic layout looks up its speed)."""
 
     device: str
     capacity: int | None
     description: str
     bf16_supported: bool = True
+    gpu: str | None = None
 
 
 @dataclass
@@ -124,10 +127,17 @@ def plan_report(cfg: Any, recipe: str, shape: Any, target: Target, registries: A
         report.reason = f"the config of {cfg.get('model.path')!r} lacks the sizes of a decoder (hidden_size, ...)"
         return report
     report.setup = setup = setup_from_config(cfg, recipe, shape, target, registries)
-    report.result = plans.plan(architecture, setup)
-    report.knobs = plans.knobs(architecture, setup, target.capacity)
+    pp, stages = getattr(shape, "pp", 1), configured_virtual_stages(cfg)
+    report.result = pipeline_plan(architecture, setup, pp=pp, virtual_stages=stages)
+    stage = pipeline_stage(architecture, pp)  # the knobs are tried on the last stage
+    report.knobs = plans.knobs(stage, setup, target.capacity)
     if target.capacity is not None:
-        report.advice = plans.advise(architecture, setup, target.capacity)
+        report.advice = plans.advise(stage, setup, target.capacity)
+    if pp > 1:
+        flight = in_flight(Layout(pp=pp, accumulation=setup.accumulation, virtual_stages=stages))
+        report.result.notes.append(f"pipeline: the larger of the first and last of {pp} stages ({stage.layers} of "
+                                   f"{architecture.layers} layers each; the first keeps the activations of "
+                                   f"{flight:g} micro-batches in flight, the last the LM head and the loss)")
     method = {"none": "full fine-tuning", "lora": f"LoRA r={setup.lora_rank}", "dora": f"DoRA r={setup.lora_rank}"}
     report.headline = (f"{recipe}, {shape.describe()}, {method[setup.peft]}, AdamW, micro-batch {setup.micro_batch} x "
                        f"{setup.seq_len} tokens, activation checkpointing {plans.checkpointing_mode(setup.activation_checkpointing)}, "
@@ -138,6 +148,14 @@ def plan_report(cfg: Any, recipe: str, shape: Any, target: Target, registries: A
     if setup.teacher is None and recipe == "distill":
         report.result.notes.append("distill: the teacher's config is not on this machine; its memory is not included")
     return report
+
+
+def configured_virtual_stages(cfg: Any) -> int:
+    """Model chunks per pipeline rank: ``distributed.pp_virtual_stages`` under interleaved 1F1B
+    (default 2), else 1."""
+    if cfg.get("distributed.pp_schedule") != "interleaved_1f1b":
+        return 1
+    return int(cfg.get("distributed.pp_virtual_stages") or 2)
 
 
 def setup_from_config(cfg: Any, recipe: str, shape: Any, target: Target, registries: Any = None) -> Setup:
@@ -208,8 +226,8 @@ def launch_target(cfg: Any, *, local: bool, processes_per_node: int) -> Target:
     if gpu is not None:
         name, memory, bf16 = gpu
         if given is not None:
-            return _given("cuda", given, processes_per_node, bf16)
-        return Target("cuda", memory, f"this machine's GPU ({name})", bf16)
+            return replace(_given("cuda", given, processes_per_node, bf16), gpu=name)
+        return Target("cuda", memory, f"this machine's GPU ({name})", bf16, gpu=name)
     if given is not None:
         return _given("cpu", given, processes_per_node)
     return host_target(processes_per_node)

@@ -58,6 +58,7 @@ class LaunchSpec:
     run_here: Callable[[], int]
     job_dir: Path | None = None
     mesh: Any = None  # the resolved MeshShape (set by build_spec)
+    auto_layout: Any = None  # the automatic layout chosen for it (distributed.auto; set by build_spec)
 
     @property
     def world_size(self) -> int:

@@ -136,16 +136,17 @@ def parallel_problems(cfg: Any, spec: Any, plan_types: list[str] | None) -> list
     return found
 
 
-def context_parallel_problems(recipe: str, cfg: Any) -> list[tuple[str, str]]:
+def context_parallel_problems(recipe: str, cfg: Any, cp: int | None = None) -> list[tuple[str, str]]:
     """(key, message) for ``distributed.cp > 1`` where it cannot run: a recipe whose step does not
     split sequences, a vision-language model or image-text data, a model with sliding-window
     attention or logit soft-capping (from config.json, when at hand), and sequences that do not
     cut into ``2 * cp`` chunks: ``data.max_length`` (pretrain blocks, packed rows) not a multiple
-    of what batches are padded to. Whether cp fits the world size is ``job_mesh``'s check."""
+    of what batches are padded to. Whether cp fits the world size is ``job_mesh``'s check.
+    ``cp``: the degree to check (default ``distributed.cp``; the automatic layout asks about 2)."""
     from automodel_cli.components.distributed.context_parallel import unsupported_problem
     from automodel_cli.training.context_parallel import CP_RECIPES, pad_multiple
 
-    cp = cfg.get("distributed.cp") or 1
+    cp = cp or cfg.get("distributed.cp") or 1
     if not isinstance(cp, int) or cp <= 1:
         return []
     found: list[tuple[str, str]] = []

@@ -59,7 +59,8 @@ def build_spec(entry: Entry, cfg: Any, launcher: Launcher, registries: Registrie
         run_here=lambda: run_recipe(entry, cfg, registries),
     )
     refuse_credentials(cfg, spec, launcher)  # first: nothing below may print a credential
-    spec.mesh = job_mesh(cfg, spec.world_size)
+    spec.mesh, spec.auto_layout = resolve_mesh(entry.name, cfg, processes=nproc, local=not launcher.requests_gpus,
+                                               registries=registries)
     launcher.check(spec)
     if launcher.uses_frozen_config(spec):  # what would otherwise fail in the queue
         problems = job_problems(entry.name, cfg, spec, launcher, plan_types=registries.parallel_plans.names())
@@ -71,6 +72,18 @@ def build_spec(entry: Entry, cfg: Any, launcher: Launcher, registries: Registrie
 def processes_per_node(cfg: Any) -> int:
     """Processes the job starts on each node (ranges: the config schema)."""
     return cfg.launch.nproc_per_node or cfg.launch.gpus_per_node or 1
+
+
+def resolve_mesh(recipe: str, cfg: Any, *, processes: int, local: bool, registries: Registries | None = None
+                 ) -> tuple[MeshShape, Any]:
+    """(the job's mesh, the automatic layout or None). With ``distributed.auto=true`` the layout
+    is chosen first and written into ``cfg`` (``training/auto_layout.py``), so the frozen config
+    holds its sizes. ``local``: the processes run on this machine."""
+    from automodel_cli.training.auto_layout import auto_layout
+
+    layout = auto_layout(cfg, recipe, nodes=cfg.launch.nodes, processes_per_node=processes, local=local,
+                         registries=registries)
+    return job_mesh(cfg, cfg.launch.nodes * processes), layout
 
 
 def job_mesh(cfg: Any, world_size: int) -> MeshShape:
@@ -98,6 +111,8 @@ def start(entry: Entry, cfg: Any, registries: Registries, *, dry_run: bool,
         rendered = launcher.render(spec)
         echo(f"# resolved config ({spec.describe()}, launcher {launcher.name})\n")
         echo(f"# mesh: {spec.describe_mesh()}\n")
+        if spec.auto_layout is not None:
+            echo("".join(f"# {line}\n" for line in spec.auto_layout.lines()))
         if memory_plan is not None:
             echo(memory_plan(spec, launcher))
         echo(cfg.to_yaml(with_sources=True))
@@ -105,4 +120,6 @@ def start(entry: Entry, cfg: Any, registries: Registries, *, dry_run: bool,
             echo(f"\n# ---- {launcher.name}: what would be submitted (nothing was) ----\n")
             echo(rendered if rendered.endswith("\n") else rendered + "\n")
         return 0
+    if spec.auto_layout is not None:
+        echo("\n".join(spec.auto_layout.lines()) + "\n")
     return launcher.launch(spec)

@@ -7,24 +7,15 @@ Developer note
 State: a pure component (no torch, no config keys, no CLI). ``choose_layout`` enumerates the
 layouts of ``nodes x gpus_per_node`` processes, computes each one's memory per process with
 ``memory_plan.plan`` (through the thin adapter ``layout_memory``) and its step time with
-``step_time``, and picks one; ``describe`` prints the table and the reason.
+``step_time``, and picks one; ``describe`` prints the table and the reason. ``fixed`` pins sizes
+the user gave (dimensions, the micro-batch). ``pipeline_plan`` is also the run's own memory plan
+of a pipelined run, so ``automodel plan`` and the layout table print one peak.
 
-What the wiring session must do:
-
-* pass ``allowed`` = the dimensions the mesh has (today ``("dp", "tp", "ep")``; add ``"pp"`` and
-  ``"cp"`` when those components land) and ``virtual_stages`` = what the pipeline schedule
-  supports (1: 1F1B; v > 1: interleaved 1F1B with v model chunks per stage);
-* build ``base`` (a ``memory_plan.Setup``) from the resolved config exactly as
-  ``training/memory_plan.py`` does (peft, dtype, loss, attention mask, sequence parallel); the
-  layout fields of ``base`` (micro-batch, sequence length, mesh sizes, checkpointing,
-  accumulation) are replaced here;
-* pick the ``Hardware`` entry from the device name (``HARDWARE``; ``flops.lookup_peak`` already
-  matches names) and pass ``capacity`` when the memory per process is known better than the
-  table (``launch.device_memory_gib``, the host's available memory on CPU);
-* map a ``Layout`` to config keys: ``distributed.{dp_replicate,dp_shard,tp,ep}`` (``dp_shard`` of
-  the mesh is ``Layout.dp_shard``, not ``dp_shard x cp``), ``train.micro_batch_size``,
-  ``train.activation_checkpointing``, and the pp/cp keys the other components define; the
-  global batch is ``micro_batch x accumulation x dp_replicate x dp_shard``.
+Wired by ``training/auto_layout.py`` (``distributed.auto=true``): it builds ``base`` from the
+resolved config as ``training/memory_plan.py`` does, picks the ``Hardware`` from the device,
+passes the dimensions the model and recipe can use as ``allowed`` and the explicitly set keys as
+``fixed``, and maps the chosen ``Layout`` to ``distributed.*`` and ``train.*`` keys before the
+job is launched (docs/distributed.md, "Automatic layout").
 
 What the model predicts today, worth knowing before trusting it: Llama 3.1 8B at 32k context on
 2 x 8 H100 gets ``dp_replicate=2 x cp=8`` without checkpointing (cp alone brings the activations
@@ -51,10 +42,11 @@ Memory per process (``layout_memory``)
 
 ``memory_plan.plan`` is unchanged; the adapter changes its inputs:
 
-* context parallelism: a rank holds ``seq / cp`` tokens of each sequence, so the plan runs with
-  ``seq_len = seq / cp`` (activations and logits divided by ``cp``), plus one layer's K/V
-  gathered over the whole sequence (``2 b s kv / tp`` values in the compute dtype) as a
-  short-lived buffer;
+* context parallelism: the plan's own ``Setup.cp`` (the run's plan models cp the same way, so
+  ``automodel plan`` and the layout table agree): a rank holds ``seq / cp`` tokens of each
+  sequence (activations and logits divided by ``cp``), parameters are sharded over ``dp_shard
+  x cp``, and every layer keeps its all-gathered keys and values (repeated to the query heads)
+  for attention's backward, plus the ``[b, seq / cp, seq]`` boolean mask;
 * pipeline parallelism (``pp > 1``): a stage holds ``ceil(L / pp)`` layers and one vocabulary
   matrix (the first stage the embedding, the last the head): the plan runs on the architecture
   with ``layers = ceil(L / pp)`` and tied embeddings (one ``V h`` matrix, the loss still over
@@ -119,26 +111,32 @@ backward, ring attention) up to ``OVERLAP`` of it::
            + max(0, FSDP + HSDP + CP - OVERLAP * compute)
 
 Choice: the candidates that fit; among them those within ``TIE_TOLERANCE`` of the fastest; among
-those the fewest parallel dimensions (> 1), then the fastest. The model's accuracy is that of its
-constants (``Hardware``, ``OVERLAP``, ``MEMORY_MARGIN``): it ranks layouts, it does not promise
+those the fewest parallel dimensions (> 1), then the fastest, then the one that communicates least
+(hidden communication still takes links and memory bandwidth: when compute hides everything, as
+for a small model, this prefers plain data parallelism and large micro-batches), then the fewest
+micro-batches, then the least memory. The model's accuracy is that of its constants
+(``Hardware``, ``OVERLAP``, ``MEMORY_MARGIN``): it ranks layouts, it does not promise
 seconds.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from automodel_cli.components.distributed.plans import tp_problems
 from automodel_cli.components.training.flops import lookup_peak
-from automodel_cli.components.training.memory_plan import DTYPE_BYTES, GIB, Architecture, Setup, gib, plan
+from automodel_cli.components.training.memory_plan import (DTYPE_BYTES, GIB, Architecture, MemoryPlan, Setup, gib,
+                                                            plan)
 from automodel_cli.errors import UserError
 
 #: The layout's dimensions, outermost first; ``ep`` splits dp_shard, it adds no mesh dimension.
 DIMENSIONS = ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")
 #: ``allowed`` may name both data-parallel dimensions at once.
 ALIASES = {"dp": ("dp_replicate", "dp_shard")}
+#: What ``fixed`` may pin besides the dimensions: the micro-batch (sequences per forward pass).
+FIXABLE = DIMENSIONS + ("micro_batch",)
 CHECKPOINTING = ("none", "selective", "full")
 #: Share of the plan's peak left free for what it does not count (CUDA context, allocator reserve,
 #: NCCL buffers, kernel workspaces).
@@ -251,6 +249,11 @@ class StepTime:
     total: float
 
     @property
+    def communication(self) -> float:
+        """Seconds of every collective and send, hidden or not."""
+        return self.tp + self.fsdp + self.hsdp + self.cp + self.ep + self.ep_sync + self.pp
+
+    @property
     def exposed(self) -> float:
         """Overlappable communication that compute does not hide."""
         return max(0.0, self.fsdp + self.hsdp + self.cp - OVERLAP * self.compute)
@@ -304,16 +307,27 @@ def _tp_config(arch: Architecture) -> dict:
     return {**config, "intermediate_size": arch.intermediate}
 
 
+def check_fixed(fixed: Mapping[str, int]) -> None:
+    unknown = sorted(set(fixed) - set(FIXABLE))
+    if unknown:
+        raise ValueError(f"cannot fix {', '.join(unknown)} (known: {', '.join(FIXABLE)})")
+
+
 def mesh_shapes(arch: Architecture, *, nodes: int, gpus_per_node: int, seq_len: int, global_batch: int,
                 allowed: Iterable[str], virtual_stages: Iterable[int] = (1,),
-                sequence_parallel: bool = False) -> Iterator[tuple[Layout, str | None]]:
+                sequence_parallel: bool = False, fixed: Mapping[str, int] | None = None,
+                ) -> Iterator[tuple[Layout, str | None]]:
     """Every (pp, dp_replicate, dp_shard, cp, tp, ep[, v]) over the allowed dimensions whose
     product is the world size, with the reason the model or the mesh rules it out (None: it can
-    run). Micro-batch and checkpointing are left at their defaults (``layouts`` expands them)."""
+    run). ``fixed``: dimensions whose size is given (a user's explicit setting), allowed or not.
+    Micro-batch and checkpointing are left at their defaults (``layouts`` expands them)."""
     world = nodes * gpus_per_node
     names = expand_allowed(allowed)
+    fixed = fixed or {}
 
     def sizes(name: str, n: int) -> list[int]:
+        if name in fixed:
+            return [fixed[name]] if n % fixed[name] == 0 else []
         return divisors(n) if name in names else [1]
 
     for pp in sizes("pp", world):
@@ -322,7 +336,9 @@ def mesh_shapes(arch: Architecture, *, nodes: int, gpus_per_node: int, seq_len: 
                 rest = world // (pp * tp * cp)
                 for dp_replicate in sizes("dp_replicate", rest):
                     dp_shard = rest // dp_replicate
-                    if dp_shard > 1 and "dp_shard" not in names:
+                    if fixed.get("dp_shard", dp_shard) != dp_shard:
+                        continue
+                    if dp_shard > 1 and "dp_shard" not in names and "dp_shard" not in fixed:
                         continue
                     for ep in (sizes("ep", dp_shard) if arch.experts > 1 else [1]):
                         for v in (virtual_stages if pp > 1 else (1,)):
@@ -352,17 +368,23 @@ def mesh_problem(arch: Architecture, layout: Layout, *, gpus_per_node: int, seq_
         return f"dp_replicate={layout.dp_replicate} would split a node (a replica must cover whole nodes)"
     if layout.ep > 1 and arch.experts % layout.ep:
         return f"ep={layout.ep} does not divide the {arch.experts} experts"
+    if layout.ep > 1 and cp > 1:
+        return "expert parallelism does not run under context parallelism"
     if global_batch % layout.dp:
         return f"the global batch {global_batch} does not split over dp={layout.dp} data-parallel ranks"
     return None
 
 
-def layouts(mesh: Layout, *, global_batch: int, checkpointing: Iterable[str] = CHECKPOINTING
-            ) -> Iterator[tuple[Layout, str | None]]:
-    """``mesh`` with every micro-batch (a divisor of the per-rank batch) and checkpointing mode,
-    with the reason a pipeline cannot run it (None: it can)."""
+def layouts(mesh: Layout, *, global_batch: int, checkpointing: Iterable[str] = CHECKPOINTING,
+            micro_batch: int | None = None) -> Iterator[tuple[Layout, str | None]]:
+    """``mesh`` with every micro-batch (a divisor of the per-rank batch; only ``micro_batch``
+    when given) and checkpointing mode, with the reason it cannot run (None: it can)."""
     per_rank = global_batch // mesh.dp
-    for micro_batch in divisors(per_rank):
+    if micro_batch is not None and per_rank % micro_batch:
+        yield (replace(mesh, micro_batch=micro_batch),
+               f"micro-batch {micro_batch} does not divide the {per_rank} sequences per data-parallel rank")
+        return
+    for micro_batch in [micro_batch] if micro_batch is not None else divisors(per_rank):
         accumulation = per_rank // micro_batch
         problem = None
         if mesh.pp > 1 and accumulation < mesh.pp:
@@ -374,10 +396,10 @@ def layouts(mesh: Layout, *, global_batch: int, checkpointing: Iterable[str] = C
 
 # ------------------------------------------------------------------------------- memory
 def layout_setup(base: Setup, layout: Layout, seq_len: int, device: str) -> Setup:
-    """The memory plan's view of one rank of ``layout`` (module docstring, "Memory"); cp is
-    modelled here (``seq / cp``, ``dp_shard x cp``), so the plan's own ``Setup.cp`` stays 1."""
-    return replace(base, micro_batch=layout.micro_batch, seq_len=seq_len // layout.cp, device=device,
-                   dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard * layout.cp, tp=layout.tp, cp=1,
+    """The memory plan's view of one rank of ``layout`` (module docstring, "Memory"): the plan
+    models cp itself (``Setup.cp``), as it does for the run, so both give one number."""
+    return replace(base, micro_batch=layout.micro_batch, seq_len=seq_len, device=device,
+                   dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard, tp=layout.tp, cp=layout.cp,
                    ep=layout.ep, activation_checkpointing=layout.activation_checkpointing,
                    accumulation=layout.accumulation)
 
@@ -394,22 +416,34 @@ def in_flight(layout: Layout) -> float:
 def layout_memory(arch: Architecture, base: Setup, layout: Layout, *, seq_len: int,
                   device: str) -> tuple[int, str]:
     """(peak bytes per process, the phase and stage it happens in) of ``layout``."""
-    setup = layout_setup(base, layout, seq_len, device)
-    stage = arch if layout.pp == 1 else replace(arch, layers=math.ceil(arch.layers / layout.pp), tied=True)
-    last = plan(stage, setup)
-    param_dtype, autocast = setup.precision()
-    c = DTYPE_BYTES[autocast or param_dtype]
-    gathered_kv = c * 2 * setup.micro_batch * seq_len * arch.kv_width / layout.tp if layout.cp > 1 else 0
-    stage_name = ", last stage" if layout.pp > 1 else ""
-    peaks = {phase + stage_name: value + (gathered_kv if phase != "optimizer step" else 0)
-             for phase, value in last.phases.items()}
-    if layout.pp > 1:
-        extra = (in_flight(layout) - 1) * last.activations + gathered_kv
-        peaks["loss backward, first stage"] = last.phases["loss backward"] - last.logits + extra
-        if "layer recompute" in last.phases:
-            peaks["layer recompute, first stage"] = last.phases["layer recompute"] + extra
+    result = pipeline_plan(arch, layout_setup(base, layout, seq_len, device), pp=layout.pp,
+                           virtual_stages=layout.virtual_stages)
+    return result.peak, result.phase
+
+
+def pipeline_stage(arch: Architecture, pp: int) -> Architecture:
+    """One of ``pp`` pipeline stages as the plan sees it: ``ceil(L / pp)`` layers and one
+    vocabulary matrix (``tied``: the first stage holds the embedding, the last the head)."""
+    return arch if pp == 1 else replace(arch, layers=math.ceil(arch.layers / pp), tied=True)
+
+
+def pipeline_plan(arch: Architecture, setup: Setup, *, pp: int, virtual_stages: int = 1) -> MemoryPlan:
+    """The memory plan of the larger of a pipeline's first and last stages (module docstring,
+    "Memory"): the last stage's plan with the first stage's phases added (no logits, the
+    activations of the micro-batches in flight); ``pp=1``: the plan. The run's own plan
+    (``training/memory_plan.py``) uses it too, so both print one number."""
+    if pp == 1:
+        return plan(arch, setup)
+    last = plan(pipeline_stage(arch, pp), setup)
+    extra = (in_flight(Layout(pp=pp, accumulation=setup.accumulation, virtual_stages=virtual_stages)) - 1
+             ) * last.activations
+    peaks = {f"{phase}, last stage": value for phase, value in last.phases.items()}
+    peaks["loss backward, first stage"] = int(last.phases["loss backward"] - last.logits + extra)
+    if "layer recompute" in last.phases:
+        peaks["layer recompute, first stage"] = int(last.phases["layer recompute"] + extra)
     phase = max(peaks, key=lambda name: peaks[name])
-    return int(peaks[phase]), phase
+    return replace(last, phases=peaks, peak=int(peaks[phase]), phase=phase,
+                   total_parameters=arch.parameters().total)
 
 
 # ----------------------------------------------------------------------------- step time
@@ -496,13 +530,16 @@ def choose_layout(arch: Architecture, *, nodes: int, gpus_per_node: int, seq_len
                   hardware: Hardware | str = "h100", base: Setup | None = None, capacity: int | None = None,
                   margin: float = MEMORY_MARGIN, allowed: Iterable[str] = ("pp", "dp", "cp", "tp", "ep"),
                   checkpointing: Iterable[str] = CHECKPOINTING, virtual_stages: Iterable[int] = (1,),
-                  ) -> tuple[Candidate, list[Candidate]]:
+                  fixed: Mapping[str, int] | None = None) -> tuple[Candidate, list[Candidate]]:
     """(the chosen candidate, every candidate considered) for ``global_batch`` sequences of
     ``seq_len`` tokens on ``nodes x gpus_per_node`` processes. ``base``: the run's other
     settings (peft, dtype, loss); ``capacity``: bytes per process (default the hardware's);
-    ``allowed``: the dimensions that may exceed 1 (``dp`` = dp_replicate and dp_shard).
+    ``allowed``: the dimensions that may exceed 1 (``dp`` = dp_replicate and dp_shard);
+    ``fixed``: sizes given in advance (dimensions, ``micro_batch``), the others are chosen.
 
     Raises ``UserError`` when nothing fits, naming the smallest peak and what would help."""
+    fixed = dict(fixed or {})
+    check_fixed(fixed)
     hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
     base = base or Setup(micro_batch=1, seq_len=seq_len)
     usable = int((capacity if capacity is not None else hw.memory) * (1 - margin))
@@ -510,11 +547,12 @@ def choose_layout(arch: Architecture, *, nodes: int, gpus_per_node: int, seq_len
     candidates: list[Candidate] = []
     for mesh, problem in mesh_shapes(arch, nodes=nodes, gpus_per_node=gpus_per_node, seq_len=seq_len,
                                      global_batch=global_batch, allowed=allowed, virtual_stages=virtual_stages,
-                                     sequence_parallel=base.sequence_parallel):
+                                     sequence_parallel=base.sequence_parallel, fixed=fixed):
         if problem:
             candidates.append(Candidate(mesh, rejected=problem))
             continue
-        for layout, schedule_problem in layouts(mesh, global_batch=global_batch, checkpointing=modes):
+        for layout, schedule_problem in layouts(mesh, global_batch=global_batch, checkpointing=modes,
+                                                micro_batch=fixed.get("micro_batch")):
             if schedule_problem:
                 candidates.append(Candidate(layout, rejected=schedule_problem))
                 continue
@@ -525,24 +563,35 @@ def choose_layout(arch: Architecture, *, nodes: int, gpus_per_node: int, seq_len
                         if memory > usable else None)
             candidates.append(Candidate(layout, memory, phase, time, rejected))
     if not any(c.fits for c in candidates):
-        raise UserError(*_nothing_fits(candidates, usable, arch, nodes, gpus_per_node, seq_len, global_batch))
+        raise UserError(*_nothing_fits(candidates, usable, arch, nodes, gpus_per_node, seq_len, global_batch, fixed))
     return pick(candidates), candidates
 
 
 def pick(candidates: list[Candidate]) -> Candidate:
     """The winner among candidates that fit: within ``TIE_TOLERANCE`` of the fastest, the fewest
-    parallel dimensions, then the fastest, then the least memory."""
+    parallel dimensions, then the fastest, then ``_tie_break``."""
     fitting = [c for c in candidates if c.fits]
     fastest = min(c.time.total for c in fitting)
     near = [c for c in fitting if c.time.total <= fastest * (1 + TIE_TOLERANCE)]
-    return min(near, key=lambda c: (c.layout.dimensions, c.time.total, c.memory))
+    return min(near, key=lambda c: (c.layout.dimensions, *_tie_break(c)))
+
+
+def _tie_break(c: Candidate) -> tuple:
+    """After the step time: the least communication, the fewest micro-batches (each costs launches
+    and collective latency the model leaves out), the least memory."""
+    return c.time.total, c.time.communication, c.layout.accumulation, c.memory
 
 
 def _nothing_fits(candidates: list[Candidate], usable: int, arch: Architecture, nodes: int, gpus_per_node: int,
-                  seq_len: int, global_batch: int) -> tuple[str, str]:
+                  seq_len: int, global_batch: int, fixed: Mapping[str, int] | None = None) -> tuple[str, str]:
     planned = [c for c in candidates if c.memory is not None]
     world = f"{nodes} node(s) x {gpus_per_node} process(es)"
     model = f"{arch.parameters().total / 1e9:.1f}B parameters"
+    pinned = ", ".join(f"{name}={value}" for name, value in (fixed or {}).items() if name in DIMENSIONS)
+    if not candidates and pinned:
+        return (f"No layout of {world} has {pinned}: the sizes cannot multiply to {nodes * gpus_per_node} "
+                "processes.", "Change the fixed sizes so that their product divides the number of processes, "
+                "or the number of processes.")
     if not candidates:
         return (f"No layout of {world} uses only the allowed dimensions: their sizes cannot multiply to "
                 f"{nodes * gpus_per_node} processes.", "Allow dp (dp_shard takes any number of processes).")
@@ -555,8 +604,8 @@ def _nothing_fits(candidates: list[Candidate], usable: int, arch: Architecture, 
     return (f"No layout of {world} fits {model} at {global_batch} x {seq_len} tokens: the smallest peak, "
             f"{gib(least.memory)} per process ({least.layout.mesh_label()}, micro-batch {least.layout.micro_batch}, "
             f"{least.layout.activation_checkpointing} checkpointing), exceeds the {gib(usable)} usable.",
-            "Use more nodes, LoRA (--peft lora), bf16 weights (model.dtype=bfloat16), a fused loss "
-            "(loss.name=linear_ce) or a shorter sequence.")
+            "Use more processes or nodes, LoRA (--peft lora), bf16 weights (model.dtype=bfloat16), a fused loss "
+            "(loss.name=linear_ce) or shorter sequences (data.max_length).")
 
 
 # ------------------------------------------------------------------------------ the table
@@ -567,8 +616,9 @@ def representatives(candidates: list[Candidate]) -> list[Candidate]:
     for candidate in candidates:
         by_mesh.setdefault((candidate.layout.mesh(), candidate.layout.virtual_stages), []).append(candidate)
 
-    def rank(c: Candidate) -> tuple:
-        return (not c.fits, c.memory is None, c.time.total if c.fits else (c.memory or 0))
+    def rank(c: Candidate) -> tuple:  # ties as ``pick`` breaks them
+        return (not c.fits, c.memory is None,
+                _tie_break(c) if c.fits else (c.memory or 0,))
 
     return sorted((min(group, key=rank) for group in by_mesh.values()), key=rank)
 
@@ -623,13 +673,19 @@ def why(best: Candidate, candidates: list[Candidate]) -> str:
     elif fitting and fitting[0].time.total <= time.total * (1 + TIE_TOLERANCE):
         rival = fitting[0]
         text += (f" {rival.layout.mesh_label()} is as fast (+{rival.time.total / time.total - 1:.1%}, within "
-                 f"{TIE_TOLERANCE:.0%}) but uses {rival.layout.dimensions} parallel dimensions against "
-                 f"{layout.dimensions}.")
+                 f"{TIE_TOLERANCE:.0%})")
+        if rival.layout.dimensions > layout.dimensions:
+            text += f" but uses {rival.layout.dimensions} parallel dimensions against {layout.dimensions}."
+        else:
+            text += (f" with as many parallel dimensions, but communicates more ({rival.time.communication:.3g} s "
+                     f"against {time.communication:.3g} s, hidden or not).")
     elif fitting:
         text += f" The next best, {_versus(fitting[0], best)}."
     simpler = [c for c in rows if c.memory is not None and c.layout.dimensions < layout.dimensions]
     slower = [c for c in simpler if c.fits]
-    if slower:
+    if slower and fitting and slower[0] is fitting[0]:
+        text += " It is also the best simpler layout."
+    elif slower:
         text += f" The best simpler layout, {_versus(slower[0], best)}."
     elif simpler:
         smallest = min(simpler, key=lambda c: c.memory)

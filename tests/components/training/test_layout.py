@@ -13,7 +13,7 @@ import pytest
 from automodel_cli.assets import bundled_config
 from automodel_cli.components.training.layout import (HARDWARE, MEMORY_MARGIN, TIE_TOLERANCE, Layout,
                                                        bubble_fraction, choose_layout, describe, in_flight,
-                                                       layout_memory, step_time)
+                                                       layout_memory, pipeline_plan, step_time)
 from automodel_cli.components.training.memory_plan import Architecture, Setup, plan
 from automodel_cli.errors import UserError
 
@@ -101,16 +101,16 @@ def test_pipeline_step_time_pays_the_bubble():
 
 
 # ------------------------------------------------------------------------------ memory
-def test_context_parallel_memory_is_the_plan_of_a_shorter_sequence():
-    """cp=2: the plan of seq / 2 tokens with FSDP over dp_shard x cp, plus one layer's K/V
-    gathered over the whole sequence (bf16 under mixed precision)."""
+def test_context_parallel_memory_is_the_runs_memory_plan():
+    """cp=2: the layout's memory is the plan the run itself prints (``Setup.cp=2``: seq / 2
+    tokens per rank, FSDP over dp_shard x cp, every layer's gathered keys and values kept), and
+    more than the plan of a shorter sequence without cp by those gathered keys and values."""
     base = Setup(micro_batch=2, seq_len=64)
     layout = Layout(dp_shard=2, cp=2, micro_batch=2)
     memory, _ = layout_memory(TINY, base, layout, seq_len=64, device="cuda")
-    expected = plan(TINY, replace(base, seq_len=32, dp_shard=4, device="cuda"))
-    gathered_kv = 2 * 2 * 2 * 64 * TINY.kv_width
-    assert memory == int(max(max(v for k, v in expected.phases.items() if k != "optimizer step") + gathered_kv,
-                             expected.phases["optimizer step"]))
+    assert memory == plan(TINY, replace(base, dp_shard=2, cp=2, device="cuda")).peak
+    shorter = plan(TINY, replace(base, seq_len=32, dp_shard=4, device="cuda"))
+    assert memory > shorter.peak
 
 
 def test_pipeline_first_stage_keeps_micro_batches_in_flight():
@@ -205,3 +205,44 @@ def test_a_global_batch_no_layout_can_split_is_a_user_error():
     with pytest.raises(UserError, match="does not split over dp=2"):
         choose_layout(TINY, nodes=1, gpus_per_node=2, seq_len=64, global_batch=3, hardware="cpu",
                       allowed=("dp",))
+
+
+def test_fixed_sizes_are_kept_and_the_rest_chosen():
+    """tp fixed at 2 on 4 processes: every candidate has tp=2 (so dp x cp x pp = 2); a fixed
+    micro-batch that does not divide the 8 / dp sequences per rank is a reason, not a layout."""
+    best, candidates = choose_layout(TINY, nodes=1, gpus_per_node=4, seq_len=64, global_batch=8, hardware="cpu",
+                                     capacity=2**30, fixed={"tp": 2})
+    assert candidates and all(c.layout.tp == 2 for c in candidates) and best.layout.tp == 2
+    assert {c.layout.mesh() for c in candidates if c.fits} >= {(1, 1, 2, 1, 2, 1), (2, 1, 1, 1, 2, 1)}
+    best, candidates = choose_layout(TINY, nodes=1, gpus_per_node=4, seq_len=64, global_batch=8, hardware="cpu",
+                                     capacity=2**30, fixed={"dp_shard": 4, "micro_batch": 2})
+    assert [c.layout.mesh() for c in candidates] == [(1, 1, 4, 1, 1, 1)] * 3  # one per checkpointing mode
+    assert best.layout.micro_batch == 2 and best.layout.accumulation == 1
+    with pytest.raises(UserError, match="micro-batch 3 does not divide the 4 sequences per data-parallel rank"):
+        choose_layout(TINY, nodes=1, gpus_per_node=2, seq_len=64, global_batch=8, hardware="cpu",
+                      capacity=2**30, fixed={"dp_shard": 2, "micro_batch": 3, "tp": 1, "pp": 1, "cp": 1})
+    with pytest.raises(UserError, match="has tp=3"):
+        choose_layout(TINY, nodes=1, gpus_per_node=4, seq_len=64, global_batch=8, hardware="cpu", fixed={"tp": 3})
+    with pytest.raises(ValueError, match="cannot fix seq"):
+        choose_layout(TINY, nodes=1, gpus_per_node=4, seq_len=64, global_batch=8, hardware="cpu", fixed={"seq": 3})
+
+
+def test_expert_and_context_parallelism_are_not_combined():
+    moe = replace(TINY, experts=4, active_experts=2)
+    _, candidates = choose_layout(moe, nodes=1, gpus_per_node=4, seq_len=64, global_batch=8, hardware="cpu",
+                                  capacity=2**30)
+    both = [c for c in candidates if c.layout.ep > 1 and c.layout.cp > 1]
+    assert both and all(c.rejected == "expert parallelism does not run under context parallelism" for c in both)
+
+
+def test_a_pipeline_plan_is_the_larger_stage_of_the_run():
+    """pp=2 over 4 layers, 4 micro-batches: the last stage is the plan of 2 layers with one
+    vocabulary matrix; the first holds 2 micro-batches' activations without the logits."""
+    setup = Setup(micro_batch=1, seq_len=256, accumulation=4)
+    result = pipeline_plan(TINY, setup, pp=2)
+    last = plan(replace(TINY, layers=2, tied=True), setup)
+    first = last.phases["loss backward"] - last.logits + last.activations
+    assert result.peak == max(int(first), *last.phases.values())
+    assert result.phases["loss backward, first stage"] == int(first)
+    assert result.total_parameters == TINY.parameters().total
+    assert pipeline_plan(TINY, setup, pp=1) == plan(TINY, setup)
