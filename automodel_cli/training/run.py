@@ -224,7 +224,8 @@ class TrainingRun:
         from automodel_cli.components.peft.lora import count_parameters
 
         trainable, total = count_parameters(model)
-        self.say(f"{label}: {self.cfg.model.path} ({extra}{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M "
+        held = " in rank 0's pipeline stage(s)" if self.pipeline is not None else ""
+        self.say(f"{label}: {self.cfg.model.path} ({extra}{total / 1e6:.2f}M parameters{held}, {trainable / 1e6:.2f}M "
                  f"trainable, {self.precision.describe()}, {self.shape.describe()})")
 
     def count_flops(self, model: Any, seq_len: int) -> None:

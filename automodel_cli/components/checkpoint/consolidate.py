@@ -219,7 +219,7 @@ def _remove_adapter_name(key: str, adapter: str) -> str:
     return f"{head}.{suffix}"
 
 
-def _adapter_key(key: str, adapter: str) -> str:
+def adapter_key(key: str, adapter: str) -> str:
     """The key peft's ``save_pretrained`` writes for parameter ``key`` of adapter ``adapter``."""
     marker = f".modules_to_save.{adapter}."
     if marker in key:
@@ -248,7 +248,7 @@ def _plan_full(ckpt: _Checkpoint, config: dict[str, Any], cast) -> list[Output]:
 def _plan_adapter(ckpt: _Checkpoint, adapter: str, cast) -> list[Output]:
     outputs = []
     for name, info in ckpt.infos.items():
-        outputs.append(Output(_adapter_key(name, adapter), cast(info.dtype), info.shape,
+        outputs.append(Output(adapter_key(name, adapter), cast(info.dtype), info.shape,
                               lambda n=name: ckpt.read(n)))
     return outputs
 

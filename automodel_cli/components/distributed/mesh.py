@@ -41,8 +41,8 @@ DIM_NAMES = ("dp_replicate", "dp_shard", "cp", "tp")
 _DP_MESHES: dict[int, tuple[Any, Any, Any]] = {}
 #: expert-parallel groups, keyed by (id() of their root mesh, ep).
 _EP_GROUPS: dict[tuple[int, int], tuple[Any, Any]] = {}
-#: pipeline meshes: id() of a stage's 4-D mesh -> (that mesh, the 1-D "pp" mesh, all ranks).
-_PIPELINES: dict[int, tuple[Any, Any, Any]] = {}
+#: pipeline meshes: id() of a stage's 4-D mesh -> (that mesh, the 1-D "pp" mesh, all ranks, the root).
+_PIPELINES: dict[int, tuple[Any, Any, Any, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,12 @@ class MeshShape:
                 f"distributed.dp_shard=-1 to use the rest: {_suggest(world_size, tp, cp, pp)}), or "
                 f"launch {fixed * dp_shard} processes.",
             )
-        if pp > 1 and (cp > 1 or ep > 1 or tp > 1):
-            other = ", ".join(f"{n}={v}" for n, v in (("cp", cp), ("ep", ep), ("tp", tp)) if v > 1)
+        if pp > 1 and (cp > 1 or ep > 1):
+            other = ", ".join(f"{n}={v}" for n, v in (("cp", cp), ("ep", ep)) if v > 1)
             raise UserError(
                 f"distributed.pp={pp} (pipeline parallelism) does not combine with distributed.{other} yet "
                 f"({given}, {world_size} process(es)): pipeline stages compose with data parallelism "
-                "(dp_replicate, dp_shard) only.",
+                "(dp_replicate, dp_shard) and tensor parallelism (tp).",
                 f"Set distributed.pp=1 to use {other}, or set {other.replace('=', '=1 instead of ')} and "
                 "split the model into pipeline stages over data-parallel groups.",
             )
@@ -183,11 +183,11 @@ def build_mesh(shape: MeshShape, device_type: str) -> Any:
         # every group below is built for every slice (group creation is collective).
         root = init_device_mesh(device_type, (shape.pp, *sizes), mesh_dim_names=(PP, *DIM_NAMES))
         mesh = root[DIM_NAMES]
-        _PIPELINES[id(mesh)] = (mesh, root[PP], root.mesh)
+        _PIPELINES[id(mesh)] = (mesh, root[PP], root.mesh, root)
     else:
         mesh = init_device_mesh(device_type, sizes, mesh_dim_names=DIM_NAMES)
     if shape.cp > 1:  # FSDP shards over dp_shard x cp: a dimension of the same root mesh as tp
-        mesh["dp_shard", "cp"]._flatten(SHARD_CP)
+        (root if shape.pp > 1 else mesh)["dp_shard", "cp"]._flatten(SHARD_CP)
     _build_dp_mesh(mesh)
     return mesh
 
@@ -355,9 +355,13 @@ def fsdp_mesh(mesh: Any) -> Any:
     if mesh is None or dp_world_size(mesh) * cp_size(mesh) == 1:
         return None
     shard = SHARD_CP if cp_size(mesh) > 1 else "dp_shard"
+    # A flattened dimension lives on the root mesh: with pipeline stages, slice it from there
+    # (the slice holds this rank's stage, as the stage's own mesh does).
+    pipeline = _PIPELINES.get(id(mesh))
+    source = pipeline[3] if shard == SHARD_CP and pipeline is not None and pipeline[0] is mesh else mesh
     if _size(mesh, "dp_replicate") > 1:
-        return mesh["dp_replicate", shard]
-    return mesh[shard]
+        return source["dp_replicate", shard]
+    return source[shard]
 
 
 def dp_mesh(mesh: Any) -> Any:

@@ -375,8 +375,9 @@ def full_tensor(value: Any, *, keep: bool) -> Any:
     return value.detach().cpu() if keep else None
 
 
-def gather_full_state_dict(model: Any, *, trainable_only: bool = False) -> dict[str, Any]:
-    """The whole model's state dict as plain CPU tensors on rank 0 (``{}`` on other ranks).
+def gather_full_state_dict(model: Any, *, trainable_only: bool = False, everywhere: bool = False) -> dict[str, Any]:
+    """The whole model's state dict as plain CPU tensors on rank 0 (``{}`` on other ranks; with
+    ``everywhere`` on every rank: a pipeline stage's ranks each get their stage's tensors).
 
     Collective under a process group: every rank must call it. Keys as ``sharded_state_dict``,
     as ``save_pretrained(state_dict=)`` expects them. ``trainable_only`` skips frozen parameters
@@ -385,7 +386,7 @@ def gather_full_state_dict(model: Any, *, trainable_only: bool = False) -> dict[
     """
     import torch.distributed as dist
 
-    keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    keep = everywhere or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     state = sharded_state_dict(model, trainable_only=trainable_only)
     gathered = {name: full_tensor(value, keep=keep) for name, value in state.items()}
     return gathered if keep else {}

@@ -1,7 +1,9 @@
 """Pipeline parallelism for Hugging Face decoder-only causal LMs, on ``torch.distributed.pipelining``.
 
-Developer note: this is a component, not yet a feature. Nothing in the config schema, the mesh, the
-recipes or the CLI uses it; ``tests/components/distributed/test_pipeline.py`` is its only caller.
+Wired into recipes through ``training/pipeline.py`` (``distributed.pp``): a rank cuts the
+empty model down to its stages (``keep_rank_part``), prepares it as any model (adapters, TP,
+FSDP), then runs each of its stages through a view over it (``stage_view``), so checkpoints, the
+optimizer and the final save see one model per rank under the whole model's names.
 
 What works (checked by the tests, CPU + gloo):
 
@@ -32,26 +34,9 @@ routers), vision-language models, the KV cache, the fused ``linear_ce`` distilla
 and models whose decoder forward scales ``inputs_embeds`` after the embedding (none of the
 families above: their scaling lives in the embedding module).
 
-What the wiring session must do:
-
-* Mesh: add a ``pp`` dimension outermost (``pp x dp_replicate x dp_shard x tp``); the pipeline
-  group is ``mesh["pp"].get_group()``. ``split_points`` for ``pp * virtual_stages`` stages, then
-  ``build_stage_module`` for each stage index of this rank (deep-copy the model per stage when a
-  rank holds several, or build the model once per stage on the meta device).
-* FSDP/TP composition: parallelize each stage's ``stage.model`` (its kept layers and modules)
-  with the dp/tp sub-mesh as now, *after* ``build_stage_module``. ``PipelineStage`` calls FSDP's
-  reduce-scatter hooks itself on the last backward of a step.
-* Data: every rank of a pipeline group must get the same micro-batches of the step (its dp
-  replica's share; the step plan is a pure function of the step); the normaliser stays the
-  step's trained tokens over all dp ranks. The logged loss is ``runner.step(...)`` summed over
-  dp as now (pp ranks already hold the same value).
-* Checkpoints: ``stage.model`` keeps the full model's parameter names (layers keep their
-  original indices), so DCP saves each stage's state dict into one checkpoint and the
-  consolidated safetensors export gathers them; the optimizer state is per stage the same way.
-* Memory plan: pass per-layer costs (and the embedding and head + loss costs) to
-  ``split_points``; validation and evaluation need a forward-only schedule (``schedule.eval``)
-  or the full model on one rank.
-* Refuse: pp > 1 with a mixture-of-experts balance loss, a vision-language model, distillation.
+How a run uses it: ``training/pipeline.py`` (stages, step, forward-only validation);
+``components/checkpoint/stages.py`` (checkpoints across pipeline sizes); ``hf_stream`` and
+``saving`` (the final model gathered from every stage).
 """
 
 from __future__ import annotations

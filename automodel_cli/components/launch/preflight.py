@@ -78,7 +78,8 @@ def job_problems(recipe: str, cfg: Any, spec: Any, launcher: Any,
             add(dotted, f"`{dotted}` is the local path `{shown}`, which does not exist on this machine; the "
                         f"{launcher.name} job's processes would fail on it. Check the path (relative paths "
                         f"resolve from {os.getcwd()}), or give a hub id.")
-    for dotted, message in parallel_problems(cfg, spec, plan_types) + context_parallel_problems(recipe, cfg):
+    for dotted, message in (parallel_problems(cfg, spec, plan_types) + context_parallel_problems(recipe, cfg)
+                            + pipeline_problems(recipe, cfg)):
         add(dotted, message)
     gpus, warning = gpus_problem(cfg, spec, launcher)
     if gpus:
@@ -133,6 +134,48 @@ def parallel_problems(cfg: Any, spec: Any, plan_types: list[str] | None) -> list
                 found.append(("peft.moe_experts" if not named else "peft.target_modules",
                               f"{what}, but distributed.ep={ep} shards the experts, where LoRA cannot adapt "
                               "them. Leave the experts out (all-linear does with ep > 1) or set distributed.ep=1."))
+    return found
+
+
+def pipeline_problems(recipe: str, cfg: Any) -> list[tuple[str, str]]:
+    """(key, message) for ``distributed.pp > 1`` where it cannot run: a recipe without a
+    pipelined step, settings that contradict each other (``training/pipeline.check``), a
+    vision-language or mixture-of-experts model, and fewer decoder layers than stages or split
+    points that do not cut them (from config.json, when at hand)."""
+    from automodel_cli.components.distributed.pipeline import split_points
+    from automodel_cli.components.models.structure import num_experts
+    from automodel_cli.training.pipeline import check, virtual_stages
+
+    pp = cfg.get("distributed.pp") or 1
+    try:
+        check(recipe, cfg)
+    except UserError as problem:
+        key = next((k for k in ("pp_virtual_stages", "pp_split") if f"distributed.{k}" in problem.message), "pp")
+        return [(f"distributed.{key}", problem.render())]
+    if not isinstance(pp, int) or pp <= 1:
+        return []
+    config = offline_config(cfg)
+    if config is None:
+        return []
+    found: list[tuple[str, str]] = []
+    model_type = config.get("model_type", "?")
+    if config.get("vision_config") is not None:
+        found.append(("distributed.pp", f"distributed.pp={pp} does not run vision-language models ({model_type}). "
+                                        "Set distributed.pp=1."))
+    text = config.get("text_config") or config
+    if num_experts(text):
+        found.append(("distributed.pp", f"distributed.pp={pp} does not run mixture-of-experts models ({model_type}): "
+                                        "the router balance loss needs every layer on one rank. Set distributed.pp=1 "
+                                        "(distributed.ep splits the experts)."))
+    layers = text.get("num_hidden_layers")
+    if isinstance(layers, int):
+        stages = pp * virtual_stages(cfg)
+        try:
+            split_points(layers, stages, manual=cfg.get("distributed.pp_split"))
+        except UserError as problem:
+            key = "distributed.pp_split" if cfg.get("distributed.pp_split") is not None else "distributed.pp"
+            found.append((key, f"distributed.pp={pp} x {stages // pp} stage(s) per rank = {stages} stages for "
+                               f"{model_type} ({layers} decoder layers): {problem.render()}"))
     return found
 
 

@@ -47,12 +47,14 @@ def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, bas
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
             if is_adapter:
-                adapter = gather_full_state_dict(model, trainable_only=True) if collective.active() else None
-                if pipeline is not None:  # every stage's adapter weights (small) to every pipeline rank
-                    adapter = _join_stages(adapter, pipeline[0])
+                adapter = (gather_full_state_dict(model, trainable_only=True, everywhere=pipeline is not None)
+                           if collective.active() else None)
+                stages = _join_stages(adapter, pipeline[0]) if pipeline is not None else None
                 if is_main:
                     model.save_pretrained(staging, safe_serialization=True,
                                           **({"state_dict": adapter} if adapter is not None else {}))
+                    if stages is not None:
+                        _add_other_stages(staging, stages, model.active_adapter)
             else:
                 hf_stream.write_weights(model, staging if is_main else None, pipeline=pipeline)
                 if is_main:
@@ -85,6 +87,20 @@ def _join_stages(tensors: dict[str, Any], group: Any) -> dict[str, Any]:
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, {name: value.cpu() for name, value in tensors.items()}, group=group)
     return {name: value for part in everyone for name, value in part.items()}
+
+
+def _add_other_stages(directory: Path, tensors: dict[str, Any], adapter: str) -> None:
+    """Complete the adapter file rank 0 wrote for its own pipeline stage (peft saves the adapter
+    layers it finds in the model it is given) with every stage's weights, under the names peft
+    writes (``adapter_key``)."""
+    from safetensors.torch import load_file, save_file
+
+    from automodel_cli.components.checkpoint.consolidate import adapter_key
+
+    path = directory / "adapter_model.safetensors"
+    written = load_file(path)
+    written.update({adapter_key(name, adapter): value.contiguous() for name, value in tensors.items()})
+    save_file(written, path, metadata={"format": "pt"})
 
 
 def _output_bytes(model: Any, is_adapter: bool) -> int:

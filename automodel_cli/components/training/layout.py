@@ -370,6 +370,8 @@ def mesh_problem(arch: Architecture, layout: Layout, *, gpus_per_node: int, seq_
         return f"ep={layout.ep} does not divide the {arch.experts} experts"
     if layout.ep > 1 and cp > 1:
         return "expert parallelism does not run under context parallelism"
+    if pp > 1 and (cp > 1 or layout.ep > 1):
+        return "pipeline stages do not combine with " + ("context" if cp > 1 else "expert") + " parallelism yet"
     if global_batch % layout.dp:
         return f"the global batch {global_batch} does not split over dp={layout.dp} data-parallel ranks"
     return None

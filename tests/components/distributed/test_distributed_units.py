@@ -303,3 +303,30 @@ raise AssertionError("exit_process returned")
     assert result.returncode == 3, result.stderr
     assert result.stdout == "buffered, no newline"
     assert marker.read_text() == "ran"
+
+
+def test_the_pipeline_dimension_multiplies_the_world_and_is_described_first():
+    shape = MeshShape.resolve(1, -1, 1, 8, pp=2)
+    assert (shape.pp, shape.dp_shard, shape.world_size) == (2, 4, 8)
+    assert shape.describe().startswith("pp=2 x dp_replicate=1 x dp_shard=4")
+    assert shape.as_dict() == {"pp": 2, "dp_replicate": 1, "dp_shard": 4, "tp": 1}
+    with pytest.raises(UserError, match=r"pp x dp_replicate x tp = 3 x 1 x 1 = 3 does not divide 8"):
+        MeshShape.resolve(1, -1, 1, 8, pp=3)
+    assert MeshShape.resolve(1, -1, 2, 8, pp=2).describe().startswith("pp=2 x dp_replicate=1 x dp_shard=2")
+    with pytest.raises(UserError, match="does not combine with distributed.cp=2"):
+        MeshShape.resolve(1, -1, 1, 8, pp=2, cp=2)
+
+
+def test_clipping_leaves_a_tied_copy_out_of_the_norm_but_scales_it():
+    """A pipeline stage's copy of a tied weight has the same gradient as the original: counted
+    once in the norm, clipped like every gradient."""
+    import torch
+
+    from automodel_cli.components.distributed.parallelize import clip_grad_norm_
+
+    first, copy_ = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    first.grad, copy_.grad = torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])
+    norm = clip_grad_norm_([first, copy_], max_norm=1.0, uncounted=[copy_])
+    assert norm == pytest.approx(5.0)
+    assert torch.allclose(first.grad, torch.tensor([0.6, 0.8]), atol=1e-6)
+    assert torch.equal(copy_.grad, first.grad)

@@ -18,8 +18,11 @@ import pytest
 from automodel_cli.components.distributed.pipeline import (
     PipelineRunner,
     build_stage_module,
+    keep_rank_part,
     pad_micro_batches,
+    rank_stages,
     split_points,
+    stage_view,
 )
 from automodel_cli.errors import UserError
 
@@ -150,6 +153,51 @@ def test_each_stage_keeps_only_its_part_under_the_full_models_names():
         assert any("lm_head" in n for n in names) == stage.is_last
         assert any(n.endswith("model.norm.weight") for n in names) == stage.is_last
     assert len(stages[1].stack.layers) == 2 and isinstance(stages[1].stack.layers[-1], torch.nn.Module)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_stage_views_of_a_rank_part_chain_to_the_whole_model_and_leave_it_intact(lora):
+    """A rank that runs every stage (the interleaved placement's rank of a 1-rank pipeline):
+    its part is the whole model, and the views over it compute what the model computes, share its
+    parameters and leave its modules, names and config as they were."""
+    import torch
+
+    model = tiny("llama", lora)
+    names = [name for name, _ in model.named_parameters()]
+    layers_before = model.get_base_model().model.layers if lora else model.model.layers
+    ranges = split_points(LAYERS, 4)
+    keep_rank_part(model, ranges, rank_stages(0, 1, 4))
+    views = [stage_view(model, stage, 4, ranges[stage]) for stage in range(4)]
+    assert [name for name, _ in model.named_parameters()] == names
+    parameters = {id(p) for p in model.parameters()}
+    assert all(id(p) in parameters for view in views for p in view.parameters())
+    ids, kinds = inputs_of_each_kind()
+    with torch.no_grad():
+        for kind, kwargs in kinds.items():
+            hidden = ids
+            for view in views:
+                hidden = view(hidden, **kwargs)
+            assert torch.equal(hidden, model(input_ids=ids, use_cache=False, **kwargs).logits), kind
+    bare = model.get_base_model() if lora else model
+    assert bare.config.num_hidden_layers == LAYERS and bare.lm_head is not None
+    assert len(bare.model.layers) == LAYERS and layers_before is not None
+
+
+def test_a_rank_part_keeps_its_stages_layers_under_their_indices():
+    import torch
+
+    model = tiny("llama", lora=False)
+    ranges = split_points(LAYERS, 4)
+    keep_rank_part(model, ranges, rank_stages(1, 2, 2))  # pipeline rank 1 of 2, interleaved: stages 1 and 3
+    names = {name for name, _ in model.named_parameters()}
+    assert {int(n.split(".layers.")[1].split(".")[0]) for n in names if ".layers." in n} == {1, 3}
+    assert isinstance(model.model.embed_tokens, torch.nn.Identity)  # stage 0 is rank 0's
+    assert "lm_head.weight" in names and "model.norm.weight" in names  # the last stage is here
+    assert model.config.num_hidden_layers == LAYERS  # the config describes the whole model
+    view = stage_view(model, 3, 4, ranges[3])
+    assert [int(k) for k in view.stack.layers._modules] == [3]
+    with pytest.raises(UserError, match="does not hold decoder layer 0"):
+        stage_view(model, 0, 4, ranges[0])
 
 
 def test_a_stage_frees_the_layers_it_does_not_keep():

@@ -160,11 +160,13 @@ def test_llama_8b_at_32k_context_needs_cp_or_tp_or_checkpointing():
 
 def test_llama_70b_on_two_nodes_splits_the_model_inside_nodes():
     """bf16 weights and moments: tp stays inside a node (tp=16 is refused), the model is split
-    by tp=8 or by pipeline stages; with fp32 master weights nothing fits and the error says so."""
+    over all 16 GPUs (FSDP shards, tp=8 or pipeline stages) and no layout with every weight on
+    one GPU fits; with fp32 master weights nothing fits and the error says so."""
     base = Setup(micro_batch=1, seq_len=8192, model_dtype="bfloat16")
     best, candidates = choose_layout(LLAMA_70B, nodes=2, gpus_per_node=8, seq_len=8192, global_batch=32, base=base)
-    assert best.layout.tp == 8 or best.layout.pp > 1
+    assert best.layout.dp_shard * best.layout.cp * best.layout.tp * best.layout.pp > 1
     assert best.fits and best.memory <= USABLE
+    assert not any(c.fits for c in candidates if c.layout.dp_shard * c.layout.tp * c.layout.pp * c.layout.cp == 1)
     refused = [c for c in candidates if c.layout.tp == 16]
     assert refused and all(c.rejected == "tp=16 would span nodes (8 GPUs per node)" for c in refused)
     world_sizes_and_rules_hold(candidates, 2, 8, 8192, LLAMA_70B)
