@@ -137,7 +137,8 @@ def plan_report(cfg: Any, recipe: str, shape: Any, target: Target, registries: A
         flight = in_flight(Layout(pp=pp, accumulation=setup.accumulation, virtual_stages=stages))
         report.result.notes.append(f"pipeline: the larger of the first and last of {pp} stages ({stage.layers} of "
                                    f"{architecture.layers} layers each; the first keeps the activations of "
-                                   f"{flight:g} micro-batches in flight, the last the LM head and the loss)")
+                                   f"{flight:g} micro-batch{'es' * (flight != 1)} in flight, the last the LM head "
+                                   "and the loss)")
     method = {"none": "full fine-tuning", "lora": f"LoRA r={setup.lora_rank}", "dora": f"DoRA r={setup.lora_rank}"}
     report.headline = (f"{recipe}, {shape.describe()}, {method[setup.peft]}, AdamW, micro-batch {setup.micro_batch} x "
                        f"{setup.seq_len} tokens, activation checkpointing {plans.checkpointing_mode(setup.activation_checkpointing)}, "

@@ -10,26 +10,19 @@ that cannot work stop before torchrun with exit code 2 and one message.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from automodel_cli.components.logging import read_metrics
 from conftest import one_line, run_cli
+from parallel_runs import COMMON, ENV, assert_same_curve, curve, train_groups
 
 pytestmark = pytest.mark.slow
 
 STEPS = 5
-COMMON = (f"train.max_steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2",
-          "train.eval_every_steps=null", "logging.progress=false", "model.dtype=float32")
-ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 #: Relative: five optimizer steps feed each step's rounding differences (cp ranks sum their parts
 #: of the loss and gradients in another order than one process) into the next; a token trained
 #: twice or never, a target shifted twice or a mask that leaks across a document changes the loss
 #: far more than 1e-4 of its value.
 TOL = 1e-4
-#: What must match the single process, step by step.
-COMPARED = ("loss", "grad_norm", "eval_loss")
 
 RUNS = {
     "finetune": {"single": (), "cp2": ("--nproc-per-node", "2", "distributed.cp=2"),
@@ -44,27 +37,9 @@ RUNS = {
                  "cp2": ("--nproc-per-node", "2", "distributed.cp=2", "train.eval_every_steps=2")},
 }
 
-
-def train(recipe: str, run: Path, *args: str):
-    result = run_cli(recipe, "demo", "-o", str(run), *COMMON, *args, env=ENV, timeout=600)
-    assert result.exit_code == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
-
-
-def curve(run: Path) -> list[dict]:
-    return [{k: v for k, v in step.items() if k in ("step", *COMPARED)} for step in read_metrics(run / "metrics.jsonl")]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cp")
-    out = {}
-    for group, variants in RUNS.items():
-        recipe = group.split("-")[0]
-        for name, args in variants.items():
-            out[group, name] = (root / f"{group}-{name}", train(recipe, root / f"{group}-{name}", *args))
-    return out
-
+    return train_groups(tmp_path_factory.mktemp("cp"), RUNS)
 
 @pytest.mark.parametrize("group", list(RUNS))
 def test_cp_runs_log_the_single_process_metrics(runs, group):
@@ -75,20 +50,13 @@ def test_cp_runs_log_the_single_process_metrics(runs, group):
             continue
         path, result = runs[group, name]
         assert "cp=2" in result.stdout
-        got = curve(path)
-        assert [s["step"] for s in got] == [s["step"] for s in single]
-        for mine, theirs in zip(got, single):
-            assert set(mine) == set(theirs), (name, mine["step"])
-            for key, value in theirs.items():
-                assert mine[key] == pytest.approx(value, rel=TOL, abs=1e-12), (name, mine["step"], key)
-
+        assert_same_curve(curve(path), single, f"{group}-{name}", TOL)
 
 def test_cp_with_dp_shard_reads_half_the_samples_per_rank(runs):
     assert "dp_shard=2 x cp=2" in runs["finetune", "cp2x2"][1].stdout
     assert "on each of 2 data-parallel rank(s)" in runs["finetune", "cp2x2"][1].stdout
     assert "eval_loss" in curve(runs["pretrain", "cp2"][0])[1]  # validated at step 2, on whole blocks
     assert "eval_loss" in curve(runs["finetune", "cp2"][0])[-1]  # and finetune after the last step
-
 
 @pytest.mark.parametrize("args, message", [
     (("--nproc-per-node", "2", "distributed.cp=3"), "1 x 3 x 1 = 3 does not divide 2"),

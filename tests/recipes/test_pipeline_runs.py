@@ -1,13 +1,14 @@
 """Pipeline parallelism in real runs (`automodel finetune|pretrain --nproc-per-node N
 distributed.pp=2`, torchrun, gloo on CPU) on the demo model.
 
-One module-scoped set of runs, to pay each torchrun start once. pp=2 with 1F1B and GPipe on 2
-processes, pp=2 x dp_shard=2 on 4 (FSDP inside each stage), pp=2 x tp=2 on 4, interleaved 1F1B (2 stages per rank,
-on the demo deepened to 4 layers), LoRA, and pretrain with pp=2 log the single process's loss,
-grad norm and validation loss step by step and save its final weights. Checkpoints move between
-pp sizes (saved with pp=2, resumed with pp=1, and the reverse) and continue the single process's
-curve; `checkpoint consolidate` of a pp=2 checkpoint gives the single process's directory. Settings
-the pipeline cannot run stop before torchrun with exit code 2 and one message.
+One module-scoped set of runs, to pay each torchrun start once. These log the single process's
+loss, grad norm and validation loss step by step and save its final weights: pp=2 with 1F1B and
+GPipe on 2 processes; pp=2 x dp_shard=2 (FSDP inside each stage) and pp=2 x tp=2 on 4;
+activation checkpointing and the fused linear_ce loss on the last stage; interleaved 1F1B (2
+stages per rank, on the demo deepened to 4 layers); LoRA; pretrain with pp=2. Checkpoints move
+between pp sizes (saved with pp=2, resumed with pp=1, and the reverse) and continue the single
+process's curve; `checkpoint consolidate` of a pp=2 checkpoint gives the single process's
+directory. Settings the pipeline cannot run stop before torchrun with exit code 2 and one message.
 """
 
 from __future__ import annotations
@@ -18,28 +19,29 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from automodel_cli.components.logging import read_metrics
 from conftest import one_line, run_cli
+from parallel_runs import COMMON as RUN, ENV, assert_same_curve, curve, train_groups
+from parallel_runs import train as train_demo
 
 pytestmark = pytest.mark.slow
 
 STEPS = 5
-COMMON = (f"train.max_steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2",
-          "train.eval_every_steps=null", "logging.progress=false", "model.dtype=float32", "checkpoint.every_steps=3")
-ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+COMMON = (*RUN, "checkpoint.every_steps=3")
 #: Relative: five optimizer steps feed each step's rounding differences (the tied embedding's two
 #: copies add their gradients, stages sum the gradient norm in another order than one process)
 #: into the next; a micro-batch trained twice or never, a stage that skips a layer or a loss
 #: normalised per stage changes the loss far more than 1e-4 of its value.
 TOL = 1e-4
-COMPARED = ("loss", "grad_norm", "eval_loss")
 PP2 = ("--nproc-per-node", "2", "distributed.pp=2")
 DEEP = ("model.config.num_hidden_layers=4",)
 
 RUNS = {
     "finetune": {"single": (), "pp2": PP2, "gpipe": (*PP2, "distributed.pp_schedule=gpipe"),
                  "pp2x2": ("--nproc-per-node", "4", "distributed.pp=2"),
-                 "pp2tp2": ("--nproc-per-node", "4", "distributed.pp=2", "distributed.tp=2")},
+                 "pp2tp2": ("--nproc-per-node", "4", "distributed.pp=2", "distributed.tp=2"),
+                 # Recomputed layers and the fused LM head + loss on the last stage change no value.
+                 "pp2-ac": (*PP2, "train.activation_checkpointing=full"),
+                 "pp2-linear_ce": (*PP2, "loss.name=linear_ce")},
     "finetune-deep": {"single": DEEP, "interleaved": (*PP2, "distributed.pp_schedule=interleaved_1f1b", *DEEP)},
     "finetune-lora": {"single": ("--peft", "lora"), "pp2": (*PP2, "--peft", "lora")},
     "pretrain": {"single": ("train.eval_every_steps=2",), "pp2": (*PP2, "train.eval_every_steps=2")},
@@ -47,21 +49,7 @@ RUNS = {
 
 
 def train(recipe: str, run: Path, *args: str):
-    result = run_cli(recipe, "demo", "-o", str(run), *COMMON, *args, env=ENV, timeout=600)
-    assert result.exit_code == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
-
-
-def curve(run: Path) -> list[dict]:
-    return [{k: v for k, v in step.items() if k in ("step", *COMPARED)} for step in read_metrics(run / "metrics.jsonl")]
-
-
-def assert_same_curve(got: list[dict], expected: list[dict], what: str) -> None:
-    assert [s["step"] for s in got] == [s["step"] for s in expected], what
-    for mine, theirs in zip(got, expected):
-        assert set(mine) == set(theirs), (what, mine["step"])
-        for key, value in theirs.items():
-            assert mine[key] == pytest.approx(value, rel=TOL, abs=1e-12), (what, mine["step"], key)
+    return train_demo(recipe, run, *args, common=COMMON)
 
 
 def assert_same_weights(got: Path, expected: Path) -> None:
@@ -76,13 +64,7 @@ def assert_same_weights(got: Path, expected: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pp")
-    out = {}
-    for group, variants in RUNS.items():
-        recipe = group.split("-")[0]
-        for name, args in variants.items():
-            out[group, name] = (root / f"{group}-{name}", train(recipe, root / f"{group}-{name}", *args))
-    return out
+    return train_groups(tmp_path_factory.mktemp("pp"), RUNS, common=COMMON)
 
 
 @pytest.mark.parametrize("group", list(RUNS))
@@ -94,7 +76,7 @@ def test_pipelined_runs_log_the_single_process_metrics(runs, group):
             continue
         path, result = runs[group, name]
         assert "pp=2 x" in result.stdout and "pipeline: " in result.stdout
-        assert_same_curve(curve(path), single, f"{group}-{name}")
+        assert_same_curve(curve(path), single, f"{group}-{name}", TOL)
 
 
 def test_the_stages_are_split_and_scheduled_as_configured(runs):
@@ -130,7 +112,7 @@ def test_a_checkpoint_resumes_with_another_pipeline_size(runs, tmp_path, first, 
     # The first run validated after its last step (3), the single process only after step 5.
     training = [{k: v for k, v in s.items() if k != "eval_loss"} for s in curve(run)]
     single = [{k: v for k, v in s.items() if k != "eval_loss"} for s in curve(runs["finetune", "single"][0])]
-    assert_same_curve(training, single, "resumed")
+    assert_same_curve(training, single, "resumed", TOL)
 
 
 def test_consolidating_a_pipelined_checkpoint_gives_the_single_process_model(runs, tmp_path):
