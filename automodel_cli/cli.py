@@ -115,6 +115,8 @@ LISTING_HELP = {
     "launchers": "Launchers that start jobs (local, Slurm, Kubernetes).",
     "loggers": "Metric loggers usable in logging.loggers.",
     "moe-blocks": "Kinds of mixture-of-experts experts modules automodel computes (grouped GEMM, expert parallelism).",
+    "optimizers": "Optimizers usable as optim.name.",
+    "schedulers": "Learning-rate schedules usable as optim.scheduler.",
 }
 
 

@@ -22,8 +22,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
         LossRegistry,
         MoeBlockRegistry,
         ModelRegistry,
+        OptimizerRegistry,
         ParallelPlanRegistry,
         RecipeRegistry,
+        ScheduleRegistry,
     )
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -88,3 +90,18 @@ def register_moe_blocks(registry: MoeBlockRegistry) -> None:
     description=...)`` where ``target`` is an ``automodel_cli.components.moe.experts.ExpertKind``
     or ``"module:attr"`` naming one (which modules it matches, which parameters hold one slice per
     expert, how to compute tokens grouped by expert)."""
+
+
+@hookspec
+def register_optimizers(registry: OptimizerRegistry) -> None:
+    """Add optimizers usable as ``optim.name``: ``registry.add(name, target, options=...)`` where
+    ``target(settings)`` returns a ``torch.optim.Optimizer`` built from an
+    ``automodel_cli.components.optim.build.OptimizerSettings`` (the model, the peak rate,
+    ``optim.weight_decay``/``betas``/``eps`` and the entry's options at ``optim.NAME``)."""
+
+
+@hookspec
+def register_schedulers(registry: ScheduleRegistry) -> None:
+    """Add learning-rate schedules usable as ``optim.scheduler``: ``registry.add(name, target,
+    options=...)`` where ``target(step, *, warmup, total, min_ratio, options)`` returns the
+    multiplier of the peak rate at 0-based ``step`` (options at ``optim.NAME``)."""

@@ -376,8 +376,8 @@ class LauncherRegistry(Registry):
         return self._add(name, target, description=description, override=override, options=options)
 
 
-class LoggerRegistry(Registry):
-    kind, listing, config_key, options_section = "logger", "loggers", "logging.loggers", "logging"
+class RequiringRegistry(Registry):
+    """A kind whose entries may need optional packages (loggers, optimizers)."""
 
     def add(  # type: ignore[override]
         self,
@@ -389,11 +389,18 @@ class LoggerRegistry(Registry):
         override: bool = False,
         options: Any = None,
     ) -> Entry:
-        """Register a logger; ``requires`` names optional modules it needs (for clear hints),
-        ``options`` its option table, read from ``logging.NAME``."""
+        """Register ``name`` -> ``target``; ``requires`` names optional modules it needs (for
+        clear hints), ``options`` its option table, read from ``SECTION.NAME``."""
         return self._add(
             name, target, description=description, override=override, requires=list(requires), options=options
         )
+
+
+class LoggerRegistry(RequiringRegistry):
+    """Metric loggers: ``target(*, output_dir, options, run_config)`` returns the logger; options
+    at ``logging.NAME``."""
+
+    kind, listing, config_key, options_section = "logger", "loggers", "logging.loggers", "logging"
 
 
 class MoeBlockRegistry(Registry):
@@ -407,6 +414,26 @@ class MoeBlockRegistry(Registry):
         return self._add(name, target, description=description, override=override)
 
 
+class OptimizerRegistry(RequiringRegistry):
+    """Optimizers: ``target(settings)`` (a callable or ``"module:attr"``) returns a
+    ``torch.optim.Optimizer`` for ``settings``, an
+    ``automodel_cli.components.optim.build.OptimizerSettings`` (the model, the peak rate, the
+    general ``optim.*`` values and the entry's options, read from ``optim.NAME``)."""
+
+    kind, listing, config_key, options_section = "optimizer", "optimizers", "optim.name", "optim"
+
+
+class ScheduleRegistry(Registry):
+    kind, listing, config_key, options_section = "learning-rate schedule", "schedulers", "optim.scheduler", "optim"
+
+    def add(self, name: str, target: Any, *, description: str = "", override: bool = False,  # type: ignore[override]
+            options: Any = None) -> Entry:
+        """Register a learning-rate schedule: ``target(step, *, warmup, total, min_ratio,
+        options) -> float`` (a callable or ``"module:attr"``), the multiplier of the peak rate at
+        0-based ``step``; ``options`` is its option table, read from ``optim.NAME``."""
+        return self._add(name, target, description=description, override=override, options=options)
+
+
 #: hook name -> registry class, in the order hooks are called.
 REGISTRY_HOOKS: dict[str, type[Registry]] = {
     "register_recipes": RecipeRegistry,
@@ -417,6 +444,8 @@ REGISTRY_HOOKS: dict[str, type[Registry]] = {
     "register_launchers": LauncherRegistry,
     "register_loggers": LoggerRegistry,
     "register_moe_blocks": MoeBlockRegistry,
+    "register_optimizers": OptimizerRegistry,
+    "register_schedulers": ScheduleRegistry,
 }
 
 
@@ -435,6 +464,8 @@ class Registries:
     launchers = property(lambda self: self.by_hook["register_launchers"])
     loggers = property(lambda self: self.by_hook["register_loggers"])
     moe_blocks = property(lambda self: self.by_hook["register_moe_blocks"])
+    optimizers = property(lambda self: self.by_hook["register_optimizers"])
+    schedulers = property(lambda self: self.by_hook["register_schedulers"])
 
     def conflicts(self) -> list[Conflict]:
         return [c for registry in self.by_hook.values() for c in registry.conflicts]

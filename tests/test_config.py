@@ -97,7 +97,7 @@ def test_override_values_are_typed():
 
 def test_all_problems_reported_with_file_line_and_suggestion(tmp_path):
     path = write(tmp_path / "bad.yaml",
-                 "train:\n  max_step: 3\n  micro_batch_size: two\noptim:\n  scheduler: cosin\nmodle:\n  path: x\n")
+                 "train:\n  max_step: 3\n  micro_batch_size: two\npeft:\n  method: lora2\nmodle:\n  path: x\n")
     with pytest.raises(ConfigError) as info:
         resolve([defaults_layer(), layer_from_file(path)])
     problems = info.value.problems
@@ -105,8 +105,8 @@ def test_all_problems_reported_with_file_line_and_suggestion(tmp_path):
     text = info.value.render()
     assert f"{path}:2: unknown key `train.max_step`. Did you mean `train.max_steps`?" in text
     assert f"{path}:3: `train.micro_batch_size` must be an integer, got 'two'" in text
-    assert f"{path}:5: `optim.scheduler` must be one of cosine, linear, constant" in text
-    assert "Did you mean `cosine`?" in text
+    assert f"{path}:5: `peft.method` must be one of none, lora, dora" in text
+    assert "Did you mean `lora`?" in text
     assert f"{path}:6: unknown key `modle`. Did you mean `model`?" in text
 
 
@@ -156,7 +156,7 @@ def test_config_show_cli_prints_sources(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert f"max_steps: 12  # from {path}:2" in result.stdout
     assert "path: meta-llama/Llama-3.2-1B-Instruct  # from preset llama3" in result.stdout
-    assert "lr: 0.0003  # from command line `optim.lr=3e-4`" in result.stdout
+    assert "lr: 0.0003 # from command line `optim.lr=3e-4`" in " ".join(result.stdout.split())  # not optim's first key
 
 
 def test_config_validate_cli(tmp_path):

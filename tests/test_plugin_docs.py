@@ -377,6 +377,36 @@ def moe_blocks(examples, cli, automodel_plugin, workdir):
             torch.testing.assert_close(getattr(model[1], name).grad, grad, rtol=rtol, atol=atol)
 
 
+def optimizers(examples, cli, automodel_plugin, workdir):
+    """The plugin's optimizer trains with its options, its range is enforced, and its state
+    resumes exactly from a checkpoint."""
+    run_all(cli, automodel_plugin, examples["register_optimizers"])
+    run = workdir / "runs" / "lion"
+    saved = (run / "config.yaml").read_text()
+    assert "name: lion" in saved and "beta2: 0.98" in saved and "beta1: 0.9" in saved
+    assert len(metrics(run)) == 2
+    refused(cli("finetune", "demo", "optim.name=lion", "optim.lion.beta2=1", *FAST), "optim.lion.beta2")
+
+    resumed = workdir / "runs" / "lion-resume"
+    args = ("finetune", "demo", "optim.name=lion", "-o", str(resumed), *FAST, "train.max_steps=3",
+            "checkpoint.every_steps=1")
+    assert cli(*args).exit_code == 0
+    first, weights = [m["loss"] for m in metrics(resumed)], (resumed / "final" / "model.safetensors").read_bytes()
+    assert cli(*args, f"checkpoint.resume={resumed / 'checkpoints' / 'step_00000002'}").exit_code == 0
+    assert [m["loss"] for m in metrics(resumed)] == first and len(first) == 3
+    assert (resumed / "final" / "model.safetensors").read_bytes() == weights
+
+
+def schedulers(examples, cli, automodel_plugin, workdir):
+    """The plugin's schedule sets the rate of every step from its options."""
+    run_all(cli, automodel_plugin, examples["register_schedulers"])
+    steps = metrics(workdir / "runs" / "step")
+    peak = steps[0]["lr"]
+    assert [step["lr"] for step in steps] == pytest.approx([peak, peak / 2], rel=1e-12)
+    refused(cli("finetune", "demo", "optim.scheduler=step_decay", "optim.step_decay.every=0", *FAST),
+            "optim.step_decay.every")
+
+
 def testing_a_plugin(examples, cli, automodel_plugin, workdir):
     """The page's pytest module passes, each test with a fixture of its own."""
     path = examples["Testing a plugin"].root / "tests" / "test_my_plugin.py"
@@ -405,6 +435,8 @@ EXAMPLE_TESTS = {
     "register_launchers": launchers,
     "register_loggers": loggers,
     "register_moe_blocks": moe_blocks,
+    "register_optimizers": optimizers,
+    "register_schedulers": schedulers,
     "Testing a plugin": testing_a_plugin,
 }
 
@@ -428,7 +460,9 @@ def test_every_code_block_is_marked_and_every_example_is_tested():
     packages = [example.package for example in examples.values()]
     assert len(packages) == len(set(packages)), packages
     hooks = [section for section in examples if section.startswith("register_")]
-    assert len(hooks) == 8, "every hook has a runnable example"
+    from automodel_cli.registry import REGISTRY_HOOKS
+
+    assert sorted(hooks) == sorted(REGISTRY_HOOKS), "every hook has a runnable example"
 
 
 # --------------------------------------------------------------- examples that start processes

@@ -58,6 +58,11 @@ def compose_schema(registries: Any, recipe: Any = None, *, launched: bool = Fals
             if not table or entry.name in CORE.get(section, {}):
                 continue
             path = f"{section}.{entry.name}"
+            if path in tables:  # two kinds share the section (optimizers and schedules: `optim`)
+                _report(f"{registry.kind} `{entry.name}` from {entry.provider} declares options at `{path}`, where "
+                        f"{tables[path].kind} `{entry.name}` ({tables[path].provider}) has its own; its options are "
+                        f"ignored. Register it under another name.")
+                continue
             tree[section][entry.name] = dict(table)
             tables[path] = OptionTable(path, registry.kind, entry.name, str(entry.provider), registry.chosen_by)
     return Schema(tree, tables, own, foreign, lenient=("launch",) if launched else ())
@@ -106,11 +111,15 @@ def complete(cfg: Any) -> None:
 def entry_options(cfg: Any, registry: Any, name: str) -> dict[str, Any]:
     """Entry ``name``'s options: its declared defaults overlaid with ``SECTION.NAME`` of the
     config (already validated). ``{}`` for an entry without an option table."""
-    entry = registry.get(name)
-    table = entry.option_table()
     given = cfg.get(f"{registry.options_section}.{name}") if registry.options_section else None
+    return options_with_defaults(registry.get(name), given)
+
+
+def options_with_defaults(entry: Any, given: Any) -> dict[str, Any]:
+    """``entry``'s declared option defaults overlaid with ``given`` (a mapping, a config section
+    view, or None): what a run uses, also for a saved config compared on resume."""
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
-    return {**{key: copy_value(spec.default) for key, spec in table.items()}, **given}
+    return {**{key: copy_value(spec.default) for key, spec in entry.option_table().items()}, **given}
 
 
 def builtin_schema(registries: Any) -> Schema:

@@ -129,7 +129,7 @@ def any_rank(flag: bool, env: Any) -> bool:
 
 
 def resume(cfg: Any, output_dir: Path, *, model: Any, optimizer: Any, scheduler: Any,
-           say: Any, is_main: bool = True) -> dict[str, Any]:
+           say: Any, is_main: bool = True, registries: Any = None) -> dict[str, Any]:
     """Restore the checkpoint that ``checkpoint.resume`` names; its train state, or
     ``{"step": 0}`` for a fresh start. With ``auto``, a damaged newest checkpoint is skipped for
     the newest intact one (said in one line); a checkpoint named by path must be intact.
@@ -137,7 +137,7 @@ def resume(cfg: Any, output_dir: Path, *, model: Any, optimizer: Any, scheduler:
     ``checkpoint.allow_changes``, applied; either way they are said and recorded."""
     from automodel_cli.components.checkpoint import find_checkpoint, load_checkpoint
     from automodel_cli.components.checkpoint.load import find_intact_checkpoint, resume_is_auto
-    from automodel_cli.components.optim.build import apply_new_settings, peak_lr
+    from automodel_cli.components.optim.build import apply_new_settings, build_optimizer, peak_lr
     from automodel_cli.training import run_dir
     from automodel_cli.training.run_dir import resume_requested
 
@@ -156,7 +156,8 @@ def resume(cfg: Any, output_dir: Path, *, model: Any, optimizer: Any, scheduler:
     say(f"resumed from {checkpoint} at step {step}")
     if changes:
         if changes.schedule:
-            lr = apply_new_settings(optimizer, scheduler, cfg.optim, peak_lr(cfg.optim, cfg.peft.method), step)
+            fresh = build_optimizer(model, cfg.optim, peak_lr(cfg.optim, cfg.peft.method), registries=registries)
+            lr = apply_new_settings(optimizer, scheduler, fresh, step)
             say(f"applied changed settings from step {step + 1} on (checkpoint.allow_changes): "
                 f"the schedule is recomputed for them; next learning rate {lr:.4g}")
         for line in changes.lines():

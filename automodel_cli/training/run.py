@@ -9,7 +9,7 @@ owns everything else, the same for every recipe and on one process or many::
             tokenizer = load_tokenizer(cfg.model)
             data = ...                                # the recipe's data
             model = run.prepare_model(load_model(cfg.model, seed=cfg.train.seed, dtype=run.precision.param_dtype))
-            run.build_optimizer(total_steps)          # AdamW + schedule from optim.*
+            run.build_optimizer(total_steps)          # optim.name + optim.scheduler
             run.resume()                              # checkpoint.resume; opens config.yaml, metrics.jsonl, loggers
             result = run.train(step, total_steps=total_steps, evaluate=..., describe=...)
             if result.stopped:
@@ -238,12 +238,15 @@ class TrainingRun:
 
     # -------------------------------------------------------------------------- optimizer
     def build_optimizer(self, total_steps: int | None) -> Any:
-        """AdamW over the trainable parameters (``optim.*``) and, for ``total_steps`` steps, the
-        warmup + decay schedule (None: no schedule). Call after ``prepare_model``."""
+        """The optimizer ``optim.name`` names over the trainable parameters (``optim.*``) and, for
+        ``total_steps`` steps, the schedule ``optim.scheduler`` names (None: no schedule). Call
+        after ``prepare_model``."""
         from automodel_cli.components.optim.build import build_optimizer, build_scheduler, peak_lr
 
-        self.optimizer = build_optimizer(self.model, self.cfg.optim, peak_lr(self.cfg.optim, self.cfg.peft.method))
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, total_steps) if total_steps else None
+        self.optimizer = build_optimizer(self.model, self.cfg.optim, peak_lr(self.cfg.optim, self.cfg.peft.method),
+                                         registries=self.registries)
+        self.scheduler = (build_scheduler(self.optimizer, self.cfg.optim, total_steps, registries=self.registries)
+                          if total_steps else None)
         return self.optimizer
 
     def optimizer_step(self) -> tuple[Any, float]:
@@ -269,7 +272,8 @@ class TrainingRun:
 
         assert self.output_dir is not None, "TrainingRun(output=False) has no run directory"
         state = loop.resume(self.cfg, self.output_dir, model=self.model, optimizer=self.optimizer,
-                            scheduler=self.scheduler, say=self.say, is_main=self.env.is_main)
+                            scheduler=self.scheduler, say=self.say, is_main=self.env.is_main,
+                            registries=self.registries)
         self.start_step = int(state["step"])
         self.loggers = loop.open_loggers(self.cfg, self.registries, self.output_dir, self.start_step,
                                          self.env.is_main)

@@ -27,16 +27,15 @@ IDENTITY_KEYS = (
     "data.name", "data.path", "data.max_length", "data.packing", "data.prompt_column",
     "data.completion_column", "data.messages_column", "data.shuffle", "data.text_column", "data.streaming",
     "peft.method", "peft.rank", "peft.alpha", "peft.target_modules",
-    "train.global_batch_size", "train.seed", "loss.name",
+    "train.global_batch_size", "train.seed", "loss.name", "optim.name",
 )
 
 
-#: Optimizer and schedule settings. A checkpoint restores its optimizer and schedule, so a new
-#: value here would be silently ignored: changing one on resume must be asked for.
-SCHEDULE_KEYS = (
-    "optim.lr", "optim.weight_decay", "optim.betas", "optim.eps", "optim.scheduler", "optim.warmup_steps",
-    "optim.min_lr_ratio", "train.max_steps", "train.epochs", "train.max_grad_norm",
-)
+#: Optimizer and schedule settings: every ``optim.*`` key (the optimizer's and the schedule's own
+#: options too) and these. A checkpoint restores its optimizer and schedule, so a new value here
+#: would be silently ignored: changing one on resume must be asked for.
+SCHEDULE_KEYS = ("train.max_steps", "train.epochs", "train.max_grad_norm")
+SCHEDULE_SECTION = "optim."
 #: The run's length: it shapes the schedule unless the rate is constant (with warmup in steps).
 LENGTH_KEYS = ("train.max_steps", "train.epochs")
 #: Not compared on resume: where the run is, how it was asked to resume, how it is launched.
@@ -133,7 +132,8 @@ def changes_since(cfg: Any, saved: dict[str, Any], step: int) -> ResumeChanges:
         if _normalise(old) == _normalise(value) or key in NOT_COMPARED or key.startswith(NOT_COMPARED_SECTIONS) \
                 or any(key == k or key.startswith(k + ".") for k in IDENTITY_KEYS):
             continue
-        (changes.schedule if key in SCHEDULE_KEYS else changes.other)[key] = (old, value)
+        (changes.schedule if key in SCHEDULE_KEYS or key.startswith(SCHEDULE_SECTION) else changes.other)[key] = \
+            (old, value)
     if not _length_changed_past_rates(cfg, saved, step):  # the new length would have run the same steps
         for key in LENGTH_KEYS:
             if key in changes.schedule:
@@ -185,7 +185,7 @@ def _length_changed_past_rates(cfg: Any, saved: dict[str, Any], step: int) -> bo
     learning rate. When it would not (a constant rate, or steps still in a warmup given in
     steps), the resumed run is exactly the run the new length plans from the start, so the
     change needs no asking; otherwise (a decay already under way) it does."""
-    from automodel_cli.components.optim.build import lr_multiplier, warmup_steps
+    from automodel_cli.components.optim.build import schedule_multiplier
 
     old_total, new_total = _get(saved, "train.max_steps"), cfg.get("train.max_steps")
     if not isinstance(old_total, int) or not isinstance(new_total, int):
@@ -193,11 +193,16 @@ def _length_changed_past_rates(cfg: Any, saved: dict[str, Any], step: int) -> bo
     from types import SimpleNamespace
 
     def rates(optim: Any, total: int) -> list[float]:
-        return [lr_multiplier(s, warmup=warmup_steps(optim, total), total=total, kind=optim.scheduler,
-                              min_ratio=float(optim.min_lr_ratio)) for s in range(step)]
+        multiplier = schedule_multiplier(optim, total)
+        return [multiplier(s) for s in range(step)]
 
-    then = SimpleNamespace(**{key: _get(saved, f"optim.{key}") for key in ("warmup_steps", "scheduler", "min_lr_ratio")})
-    return rates(then, old_total) != rates(cfg.optim, new_total)
+    keys = ("warmup_steps", "scheduler", "min_lr_ratio")
+    then = SimpleNamespace(**{key: _get(saved, f"optim.{key}") for key in keys})
+    setattr(then, then.scheduler, _get(saved, f"optim.{then.scheduler}"))  # the schedule's own options
+    try:
+        return rates(then, old_total) != rates(cfg.optim, new_total)
+    except UserError:  # the saved schedule is no longer registered: it cannot be compared
+        return True
 
 
 def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
