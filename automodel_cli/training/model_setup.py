@@ -56,7 +56,8 @@ def adapter_base(model: Any, tokenizer: Any, cfg: Any, output_dir: Any, is_main:
 def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any, registries: Any,
                   sequence_parallel: bool = False, on_meta: bool = False, say: Any = None) -> Any:
     """Activation checkpointing, the frozen parts of a vision-language model (model.freeze_vision,
-    model.freeze_projector), adapters (peft.method), device, torch.compile and, on several
+    model.freeze_projector), adapters (peft.method), float8 linear layers (train.precision=fp8),
+    device, torch.compile and, on several
     processes, the tensor-parallel plan and FSDP2; returns the model in train mode. A model still
     on the meta device (``on_meta``) stays there: ``materialize`` allocates its shards after."""
     from automodel_cli.components.distributed.parallelize import parallelize_model
@@ -71,6 +72,7 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     apply_freezing(model, freeze_vision=cfg.model.freeze_vision, freeze_projector=cfg.model.freeze_projector)
     model = apply_peft(model, cfg.peft, ep=cfg.distributed.ep, say=say)
     _install_experts(model, registries, cfg.model.experts_kernel, precision)
+    _convert_float8(model, cfg, sharded=distributed, say=say)
     if not on_meta:
         model.to(precision.device)
     model.train()
@@ -90,6 +92,19 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
             compile=cfg.train.compile, compile_backend=cfg.train.compile_backend, ep=getattr(shape, "ep", 1),
             pipeline=getattr(shape, "pp", 1) > 1)
     return model
+
+
+def _convert_float8(model: Any, cfg: Any, *, sharded: bool, say: Any) -> None:
+    """``train.precision=fp8``: the decoder's linear layers become torchao float8 layers, after
+    the adapters are attached (only their frozen base layers convert) and before torch.compile
+    and FSDP2 (``components/training/float8.py``)."""
+    from automodel_cli.components.training import float8
+
+    if not float8.enabled(cfg):
+        return
+    count = float8.convert(model, cfg.train.fp8_recipe, sharded=sharded)
+    if say is not None:
+        say(float8.describe(count, cfg.train.fp8_recipe, sharded))
 
 
 def _install_experts(model: Any, registries: Any, kernel: str, precision: Any) -> None:
