@@ -70,6 +70,7 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     if not distributed:
         enable_activation_checkpointing(model, cfg.train.activation_checkpointing)
     apply_freezing(model, freeze_vision=cfg.model.freeze_vision, freeze_projector=cfg.model.freeze_projector)
+    _quantize_base(model, cfg, say=say)
     model = apply_peft(model, cfg.peft, ep=cfg.distributed.ep, say=say)
     _install_experts(model, registries, cfg.model.experts_kernel, precision)
     _convert_float8(model, cfg, sharded=distributed, say=say)
@@ -92,6 +93,18 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
             compile=cfg.train.compile, compile_backend=cfg.train.compile_backend, ep=getattr(shape, "ep", 1),
             pipeline=getattr(shape, "pp", 1) > 1)
     return model
+
+
+def _quantize_base(model: Any, cfg: Any, *, say: Any) -> None:
+    """``peft.method=qlora``: the decoder's linear layers store their frozen weights quantized
+    (``components/peft/quantize.py``); on the meta device each is filled as it is read."""
+    from automodel_cli.components.peft import quantize
+
+    if cfg.peft.method != "qlora":
+        return
+    count = quantize.quantize_decoder(model, cfg.peft.quantization)
+    if say is not None:
+        say(f"qlora: {count} decoder linear layers hold their frozen weights in {cfg.peft.quantization}")
 
 
 def _convert_float8(model: Any, cfg: Any, *, sharded: bool, say: Any) -> None:

@@ -51,6 +51,8 @@ def job_problems(recipe: str, cfg: Any, spec: Any, launcher: Any,
                  plan_types: list[str] | None = None) -> list[Problem]:
     """Every problem with the job that this machine can see; [] when there is none.
     ``plan_types``: the model types with a registered tensor-parallel plan (None: not checked)."""
+    from automodel_cli.components.peft.lora import qlora_problems
+
     problems: list[Problem] = []
 
     def add(dotted: str, message: str) -> None:
@@ -79,7 +81,8 @@ def job_problems(recipe: str, cfg: Any, spec: Any, launcher: Any,
                         f"{launcher.name} job's processes would fail on it. Check the path (relative paths "
                         f"resolve from {os.getcwd()}), or give a hub id.")
     for dotted, message in (parallel_problems(cfg, spec, plan_types) + context_parallel_problems(recipe, cfg)
-                            + pipeline_problems(recipe, cfg) + precision_problems(cfg, launcher)):
+                            + pipeline_problems(recipe, cfg) + precision_problems(cfg, launcher)
+                            + qlora_problems(cfg.get("peft.method"), processes=spec.nodes * spec.nproc_per_node)):
         add(dotted, message)
     gpus, warning = gpus_problem(cfg, spec, launcher)
     if gpus:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-DEFAULT_LR = {"none": 2e-5, "lora": 1e-4, "dora": 1e-4}
+DEFAULT_LR = {"none": 2e-5, "lora": 1e-4, "dora": 1e-4, "qlora": 1e-4}
 
 
 def peak_lr(optim_cfg: Any, peft_method: str) -> float:

@@ -96,21 +96,11 @@ def check(cfg: Any, device: Any) -> None:
 
 
 def import_float8() -> Any:
-    """``torchao.float8``, imported quietly: torchao logs a warning for each of its CUDA kernel
-    libraries a CPU-only torch cannot load, which says nothing about float8 training."""
-    import logging
+    """``torchao.float8`` (``components/torchao_import.py``)."""
+    from automodel_cli.components.torchao_import import import_torchao
 
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        import torchao.float8 as float8
-    except ImportError:
-        raise UserError("train.precision=fp8 needs the torchao package, which is not installed.",
-                        f"Install it with `{INSTALL_HINT}`, or set train.precision=auto.") from None
-    finally:
-        logger.setLevel(level)
-    return float8
+    return import_torchao("torchao.float8", feature="train.precision=fp8", extra="fp8",
+                          instead="train.precision=auto")
 
 
 def linear_config(recipe: str, *, sharded: bool) -> Any:
