@@ -44,10 +44,9 @@ def build_optimizer(model: Any, optim_cfg: Any, lr: float) -> Any:
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": float(optim_cfg.weight_decay)},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": decay, "weight_decay": float(optim_cfg.weight_decay)}]
+    if no_decay:  # LoRA trains no bias or norm: torch's distributed checkpoint cannot load an empty group
+        groups.append({"params": no_decay, "weight_decay": 0.0})
     betas = tuple(float(b) for b in optim_cfg.betas)
     # The foreach implementation is the fastest that runs everywhere (fused is CUDA/CPU-only).
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=float(optim_cfg.eps), foreach=True)

@@ -170,3 +170,24 @@ def test_qlora_on_several_processes_is_refused_before_launch(cli, tmp_path, monk
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert "peft.method=qlora trains on one process; this job has 2" in " ".join(result.stderr.split())
     assert not Path("runs").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_qlora_run_repeats_the_uninterrupted_one(cli, tmp_path):
+    """Checkpoints hold the adapters and their optimizer state; the quantized base is rebuilt
+    from the model's files, bit for bit: steps 3 and 4 after a resume equal the straight run's."""
+    fast = ["--peft", "qlora", "train.max_steps=4", "train.eval_every_steps=null", "data.eval_split=null",
+            "logging.progress=false"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert cli("finetune", "demo", "-o", str(straight), "checkpoint.every_steps=2", *fast).exit_code == 0
+    result = cli("finetune", "demo", "-o", str(resumed), *fast,
+                 f"checkpoint.resume={straight / 'checkpoints' / 'step_00000002'}")
+    assert result.exit_code == 0, result.stderr
+
+    def losses(run: Path) -> dict[int, float]:
+        import json
+
+        return {row["step"]: row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in row}
+
+    assert losses(resumed) == {step: loss for step, loss in losses(straight).items() if step > 2}
