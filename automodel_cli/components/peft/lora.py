@@ -217,10 +217,15 @@ def qlora_problems(method: str, *, processes: int) -> list[tuple[str, str]]:
 
 
 def check_qlora(cfg: Any, processes: int) -> None:
-    """Raise a ``UserError`` for ``qlora_problems``."""
+    """Raise a ``UserError`` for ``qlora_problems``, or when the NF4 base needs torchao and it is
+    not installed (before the run reads or writes anything)."""
     found = qlora_problems(cfg.peft.method, processes=processes)
     if found:
         raise UserError(found[0][1])
+    if cfg.peft.method == "qlora" and cfg.peft.quantization == "nf4":
+        from automodel_cli.components.peft.quantize import import_nf4
+
+        import_nf4()
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

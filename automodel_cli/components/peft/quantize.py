@@ -45,12 +45,18 @@ NF4_SCALER_BLOCK = 256  # scales per double-quantization block, at most
 RECORD = "quantization.json"
 
 
-@functools.cache
-def nf4_module() -> Any:
-    """torchao's NF4 tensor module (imported once; a ``UserError`` when torchao is missing)."""
+def import_nf4() -> Any:
+    """torchao's NF4 tensor module, or a ``UserError`` naming the install command when torchao is
+    missing (``check_qlora`` calls it before the run reads or writes anything)."""
     return import_torchao("torchao.quantization.quantize_.workflows.nf4.nf4_tensor",
                           feature="peft.method=qlora with peft.quantization=nf4", extra="qlora",
-                          instead="peft.quantization=int8 or peft.method=lora")
+                          instead="peft.quantization=int8 (plain PyTorch) or peft.method=lora")
+
+
+@functools.cache
+def nf4_module() -> Any:
+    """``import_nf4``, once per process (every NF4 forward needs it)."""
+    return import_nf4()
 
 
 def quantizable(shape: tuple[int, ...], method: str) -> bool:

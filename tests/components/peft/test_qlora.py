@@ -191,3 +191,25 @@ def test_a_resumed_qlora_run_repeats_the_uninterrupted_one(cli, tmp_path):
                 if "loss" in row}
 
     assert losses(resumed) == {step: loss for step, loss in losses(straight).items() if step > 2}
+
+
+
+
+def test_nf4_without_torchao_is_refused_before_anything_is_written(cli, tmp_path, monkeypatch):
+    """``None`` in ``sys.modules`` makes Python refuse to import torchao and its modules, as on a
+    machine without it."""
+    import sys
+
+    from conftest import one_line, tree_digest
+
+    for name in [name for name in sys.modules if name == "torchao" or name.startswith("torchao.")] + ["torchao"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("an earlier run's file")
+    before = tree_digest(tmp_path)
+    result = cli("finetune", "demo", "--peft", "qlora", "-o", str(run_dir), "train.max_steps=1")
+    message = one_line(result.stderr)
+    assert result.exit_code == 2 and "Traceback" not in message
+    assert "needs the torchao package" in message and "pip install 'automodel-cli[qlora]'" in message
+    assert tree_digest(tmp_path) == before
