@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    from automodel_cli.components.torchao_import import quiet_torchao_import_noise
+
+    quiet_torchao_import_noise()  # peft imports torchao (an optional extra) where it is installed
     host = None
     try:
         command_line, arguments = split_global_options(sys.argv[1:] if argv is None else list(argv))

@@ -222,6 +222,8 @@ def merge_lora_command(
     """Fold a LoRA/DoRA adapter into its base model and write a plain Hugging Face model.
 
     Loads base and adapter on CPU (peft's merge_and_unload), so it needs memory for the base model.
+    A QLoRA adapter (quantization.json beside it) is merged into the base as its quantized copy
+    computes it, the weights it was trained against.
     """
     from automodel_cli.commands.checkpoint import parse_size
 
@@ -244,6 +246,7 @@ def merge_lora_command(
     out = _check_out(out)
 
     from automodel_cli.components.models.saving import merge_adapter
+    from automodel_cli.components.peft import quantize
 
     with _staging(out) as tmp:
         merged = tmp / "merged"
@@ -262,14 +265,16 @@ def merge_lora_command(
         sources = [adapter] + ([Path(base_path)] if Path(base_path).is_dir() else [])
         for directory in sources:
             for file in _side_files(directory):
-                if file.name != ADAPTER_CONFIG and not (final / file.name).exists():
+                if file.name not in (ADAPTER_CONFIG, quantize.RECORD) and not (final / file.name).exists():
                     shutil.copyfile(file, final / file.name)
         for item in list(final.iterdir()):
             os.replace(item, tmp / item.name)
         shutil.rmtree(merged, ignore_errors=True)
         if final != merged:
             final.rmdir()
-    typer.echo(f"wrote {adapter} merged into {base_path} to {out}")
+    method = quantize.recorded_method(adapter)
+    dequantized = f" (its weights as the {method} copy the adapter trained on computes them)" if method else ""
+    typer.echo(f"wrote {adapter} merged into {base_path}{dequantized} to {out}")
 
 
 # ------------------------------------------------------------------ hf <-> checkpoint

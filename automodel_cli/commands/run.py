@@ -18,7 +18,7 @@ from automodel_cli.registry import Entry, Registries
 
 ARGS_HELP = "TARGET (a model preset or a YAML file), then key=value overrides."
 CONFIG_HELP = "YAML config file; repeat to layer several (later wins)."
-PEFT_HELP = "none, lora or dora (peft.method)."
+PEFT_HELP = "none, lora, dora or qlora (peft.method; qlora: peft.quantization=nf4|int8)."
 NPROC_HELP = "Processes per node; > 1 starts torchrun (launch.nproc_per_node)."
 GPUS_HELP = "GPUs per node: requests them from the cluster and runs one process per GPU (launch.gpus_per_node)."
 NODES_HELP = "Nodes for the job; > 1 needs --launcher slurm or k8s (launch.nodes)."

@@ -139,7 +139,8 @@ def plan_report(cfg: Any, recipe: str, shape: Any, target: Target, registries: A
                                    f"{architecture.layers} layers each; the first keeps the activations of "
                                    f"{flight:g} micro-batch{'es' * (flight != 1)} in flight, the last the LM head "
                                    "and the loss)")
-    method = {"none": "full fine-tuning", "lora": f"LoRA r={setup.lora_rank}", "dora": f"DoRA r={setup.lora_rank}"}
+    method = {"none": "full fine-tuning", "lora": f"LoRA r={setup.lora_rank}", "dora": f"DoRA r={setup.lora_rank}",
+              "qlora": f"QLoRA r={setup.lora_rank} ({cfg.get('peft.quantization') or 'nf4'} base)"}
     report.headline = (f"{recipe}, {shape.describe()}, {method[setup.peft]}, AdamW, micro-batch {setup.micro_batch} x "
                        f"{setup.seq_len} tokens, activation checkpointing {plans.checkpointing_mode(setup.activation_checkpointing)}, "
                        f"{target.device}")
@@ -178,6 +179,7 @@ def setup_from_config(cfg: Any, recipe: str, shape: Any, target: Target, registr
     return Setup(
         micro_batch=int(micro), seq_len=int(seq), device=target.device, bf16_supported=target.bf16_supported,
         model_dtype=cfg.get("model.dtype") or "auto", peft=cfg.get("peft.method") or "none",
+        quantization=cfg.get("peft.quantization") or "nf4",
         lora_rank=int(cfg.get("peft.rank") or 8),
         lora_targets=targets if isinstance(targets, str) else tuple(targets),
         dp_replicate=shape.dp_replicate, dp_shard=shape.dp_shard, tp=shape.tp, cp=getattr(shape, "cp", 1),

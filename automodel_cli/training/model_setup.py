@@ -56,7 +56,8 @@ def adapter_base(model: Any, tokenizer: Any, cfg: Any, output_dir: Any, is_main:
 def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any, registries: Any,
                   sequence_parallel: bool = False, on_meta: bool = False, say: Any = None) -> Any:
     """Activation checkpointing, the frozen parts of a vision-language model (model.freeze_vision,
-    model.freeze_projector), adapters (peft.method), device, torch.compile and, on several
+    model.freeze_projector), adapters (peft.method), float8 linear layers (train.precision=fp8),
+    device, torch.compile and, on several
     processes, the tensor-parallel plan and FSDP2; returns the model in train mode. A model still
     on the meta device (``on_meta``) stays there: ``materialize`` allocates its shards after."""
     from automodel_cli.components.distributed.parallelize import parallelize_model
@@ -69,8 +70,10 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     if not distributed:
         enable_activation_checkpointing(model, cfg.train.activation_checkpointing)
     apply_freezing(model, freeze_vision=cfg.model.freeze_vision, freeze_projector=cfg.model.freeze_projector)
+    _quantize_base(model, cfg, say=say)
     model = apply_peft(model, cfg.peft, ep=cfg.distributed.ep, say=say)
     _install_experts(model, registries, cfg.model.experts_kernel, precision)
+    _convert_float8(model, cfg, sharded=distributed, say=say)
     if not on_meta:
         model.to(precision.device)
     model.train()
@@ -90,6 +93,31 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
             compile=cfg.train.compile, compile_backend=cfg.train.compile_backend, ep=getattr(shape, "ep", 1),
             pipeline=getattr(shape, "pp", 1) > 1)
     return model
+
+
+def _quantize_base(model: Any, cfg: Any, *, say: Any) -> None:
+    """``peft.method=qlora``: the decoder's linear layers store their frozen weights quantized
+    (``components/peft/quantize.py``); on the meta device each is filled as it is read."""
+    from automodel_cli.components.peft import quantize
+
+    if cfg.peft.method != "qlora":
+        return
+    count = quantize.quantize_decoder(model, cfg.peft.quantization)
+    if say is not None:
+        say(f"qlora: {count} decoder linear layers hold their frozen weights in {cfg.peft.quantization}")
+
+
+def _convert_float8(model: Any, cfg: Any, *, sharded: bool, say: Any) -> None:
+    """``train.precision=fp8``: the decoder's linear layers become torchao float8 layers, after
+    the adapters are attached (only their frozen base layers convert) and before torch.compile
+    and FSDP2 (``components/training/float8.py``)."""
+    from automodel_cli.components.training import float8
+
+    if not float8.enabled(cfg):
+        return
+    count = float8.convert(model, cfg.train.fp8_recipe, sharded=sharded)
+    if say is not None:
+        say(float8.describe(count, cfg.train.fp8_recipe, sharded))
 
 
 def _install_experts(model: Any, registries: Any, kernel: str, precision: Any) -> None:

@@ -84,6 +84,8 @@ class TrainingRun:
 
     def __init__(self, context: Any, *, output: bool = True, stream: TextIO | None = None):
         from automodel_cli.components.distributed import mesh as meshes
+        from automodel_cli.components.peft.lora import check_qlora
+        from automodel_cli.components.training import float8
         from automodel_cli.training import context_parallel, loop, memory_plan, pipeline
 
         self.context = context
@@ -93,6 +95,8 @@ class TrainingRun:
         self.env, self.shape, self.say = loop.processes(self.cfg, stream)
         context_parallel.check_recipe(context.recipe, self.shape.cp)
         pipeline.check(context.recipe, self.cfg)
+        float8.check(self.cfg, self.env.device)  # train.precision=fp8: a float8 GPU and torchao
+        check_qlora(self.cfg, self.env.world_size)  # peft.method=qlora: one process, pretrained weights
         self.output_dir: Path | None = loop.claim_output_dir(self.cfg, context.recipe, self.env) if output else None
         self.mesh, self.dp_size, self.dp_index = loop.data_parallel(self.shape, self.env)
         # Context parallelism: cp peers share dp_index and split each sequence's tokens.

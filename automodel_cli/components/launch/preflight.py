@@ -51,6 +51,8 @@ def job_problems(recipe: str, cfg: Any, spec: Any, launcher: Any,
                  plan_types: list[str] | None = None) -> list[Problem]:
     """Every problem with the job that this machine can see; [] when there is none.
     ``plan_types``: the model types with a registered tensor-parallel plan (None: not checked)."""
+    from automodel_cli.components.peft.lora import qlora_problems
+
     problems: list[Problem] = []
 
     def add(dotted: str, message: str) -> None:
@@ -79,7 +81,8 @@ def job_problems(recipe: str, cfg: Any, spec: Any, launcher: Any,
                         f"{launcher.name} job's processes would fail on it. Check the path (relative paths "
                         f"resolve from {os.getcwd()}), or give a hub id.")
     for dotted, message in (parallel_problems(cfg, spec, plan_types) + context_parallel_problems(recipe, cfg)
-                            + pipeline_problems(recipe, cfg)):
+                            + pipeline_problems(recipe, cfg) + precision_problems(cfg, launcher)
+                            + qlora_problems(cfg.get("peft.method"), processes=spec.nodes * spec.nproc_per_node)):
         add(dotted, message)
     gpus, warning = gpus_problem(cfg, spec, launcher)
     if gpus:
@@ -219,6 +222,38 @@ def context_parallel_problems(recipe: str, cfg: Any, cp: int | None = None) -> l
                                          f"data.max_length to a multiple of {multiple} (e.g. "
                                          f"{-(-length // multiple) * multiple})."))
     return found
+
+
+def precision_problems(cfg: Any, launcher: Any) -> list[tuple[str, str]]:
+    """(key, message) when ``train.precision=fp8`` cannot run: with tensor parallelism; on a
+    cluster job that requests no GPUs; on this machine (the local launcher's processes) without
+    a CUDA GPU of compute capability 8.9+ or without torchao. A cluster's GPUs and packages are
+    checked by its processes (``components/training/float8.check``)."""
+    from automodel_cli.components.training import float8
+
+    if cfg.get("train.precision") != "fp8":
+        return []
+    found = []
+    tp_problem = float8.tensor_parallel_problem(cfg.get("distributed.tp") or 1)
+    if tp_problem:
+        found.append(("distributed.tp", f"{tp_problem} {float8.TP_HINT}"))
+    if launcher.requests_gpus:
+        if not cfg.get("launch.gpus_per_node"):
+            found.append(("train.precision", f"{float8.REQUIREMENT}, and the {launcher.name} job requests no GPUs. "
+                                             "Pass --gpus-per-node N, "
+                                             f"or set train.precision=auto."))
+        return found
+    problem = float8.device_problem(_local_device())
+    if problem:
+        found.append(("train.precision", f"{problem} {float8.REQUIREMENT_HINT}"))
+    return found
+
+
+def _local_device() -> Any:
+    """The device the local launcher's processes train on (the first GPU, else the CPU)."""
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def gpus_problem(cfg: Any, spec: Any, launcher: Any) -> tuple[str | None, str | None]:

@@ -14,7 +14,9 @@ and fills it
   (``_init_weights``) of the parameter's module, seeded by the parameter's name, so the weights
   are the same whatever the mesh (a run on 2 processes and one on 4 start alike);
 
-then LoRA/DoRA adapter weights are initialised the same way (A: Kaiming-uniform seeded by name,
+QLoRA's quantized layers (``components/peft/quantize.py``) are left out of that allocation: each
+of their weights is read whole, quantized on the device and stored before the next is read. Then
+LoRA/DoRA adapter weights are initialised the same way (A: Kaiming-uniform seeded by name,
 B: zeros, DoRA magnitudes: the row norms of the loaded base weight). Tied weights are one
 parameter and are filled once.
 """
@@ -111,10 +113,22 @@ def materialize(model: torch.nn.Module, device: Any, *, read: Callable[[str, tup
     Buffers keep the values they were built with."""
     from automodel_cli.components.models.structure import retie, shared_parameters
 
+    from automodel_cli.components.peft.quantize import pending_layers
+
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     shared = shared_parameters(model)
+    quantized = pending_layers(model)  # QLoRA: never allocated at full precision all at once
+    for layer in quantized.values():
+        del layer._parameters["weight"]
     model.to_empty(device=device)
     retie(model, shared)  # to_empty replaces tied parameters one by one
+    for name, layer in quantized.items():  # one full-precision weight at a time, quantized at once
+        key = checkpoint_key(f"{name}.weight")
+        shape = (layer.out_features, layer.in_features)
+        full = read(key, (0, 0), shape) if read is not None else init(key)
+        layer.store(full.to(device=device, dtype=layer.compute_dtype))
+        del full
+    stored = {id(layer.weight) for layer in quantized.values()}
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name in buffers:
@@ -123,6 +137,8 @@ def materialize(model: torch.nn.Module, device: Any, *, read: Callable[[str, tup
     for name, param in model.named_parameters():
         if is_adapter(name):
             adapters.append((name, param))
+            continue
+        if id(param) in stored:
             continue
         key = checkpoint_key(name)
         dtype = param.dtype

@@ -33,6 +33,7 @@ def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, bas
     from automodel_cli.components.checkpoint import collective
     from automodel_cli.components.distributed.parallelize import gather_full_state_dict
     from automodel_cli.components.models import hf_stream
+    from automodel_cli.components.peft import quantize
 
     is_main = collective.rank() == 0
     final = RunDir(output_dir).final
@@ -55,6 +56,7 @@ def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, bas
                                           **({"state_dict": adapter} if adapter is not None else {}))
                     if stages is not None:
                         _add_other_stages(staging, stages, model.active_adapter)
+                    quantize.record(staging, model)
             else:
                 hf_stream.write_weights(model, staging if is_main else None, pipeline=pipeline)
                 if is_main:
@@ -123,12 +125,17 @@ def _disk_error(exc: Exception, output_dir: Path, needed: int) -> Exception | No
 
 def merge_adapter(base_path: Any, adapter_dir: Path, out_dir: Path) -> None:
     """Load the base (with the auto class its config calls for: a VLM's is image-text-to-text)
-    and the adapter on CPU, fold the adapter into the weights, save."""
+    and the adapter on CPU, fold the adapter into the weights, save. A QLoRA adapter (its
+    ``quantization.json``) is merged into the dequantized base: the weights it was trained with."""
     from peft import PeftModel
     from transformers import AutoConfig
 
     from automodel_cli.components.models.vlm import auto_class
+    from automodel_cli.components.peft import quantize
 
     base = auto_class(AutoConfig.from_pretrained(base_path)).from_pretrained(base_path)
+    method = quantize.recorded_method(adapter_dir)
+    if method is not None:  # a QLoRA adapter: merged into the base it was trained against
+        quantize.dequantize_base(base, method)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)

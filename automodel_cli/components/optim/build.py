@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_LR = {"none": 2e-5, "lora": 1e-4, "dora": 1e-4}
+DEFAULT_LR = {"none": 2e-5, "lora": 1e-4, "dora": 1e-4, "qlora": 1e-4}
 
 
 def peak_lr(optim_cfg: Any, peft_method: str) -> float:
@@ -62,12 +62,15 @@ class OptimizerSettings:
 
     def param_groups(self, named: list[tuple[str, Any]] | None = None) -> list[dict[str, Any]]:
         """``named`` (default: every trainable parameter) in two groups: weight decay on matrices
-        (and higher), none on biases and norms. The decayed group comes first."""
+        (and higher), none on biases and norms. The decayed group comes first; an empty group is
+        left out (LoRA trains matrices only), since torch's distributed checkpoint cannot load
+        the state of an empty parameter group."""
         named = self.named_trainable() if named is None else named
-        return [
+        groups = [
             {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": self.weight_decay},
             {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
         ]
+        return [group for group in groups if group["params"]] or groups[:1]
 
     def sharded(self) -> bool:
         """Whether parameters are split over processes (FSDP or tensor parallelism: DTensors)."""

@@ -54,7 +54,7 @@ def apply_peft(model: Any, peft_cfg: Any, *, ep: int = 1, say: Callable[[str], N
         lora_dropout=float(peft_cfg.dropout),
         target_modules=target if isinstance(target, str) else list(target),
         target_parameters=parameters,
-        use_dora=peft_cfg.method == "dora",
+        use_dora=peft_cfg.method == "dora",  # qlora: LoRA on the quantized base
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
@@ -204,6 +204,28 @@ def check_wrapped_parameters(peft_cfg: Any, chosen: MoeTargets) -> None:
         raise UserError(f"peft.method=dora cannot adapt this mixture-of-experts model's {what} (peft has no DoRA "
                         "for parameters).",
                         "Use peft.method=lora, or peft.moe_experts=false to adapt the attention layers only.")
+
+
+def qlora_problems(method: str, *, processes: int) -> list[tuple[str, str]]:
+    """(key, message) for what ``peft.method=qlora`` cannot do: train on several processes (the
+    quantized base is not sharded by FSDP2 here)."""
+    if method != "qlora" or processes <= 1:
+        return []
+    return [("peft.method", f"peft.method=qlora trains on one process; this job has {processes}: the quantized "
+                            "base is not sharded across processes. Use one process (QLoRA fits a large model on "
+                            "one GPU), or peft.method=lora to shard the base with FSDP2.")]
+
+
+def check_qlora(cfg: Any, processes: int) -> None:
+    """Raise a ``UserError`` for ``qlora_problems``, or when the NF4 base needs torchao and it is
+    not installed (before the run reads or writes anything)."""
+    found = qlora_problems(cfg.peft.method, processes=processes)
+    if found:
+        raise UserError(found[0][1])
+    if cfg.peft.method == "qlora" and cfg.peft.quantization == "nf4":
+        from automodel_cli.components.peft.quantize import import_nf4
+
+        import_nf4()
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -46,6 +46,10 @@ CPU_HEAP_SLACK = 0.6
 LOSS_KINDS = ("masked", "chunked", "fused")
 
 
+#: Bytes per weight of a QLoRA base's decoder linear layers: NF4 is 4 bits plus an int8 scale per
+#: block of 64 and a float32 factor per 256 blocks; int8 is a byte (plus a per-row scale, left out).
+QUANTIZED_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+
 @dataclass(frozen=True)
 class Architecture:
     """The fields of a decoder's HF config that decide its memory."""
@@ -171,7 +175,8 @@ class Setup:
     device: str = "cpu"  # cpu | cuda
     bf16_supported: bool = True  # of the GPU (auto dtype)
     model_dtype: str = "auto"
-    peft: str = "none"  # none | lora | dora
+    peft: str = "none"  # none | lora | dora | qlora
+    quantization: str = "nf4"  # qlora: how the decoder's linear weights are stored
     lora_rank: int = 8
     lora_targets: tuple[str, ...] | str = "all-linear"
     dp_replicate: int = 1
@@ -271,6 +276,8 @@ def plan(arch: Architecture, setup: Setup) -> MemoryPlan:
     adapter_total = adapter_parameters(arch, setup) if peft else 0
     adapters = adapter_total / shard
     parameters = base * p + adapters * 4  # peft keeps adapters in fp32
+    if setup.peft == "qlora":  # the decoder's linear weights stored quantized, not in the parameter dtype
+        parameters -= counts.layers * layer_matrices / shard * (p - QUANTIZED_BYTES[setup.quantization])
     trainable_bytes = adapters * 4 if peft else base * p
     trainable = adapters if peft else base
     gradients = trainable_bytes
@@ -524,7 +531,9 @@ def table(result: MemoryPlan, setup: Setup) -> list[str]:
     rows = [
         ("parameters", result.parameters, f"{result.total_parameters / 1e6:,.2f}M in the model, "
                                           f"{result.param_dtype}" + (f", {result.autocast_dtype} autocast"
-                                                                     if result.autocast_dtype else "")),
+                                                                     if result.autocast_dtype else "")
+                                          + (f", decoder linear weights {setup.quantization}"
+                                             if setup.peft == "qlora" else "")),
         ("gradients", result.gradients, f"{result.trainable / 1e6:,.2f}M trainable on this process"),
         ("optimizer state", result.optimizer, "AdamW: 2 moments per trainable parameter"),
         ("activations", result.activations_none, "no checkpointing" + (" <- this run" if mode == "none" else "")),
