@@ -145,7 +145,7 @@ CORE: dict[str, dict[str, Key] | Key] = {
         "max_pixels": _k(OPT_INT, None, "Vision-language models with a dynamic resolution: largest image area in pixels after resizing; fewer pixels, fewer image tokens (null: the processor's own).", ge=1),
     },
     "peft": {
-        "method": _k(str, "none", "Parameter-efficient method: none (full fine-tuning), lora, dora or qlora (LoRA on a base whose decoder linear weights are quantized as they load, peft.quantization; one process; docs/performance.md).",
+        "method": _k(str, "none", "Parameter-efficient method: none (full fine-tuning), lora, dora or qlora (LoRA on a base whose decoder linear weights are quantized as they load, peft.quantization; sharded by FSDP2 on several processes, no tp/pp/cp; docs/performance.md).",
                      choices=("none", "lora", "dora", "qlora")),
         "quantization": _k(str, "nf4", "How peft.method=qlora stores the frozen base's decoder linear weights: nf4 (4-bit NormalFloat blocks of 64 with double-quantized scales, torchao; `pip install 'automodel-cli[qlora]'`) or int8 (per-row absmax, plain PyTorch).",
                            choices=("nf4", "int8")),

@@ -70,7 +70,7 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     if not distributed:
         enable_activation_checkpointing(model, cfg.train.activation_checkpointing)
     apply_freezing(model, freeze_vision=cfg.model.freeze_vision, freeze_projector=cfg.model.freeze_projector)
-    _quantize_base(model, cfg, say=say)
+    _quantize_base(model, cfg, mesh=mesh, say=say)
     model = apply_peft(model, cfg.peft, ep=cfg.distributed.ep, say=say)
     _install_experts(model, registries, cfg.model.experts_kernel, precision)
     _convert_float8(model, cfg, sharded=distributed, say=say)
@@ -95,16 +95,26 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     return model
 
 
-def _quantize_base(model: Any, cfg: Any, *, say: Any) -> None:
+def _quantize_base(model: Any, cfg: Any, *, mesh: Any, say: Any) -> None:
     """``peft.method=qlora``: the decoder's linear layers store their frozen weights quantized
-    (``components/peft/quantize.py``); on the meta device each is filled as it is read."""
+    (``components/peft/quantize.py``); on the meta device each is filled as it is read. On several
+    processes, says which quantized weights stay whole on every process (FSDP2 cannot cut them
+    into whole quantization blocks)."""
+    from automodel_cli.components.distributed.mesh import fsdp_mesh
     from automodel_cli.components.peft import quantize
 
     if cfg.peft.method != "qlora":
         return
     count = quantize.quantize_decoder(model, cfg.peft.quantization)
-    if say is not None:
-        say(f"qlora: {count} decoder linear layers hold their frozen weights in {cfg.peft.quantization}")
+    if say is None:
+        return
+    say(f"qlora: {count} decoder linear layers hold their frozen weights in {cfg.peft.quantization}")
+    dp = fsdp_mesh(mesh)
+    whole = quantize.unshardable_weights(model, dp.shape[-1]) if dp is not None else set()
+    if whole:
+        shapes = sorted({tuple(weight.shape) for weight in whole})
+        say(f"note: qlora: {len(whole)} quantized weights (shapes {', '.join(map(str, shapes))}) do not split into "
+            f"whole {cfg.peft.quantization} blocks over {dp.shape[-1]} processes: each process keeps them whole")
 
 
 def _convert_float8(model: Any, cfg: Any, *, sharded: bool, say: Any) -> None:

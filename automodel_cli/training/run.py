@@ -96,7 +96,7 @@ class TrainingRun:
         context_parallel.check_recipe(context.recipe, self.shape.cp)
         pipeline.check(context.recipe, self.cfg)
         float8.check(self.cfg, self.env.device)  # train.precision=fp8: a float8 GPU and torchao
-        check_qlora(self.cfg, self.env.world_size)  # peft.method=qlora: one process, pretrained weights
+        check_qlora(self.cfg, self.shape)  # peft.method=qlora: FSDP2 only, torchao for nf4
         self.output_dir: Path | None = loop.claim_output_dir(self.cfg, context.recipe, self.env) if output else None
         self.mesh, self.dp_size, self.dp_index = loop.data_parallel(self.shape, self.env)
         # Context parallelism: cp peers share dp_index and split each sequence's tokens.

@@ -127,15 +127,20 @@ def parallelize_model(
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if mixed_precision else MixedPrecisionPolicy())
         layers = decoder_layers(model)
+        # Expert-parallel experts are sharded already; QLoRA weights that cannot be cut into
+        # whole quantization blocks per process stay whole (components/peft/quantize.py).
+        from automodel_cli.components.peft.quantize import unshardable_weights
+
+        ignored = experts | unshardable_weights(model, dp.shape[-1])
         for i, layer in enumerate(layers):
             # The last layer's parameters are needed first in backward: keep them gathered.
             fully_shard(layer, mesh=dp, mp_policy=policy,
                         reshard_after_forward=reshard_after_forward and i < len(layers) - 1,
-                        ignored_params=experts & set(layer.parameters()) or None)
+                        ignored_params=ignored & set(layer.parameters()) or None)
         embedding = getattr(decoder_stack(model)[1], "embed_tokens", None) if pipeline else None
         if embedding is not None:
             fully_shard(embedding, mesh=dp, mp_policy=policy)
-        fully_shard(model, mesh=dp, mp_policy=policy, ignored_params=experts or None)
+        fully_shard(model, mesh=dp, mp_policy=policy, ignored_params=ignored or None)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)

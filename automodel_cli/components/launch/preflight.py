@@ -82,7 +82,8 @@ def job_problems(recipe: str, cfg: Any, spec: Any, launcher: Any,
                         f"resolve from {os.getcwd()}), or give a hub id.")
     for dotted, message in (parallel_problems(cfg, spec, plan_types) + context_parallel_problems(recipe, cfg)
                             + pipeline_problems(recipe, cfg) + precision_problems(cfg, launcher)
-                            + qlora_problems(cfg.get("peft.method"), processes=spec.nodes * spec.nproc_per_node)):
+                            + qlora_problems(cfg.get("peft.method"), tp=cfg.get("distributed.tp"),
+                                             pp=cfg.get("distributed.pp"), cp=cfg.get("distributed.cp"))):
         add(dotted, message)
     gpus, warning = gpus_problem(cfg, spec, launcher)
     if gpus:

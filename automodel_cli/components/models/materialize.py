@@ -14,8 +14,9 @@ and fills it
   (``_init_weights``) of the parameter's module, seeded by the parameter's name, so the weights
   are the same whatever the mesh (a run on 2 processes and one on 4 start alike);
 
-QLoRA's quantized layers (``components/peft/quantize.py``) are left out of that allocation: each
-of their weights is read whole, quantized on the device and stored before the next is read. Then
+QLoRA's quantized layers (``components/peft/quantize.py``) are left out of that allocation (a
+weight FSDP2 shards allocates only its quantized rows): each of their weights is read whole,
+quantized on the device and stored (cut to this process's rows) before the next is read. Then
 LoRA/DoRA adapter weights are initialised the same way (A: Kaiming-uniform seeded by name,
 B: zeros, DoRA magnitudes: the row norms of the loaded base weight). Tied weights are one
 parameter and are filled once.
@@ -117,9 +118,12 @@ def materialize(model: torch.nn.Module, device: Any, *, read: Callable[[str, tup
 
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     shared = shared_parameters(model)
+    from torch.distributed.tensor import DTensor
+
     quantized = pending_layers(model)  # QLoRA: never allocated at full precision all at once
     for layer in quantized.values():
-        del layer._parameters["weight"]
+        if not isinstance(layer.weight, DTensor):  # FSDP2 keeps its sharded parameter: to_empty fills it
+            del layer._parameters["weight"]
     model.to_empty(device=device)
     retie(model, shared)  # to_empty replaces tied parameters one by one
     for name, layer in quantized.items():  # one full-precision weight at a time, quantized at once

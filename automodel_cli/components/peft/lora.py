@@ -206,20 +206,23 @@ def check_wrapped_parameters(peft_cfg: Any, chosen: MoeTargets) -> None:
                         "Use peft.method=lora, or peft.moe_experts=false to adapt the attention layers only.")
 
 
-def qlora_problems(method: str, *, processes: int) -> list[tuple[str, str]]:
-    """(key, message) for what ``peft.method=qlora`` cannot do: train on several processes (the
-    quantized base is not sharded by FSDP2 here)."""
-    if method != "qlora" or processes <= 1:
+def qlora_problems(method: str, *, tp: int | None = 1, pp: int | None = 1, cp: int | None = 1) -> list[tuple[str, str]]:
+    """(key, message) for what ``peft.method=qlora`` cannot do. FSDP2 (and HSDP) shards the
+    quantized base over any number of processes; tensor, pipeline and context parallelism are
+    refused: the quantized weights have no tensor-parallel layout, and those paths are not
+    built for them."""
+    if method != "qlora":
         return []
-    return [("peft.method", f"peft.method=qlora trains on one process; this job has {processes}: the quantized "
-                            "base is not sharded across processes. Use one process (QLoRA fits a large model on "
-                            "one GPU), or peft.method=lora to shard the base with FSDP2.")]
+    return [(f"distributed.{key}", f"peft.method=qlora cannot be combined with distributed.{key}={size}: the "
+                                   "quantized base is sharded by FSDP2 only. Set distributed."
+                                   f"{key}=1 (FSDP2 shards it over all processes), or use peft.method=lora.")
+            for key, size in (("tp", tp), ("pp", pp), ("cp", cp)) if (size or 1) > 1]
 
 
-def check_qlora(cfg: Any, processes: int) -> None:
-    """Raise a ``UserError`` for ``qlora_problems``, or when the NF4 base needs torchao and it is
-    not installed (before the run reads or writes anything)."""
-    found = qlora_problems(cfg.peft.method, processes=processes)
+def check_qlora(cfg: Any, shape: Any) -> None:
+    """Raise a ``UserError`` for ``qlora_problems`` (``shape``: the run's parallel sizes), or when
+    the NF4 base needs torchao and it is not installed (before the run reads or writes anything)."""
+    found = qlora_problems(cfg.peft.method, tp=shape.tp, pp=getattr(shape, "pp", 1), cp=getattr(shape, "cp", 1))
     if found:
         raise UserError(found[0][1])
     if cfg.peft.method == "qlora" and cfg.peft.quantization == "nf4":

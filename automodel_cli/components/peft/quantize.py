@@ -7,23 +7,32 @@ quantized and dequantized for each matrix product. ``peft.quantization``:
 
 * ``nf4`` (default): torchao's ``NF4Tensor``, QLoRA's 4-bit NormalFloat: blocks of 64 values
   share one absmax scale, the scales themselves quantized to int8 per block of up to 256 scales
-  (double quantization), about 0.52 bytes per weight. ``linear_nf4`` dequantizes in forward and
-  backward (the weight gets no gradient). NF4Tensor is a tensor subclass that FSDP2 knows how to
-  shard, which is why it is preferred to bitsandbytes' 4-bit layers (CUDA kernels, layers that
-  FSDP2 cannot shard, no CPU path for tests).
+  (double quantization; ``scaler_block``: within one row where rows hold whole blocks, so that
+  the layer cuts into row shards whatever the process count), about 0.52 bytes per weight.
+  ``linear_nf4`` dequantizes in forward and backward (the weight gets no gradient). NF4Tensor
+  is a tensor subclass that FSDP2 knows how to shard, which is why it is preferred to
+  bitsandbytes' 4-bit layers (CUDA kernels, layers that FSDP2 cannot shard, no CPU path for
+  tests).
 * ``int8``: symmetric per-output-row int8 with one float scale per row (about 1 byte per weight);
   plain PyTorch.
 
 A layer whose weight cannot be cut into NF4 blocks (fewer than 64 values per block row) stays a
 frozen ``nn.Linear``.
 
+On several processes FSDP2 shards the frozen quantized weight along its rows like any parameter
+(NF4Tensor implements FSDP2's all-gather extensions; an int8 weight is a plain tensor and its
+per-row scale a small replicated buffer): each process keeps its rows' NF4 data and scales and
+the whole weight is gathered for its layer's forward and backward. A weight whose rows do not
+split evenly into whole NF4 blocks and scale blocks (``shardable``) stays whole on every process
+(``unshardable_weights``, left out of FSDP2).
+
 Loading never holds the whole model at full precision: on the meta path (``model.meta_init``)
-the quantized layers' weights are left out when the model is allocated and each one is read
-from the safetensors files, quantized and stored before the next is read
-(``components/models/materialize.py``); on the whole-model path each weight is quantized as its
-layer is replaced. ``final/`` gets the adapter (it loads with peft on the original base) and
-``quantization.json``, from which ``merge_adapter`` merges into the dequantized base the
-adapter was trained against.
+a quantized layer's weight is an empty quantized tensor of the right kind (what FSDP2 shards),
+and each one is read from the safetensors files, quantized whole and cut to this process's rows
+before the next is read (``components/models/materialize.py``); on the whole-model path each
+weight is quantized as its layer is replaced (and FSDP2 cuts it afterwards). ``final/`` gets
+the adapter (it loads with peft on the original base) and ``quantization.json``, from which
+``merge_adapter`` merges into the dequantized base the adapter was trained against.
 """
 
 from __future__ import annotations
@@ -64,14 +73,43 @@ def quantizable(shape: tuple[int, ...], method: str) -> bool:
     return method != "nf4" or math.prod(shape) % NF4_BLOCK == 0
 
 
+def scaler_block(shape: tuple[int, ...]) -> int:
+    """NF4's double-quantization block (scales per int8 scale block) for a weight of ``shape``:
+    the largest divisor of 256 that divides the blocks of one row when rows hold whole blocks, so
+    every row shard holds whole scale blocks whatever the number of processes (and the weight
+    quantizes the same on one process as on several); else of the whole weight's block count."""
+    blocks_per_row, rest = divmod(shape[-1], NF4_BLOCK)
+    if len(shape) == 2 and not rest:
+        return math.gcd(blocks_per_row, NF4_SCALER_BLOCK)
+    return math.gcd(math.prod(shape) // NF4_BLOCK, NF4_SCALER_BLOCK)
+
+
+def shardable(shape: tuple[int, ...], method: str, shards: int) -> bool:
+    """Whether FSDP2 can cut a ``method`` weight of ``shape`` into ``shards`` equal row shards:
+    rows divide evenly (a quantized weight cannot be padded) and, for NF4, each shard holds
+    whole blocks and whole scale blocks."""
+    rows = shape[0]
+    if rows % shards:
+        return False
+    if method != "nf4":
+        return True
+    shard_blocks, rest = divmod(rows // shards * math.prod(shape[1:]), NF4_BLOCK)
+    return not rest and shard_blocks % scaler_block(shape) == 0
+
+
+def empty_quantized(weight: torch.Tensor, method: str) -> torch.Tensor:
+    """An empty (meta) stored weight of the kind ``quantize`` makes from ``weight``: what FSDP2
+    shards before the values are read."""
+    if method == "nf4":
+        return nf4_module().to_nf4(weight.detach(), NF4_BLOCK, scaler_block(tuple(weight.shape)))
+    return torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+
+
 def quantize(weight: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(stored weight, per-row scale or None) of a full-precision ``weight``. NF4's
-    double-quantization block is the largest divisor of the block count up to 256 (a small
-    layer has fewer than 256 blocks)."""
+    """(stored weight, per-row scale or None) of a full-precision ``weight``."""
     weight = weight.detach().contiguous()
     if method == "nf4":
-        blocks = weight.numel() // NF4_BLOCK
-        return nf4_module().to_nf4(weight, NF4_BLOCK, math.gcd(blocks, NF4_SCALER_BLOCK)), None
+        return nf4_module().to_nf4(weight, NF4_BLOCK, scaler_block(tuple(weight.shape))), None
     scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(weight.dtype).tiny) / 127
     return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
@@ -98,15 +136,28 @@ class QuantizedLinear(torch.nn.Linear):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.quantization = method
         self.compute_dtype = layer.weight.dtype  # the dtype a full-precision weight is given before quantizing
-        self.weight = torch.nn.Parameter(layer.weight.detach(), requires_grad=False)
         self.bias = None if layer.bias is None else torch.nn.Parameter(layer.bias.detach(), requires_grad=False)
         self.register_buffer("weight_scale", None, persistent=False)
-        if not layer.weight.is_meta:
+        if layer.weight.is_meta:
+            self.weight = torch.nn.Parameter(empty_quantized(layer.weight, method), requires_grad=False)
+        else:
             self.store(layer.weight)
 
     def store(self, weight: torch.Tensor) -> None:
-        """Quantize ``weight`` (the full-precision weight, on the training device) into this layer."""
+        """Quantize ``weight`` (the full-precision weight, on the training device) into this layer;
+        where FSDP2 shards the layer's weight, this process keeps only its rows of the result."""
+        from torch.distributed.tensor import DTensor
+
         stored, scale = quantize(weight, self.quantization)
+        current = self._parameters.get("weight")
+        if isinstance(current, DTensor):
+            from automodel_cli.components.models.materialize import local_part
+
+            local, _shape, offset = local_part(current)
+            rows = local.shape[0]
+            stored = torch.chunk(stored, stored.shape[0] // rows, dim=0)[offset[0] // rows]
+            stored = DTensor.from_local(stored, current.device_mesh, current.placements, run_check=False,
+                                        shape=current.shape, stride=current.stride())
         self.weight = torch.nn.Parameter(stored, requires_grad=False)
         self.weight_scale = scale
 
@@ -142,6 +193,13 @@ def quantize_decoder(model: Any, method: str) -> int:
         parent, _, child = name.rpartition(".")
         setattr(layer.get_submodule(parent) if parent else layer, child, QuantizedLinear(module, method))
     return len(chosen)
+
+
+def unshardable_weights(model: Any, shards: int) -> set[torch.nn.Parameter]:
+    """The quantized weights FSDP2 cannot cut into ``shards`` row shards (``shardable``): they
+    stay whole on every process."""
+    return {module.weight for module in model.modules() if isinstance(module, QuantizedLinear)
+            and not shardable((module.out_features, module.in_features), module.quantization, shards)}
 
 
 def pending_layers(model: Any) -> dict[str, QuantizedLinear]:

@@ -163,13 +163,31 @@ def test_finetune_writes_an_adapter_for_the_original_base_and_merges_into_the_de
         assert not torch.allclose(original(input_ids=INPUTS).logits, trained(input_ids=INPUTS).logits, atol=1e-4)
 
 
-def test_qlora_on_several_processes_is_refused_before_launch(cli, tmp_path, monkeypatch):
+def test_qlora_with_tensor_parallelism_is_refused_before_launch(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTOMODEL_STATE_DIR", str(tmp_path / "state"))
-    result = cli("finetune", "demo", "--peft", "qlora", "--nproc-per-node", "2", "-o", "runs/x")
+    result = cli("finetune", "demo", "--peft", "qlora", "--nproc-per-node", "2", "distributed.tp=2", "-o", "runs/x")
     assert result.exit_code == 2 and "Traceback" not in result.stderr
-    assert "peft.method=qlora trains on one process; this job has 2" in " ".join(result.stderr.split())
+    assert "peft.method=qlora cannot be combined with distributed.tp=2" in " ".join(result.stderr.split())
     assert not Path("runs").exists()
+
+
+def test_nf4_scale_blocks_stay_inside_rows_so_weights_shard_on_any_process_count():
+    """Where rows hold whole NF4 blocks, a scale block never spans two rows: every even row split
+    holds whole scale blocks, and the weight quantizes alike on one process and on several."""
+    assert quantize.scaler_block((4096, 4096)) == 64  # 64 blocks per row
+    assert quantize.scaler_block((128, 14336)) == 32  # 224 blocks per row
+    for shards in (1, 2, 4, 8):
+        assert quantize.shardable((128, 4096), "nf4", shards)
+    assert not quantize.shardable((6, 4096), "nf4", 4)  # rows do not divide: no padding of NF4
+    # 96 columns: blocks span rows, so the scale block (32 of 96 blocks) decides
+    assert quantize.scaler_block((64, 96)) == 32
+    assert quantize.shardable((64, 96), "nf4", 1) and not quantize.shardable((64, 96), "nf4", 2)
+    assert quantize.shardable((64, 96), "int8", 2)
+    # the demo's down projection: 704 blocks in 11 scale blocks of 64, which no even split keeps whole
+    assert quantize.shardable((128, 352), "nf4", 1) and not quantize.shardable((128, 352), "nf4", 2)
+    stored = quantize.quantize(torch.randn(128, 4096), "nf4")[0]
+    assert [piece.shape[0] for piece in torch.chunk(stored, 8, dim=0)] == [16] * 8
 
 
 @pytest.mark.slow
