@@ -61,6 +61,7 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
     processes, the tensor-parallel plan and FSDP2; returns the model in train mode. A model still
     on the meta device (``on_meta``) stays there: ``materialize`` allocates its shards after."""
     from automodel_cli.components.distributed.parallelize import parallelize_model
+    from automodel_cli.components.peft.quantize import unshardable_weights
     from automodel_cli.config.compose import entry_options
     from automodel_cli.components.models.vlm import apply_freezing
     from automodel_cli.components.peft.lora import apply_peft
@@ -91,7 +92,8 @@ def prepare_model(model: Any, cfg: Any, *, precision: Any, mesh: Any, shape: Any
             activation_checkpointing=cfg.train.activation_checkpointing,
             mixed_precision=precision.autocast_dtype is not None,
             compile=cfg.train.compile, compile_backend=cfg.train.compile_backend, ep=getattr(shape, "ep", 1),
-            pipeline=getattr(shape, "pp", 1) > 1)
+            pipeline=getattr(shape, "pp", 1) > 1,
+            unshardable=unshardable_weights if cfg.peft.method == "qlora" else None)
     return model
 
 

@@ -66,6 +66,7 @@ def parallelize_model(
     compile_backend: str = "inductor",
     ep: int = 1,
     pipeline: bool = False,
+    unshardable: Any = None,
 ) -> Any:
     """Parallelize ``model`` in place over ``mesh`` (from ``build_mesh``; None for one process)
     and return it.
@@ -82,6 +83,9 @@ def parallelize_model(
     groups of ``ep`` dp_shard ranks (``components/moe/dispatch.shard_experts``). ``pipeline``:
     ``model`` is a pipeline rank's part, whose first stage runs the decoder without the root's
     forward: the embedding becomes an FSDP unit of its own, gathered by its own hooks.
+    ``unshardable(model, shards)``: the parameters FSDP must leave whole on every process (a
+    QLoRA base weight whose quantization blocks do not split into ``shards`` equal parts,
+    ``components/peft/quantize.unshardable_weights``).
     """
     if tp != tp_size(mesh):
         raise ValueError(f"tp={tp} but the mesh has tp={tp_size(mesh)}")
@@ -127,11 +131,9 @@ def parallelize_model(
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if mixed_precision else MixedPrecisionPolicy())
         layers = decoder_layers(model)
-        # Expert-parallel experts are sharded already; QLoRA weights that cannot be cut into
-        # whole quantization blocks per process stay whole (components/peft/quantize.py).
-        from automodel_cli.components.peft.quantize import unshardable_weights
-
-        ignored = experts | unshardable_weights(model, dp.shape[-1])
+        # Expert-parallel experts are sharded already; ``unshardable`` names parameters that
+        # cannot be cut into dp.shape[-1] shards (QLoRA's quantization blocks): they stay whole.
+        ignored = experts | (unshardable(model, dp.shape[-1]) if unshardable is not None else set())
         for i, layer in enumerate(layers):
             # The last layer's parameters are needed first in backward: keep them gathered.
             fully_shard(layer, mesh=dp, mp_policy=policy,

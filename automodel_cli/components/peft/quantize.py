@@ -151,10 +151,11 @@ class QuantizedLinear(torch.nn.Linear):
         stored, scale = quantize(weight, self.quantization)
         current = self._parameters.get("weight")
         if isinstance(current, DTensor):
-            from automodel_cli.components.models.materialize import local_part
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-            local, _shape, offset = local_part(current)
-            rows = local.shape[0]
+            local_shape, offset = compute_local_shape_and_global_offset(current.shape, current.device_mesh,
+                                                                        current.placements)
+            rows = local_shape[0]
             stored = torch.chunk(stored, stored.shape[0] // rows, dim=0)[offset[0] // rows]
             stored = DTensor.from_local(stored, current.device_mesh, current.placements, run_check=False,
                                         shape=current.shape, stride=current.stride())
