@@ -127,6 +127,23 @@ def round_trip(weight: torch.Tensor, method: str) -> torch.Tensor:
     return dequantize(stored, scale, weight.dtype)
 
 
+class Int8Linear(torch.autograd.Function):
+    """``x @ dequantize(weight, scale).T`` that keeps the int8 weight for the backward pass and
+    dequantizes it again there (as torchao's ``linear_nf4`` does for NF4): plain ``F.linear`` on
+    the dequantized weight would keep a full-precision copy of every layer's weight until the
+    backward, more memory than the unquantized model's LoRA run."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scale)
+        return torch.nn.functional.linear(x, dequantize(weight, scale, x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        weight, scale = ctx.saved_tensors
+        return grad @ dequantize(weight, scale, grad.dtype), None, None
+
+
 class QuantizedLinear(torch.nn.Linear):
     """A frozen linear layer whose weight is stored quantized (``quantization``); until it is
     filled (``store``) the weight is the meta tensor of the layer it replaced."""
@@ -166,7 +183,7 @@ class QuantizedLinear(torch.nn.Linear):
         if self.weight_scale is None:
             out = nf4_module().linear_nf4(x, self.weight)
         else:
-            out = torch.nn.functional.linear(x, dequantize(self.weight, self.weight_scale, x.dtype))
+            out = Int8Linear.apply(x, self.weight, self.weight_scale)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:

@@ -87,6 +87,27 @@ def test_int8_weights_are_within_half_a_step_of_each_row():
 
 
 @pytest.mark.parametrize("method", quantize.METHODS)
+def test_the_backward_pass_keeps_the_quantized_weight_not_a_full_precision_copy(method):
+    """Autograd saves the stored (NF4 or int8) weight for the backward pass; a float32 tensor the
+    size of the weight saved there would cost more than the unquantized LoRA run. The input's
+    gradient is the dequantized weight's."""
+    layer = torch.nn.Linear(128, 64, bias=False)
+    quantized = quantize.QuantizedLinear(layer, method)
+    quantized.store(layer.weight.detach())
+    x = torch.randn(3, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = quantized(x)
+    full_precision = [t for t in saved if type(t) is torch.Tensor and t.dtype == torch.float32
+                      and t.numel() >= layer.weight.numel()]
+    assert not full_precision, [tuple(t.shape) for t in full_precision]
+    out.sum().backward()
+    weight = quantize.dequantize(quantized.weight, quantized.weight_scale, torch.float32)
+    expected = torch.ones(3, 64) @ weight
+    assert_close_f32(x.grad, expected, terms=64)
+
+
+@pytest.mark.parametrize("method", quantize.METHODS)
 def test_only_the_adapters_train_and_the_loss_falls(method):
     model = tiny_llama()
     quantize.quantize_decoder(model, method)
