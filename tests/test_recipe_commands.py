@@ -65,4 +65,4 @@ def test_recipe_exit_code_and_bad_flag(automodel_plugin, cli):
     assert cli("toyfail").exit_code == 3
     result = cli("toyrecipe", "--peft", "lorra")
     assert result.exit_code == 2
-    assert "`peft.method` must be one of none, lora, dora; got 'lorra'. Did you mean `lora`?" in result.stderr
+    assert "`peft.method` must be one of none, lora, dora, qlora; got 'lorra'. Did you mean `lora`?" in result.stderr
