@@ -83,6 +83,7 @@ class PipelinePlan:
         """Split the layers of ``model`` (whole, usually on the meta device) into the stages and
         cut it down to this rank's part; returns {kept name -> name in the weights} for a tied
         LM head whose embedding lives on another stage (the checkpoint stores it once)."""
+        from automodel_cli.components.checkpoint.state import tied_aliases
         from automodel_cli.components.distributed.pipeline import keep_rank_part, split_points
         from automodel_cli.components.models import structure
 
@@ -93,7 +94,7 @@ class PipelinePlan:
         except UserError as error:
             raise UserError(f"distributed.pp={self.pp} x {self.virtual} stage(s) per rank: {error.message}",
                             error.hint) from None
-        tied = _tied_names(model)
+        tied = tied_aliases(model)
         keep_rank_part(model, self.ranges, self.stages)
         kept = {name for name, _ in model.named_parameters()}
         self.tied = {alias: first for alias, first in tied.items() if alias in kept and first not in kept}
@@ -118,18 +119,6 @@ def _costs(model: Any, stack: Any) -> list[float]:
     head, _ = structure.output_head(model)
     head_cost = float(head.weight.numel()) if head is not None and getattr(head, "weight", None) is not None else 0.0
     return [0.0, *layer_cost, head_cost]
-
-
-def _tied_names(model: Any) -> dict[str, str]:
-    """alias -> first name of parameters registered under several names (tied embeddings)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
 
 
 class Pipeline:

@@ -76,18 +76,24 @@ def stored_names(keys: list[str], stored: set[str]) -> dict[str, str]:
         if key in stored:
             continue
         for alias, first in _PART.tied.items():
-            for prefix in ("", "state.", "param_groups."):
-                if key.startswith(prefix + alias) and key[len(prefix + alias):][:1] in ("", "."):
-                    candidate = prefix + first + key[len(prefix + alias):]
-                    if candidate in stored:
-                        renamed[key] = candidate
+            split = _split(key, alias)
+            if split is not None and split[0] + first + split[1] in stored:
+                renamed[key] = split[0] + first + split[1]
     return renamed
+
+
+def _split(key: str, name: str) -> tuple[str, str] | None:
+    """(prefix, rest) of a model or optimizer key about parameter ``name`` (``NAME``,
+    ``state.NAME.exp_avg``, ``param_groups.NAME.lr``), or None when it is about another one."""
+    for prefix in ("", "state.", "param_groups."):
+        rest = key[len(prefix + name):]
+        if key.startswith(prefix + name) and rest[:1] in ("", "."):
+            return prefix, rest
+    return None
 
 
 def tied_copies(stored: set[str], tied: dict[str, str]) -> set[str]:
     """Keys of ``stored`` that belong to the second name of a tied weight (``tied``: alias ->
     name), saved by a pipeline stage that held that copy: a whole model reads the weight and
     its optimizer state under the first name."""
-    return {key for key in stored for alias in tied
-            for prefix in ("", "state.", "param_groups.")
-            if key.startswith(prefix + alias) and key[len(prefix + alias):][:1] in ("", ".")}
+    return {key for key in stored for alias in tied if _split(key, alias) is not None}
