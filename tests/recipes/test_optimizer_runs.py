@@ -1,10 +1,14 @@
-"""Every built-in optimizer checkpoints and resumes exactly: a run resumed from its step-2
-checkpoint repeats steps 3-4 bit for bit (step 4's loss and the final weights depend on the
-restored optimizer state); SGD's momentum saved by two processes resumes on one."""
+"""Every built-in optimizer checkpoints and resumes exactly: a 10-step run killed with SIGKILL
+after step 5 and resumed from its last checkpoint repeats the uninterrupted run's losses and
+final weights bit for bit (the steps after the checkpoint depend on the restored optimizer
+state); the state saved by two processes (FSDP2, sharded parameters) resumes on one."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,26 +17,44 @@ from conftest import tree_digest
 
 RUN = ["finetune", "demo", "train.max_steps=4", "train.global_batch_size=16", "train.micro_batch_size=16",
        "data.eval_split=null", "train.eval_every_steps=null", "logging.progress=false", "checkpoint.every_steps=2"]
+OPTIMIZERS = ["adamw", "sgd", "adafactor", "muon", "adamw8bit"]
+#: adamw8bit keeps its state per process-local tensor: one process only.
+SHARDABLE = [name for name in OPTIMIZERS if name != "adamw8bit"]
 
 
 def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor", "muon", "adamw8bit"])
-def test_resume_repeats_the_steps_exactly(cli, tmp_path, name):
+def killable(run: Path, name: str, *extra: str) -> subprocess.Popen:
+    from test_finetune_resume import ENV
+
+    args = [*RUN, "train.max_steps=10", f"optim.name={name}", "-o", str(run), *extra]
+    return subprocess.Popen([sys.executable, "-m", "automodel_cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_sigkill_then_resume_repeats_the_steps_exactly(tmp_path, name):
+    from test_finetune_resume import wait_for_step
+
     if name == "adamw8bit":
         pytest.importorskip("bitsandbytes")
-    run = tmp_path / name
-    first = cli(*RUN, f"optim.name={name}", "-o", str(run))
-    assert first.exit_code == 0, first.stderr
-    uninterrupted, weights = losses(run), tree_digest(run / "final")
-    resumed = cli(*RUN, f"optim.name={name}", "-o", str(run),
-                  f"checkpoint.resume={run / 'checkpoints' / 'step_00000002'}")
-    assert resumed.exit_code == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
-    assert losses(run) == uninterrupted and len(uninterrupted) == 4
-    assert tree_digest(run / "final") == weights
+    reference, run = tmp_path / "reference", tmp_path / "killed"
+    whole = killable(reference, name)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
+    killed = killable(run, name)
+    wait_for_step(run, 5, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL and not (run / "final").exists()
+    resumed = killable(run, name, "checkpoint.resume=auto")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in out
+    assert losses(run) == losses(reference) and len(losses(run)) == 10
+    assert tree_digest(run / "final") == tree_digest(reference / "final")
 
 
 def test_changing_the_optimizer_on_resume_is_refused(cli, tmp_path):
@@ -56,14 +78,18 @@ def test_changed_optimizer_options_need_allow_changes_and_are_applied(cli, tmp_p
 
 
 @pytest.mark.slow
-def test_sgd_momentum_saved_by_two_processes_resumes_on_one(tmp_path):
+@pytest.mark.parametrize("name", SHARDABLE)
+def test_state_saved_by_two_processes_resumes_on_one(tmp_path, name):
+    """Steps 1-3 on two processes (sharded parameters and optimizer state), 4-6 on one, equal
+    six steps on one process."""
     from test_finetune_distributed import finetune, losses as run_losses
 
     reference, run = tmp_path / "one", tmp_path / "reshard"
-    assert finetune(reference, "optim.name=sgd", "train.max_steps=6").returncode == 0
-    first = finetune(run, "--nproc-per-node", "2", "optim.name=sgd", "checkpoint.every_steps=3", "train.max_steps=3")
+    assert finetune(reference, f"optim.name={name}", "train.max_steps=6").returncode == 0
+    first = finetune(run, "--nproc-per-node", "2", f"optim.name={name}", "checkpoint.every_steps=3",
+                     "train.max_steps=3")
     assert first.returncode == 0, first.stderr[-4000:]
-    resumed = finetune(run, "optim.name=sgd", "checkpoint.resume=auto", "train.max_steps=6")
+    resumed = finetune(run, f"optim.name={name}", "checkpoint.resume=auto", "train.max_steps=6")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
     # Two processes sum the gradients in another order: float32 rounding, as in the other reshard tests.

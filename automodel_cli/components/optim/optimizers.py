@@ -34,13 +34,13 @@ def sgd(settings: OptimizerSettings) -> Any:
 
 def adafactor(settings: OptimizerSettings) -> Any:
     """torch Adafactor: factored second moments (a row and a column vector per matrix), no first
-    moment, so its state is a small fraction of AdamW's."""
-    import torch
+    moment, so its state is a small fraction of AdamW's; parameters sharded over processes are
+    updated by ``ShardedAdafactor``."""
+    from automodel_cli.components.optim.sharded_adafactor import ShardedAdafactor
 
     options = settings.options
-    return torch.optim.Adafactor(settings.param_groups(), lr=settings.lr, beta2_decay=float(options["beta2_decay"]),
-                                 eps=(None, float(options["eps"])), d=float(options["clip_threshold"]),
-                                 foreach=True)
+    return ShardedAdafactor(settings.param_groups(), lr=settings.lr, beta2_decay=float(options["beta2_decay"]),
+                            eps=(None, float(options["eps"])), d=float(options["clip_threshold"]), foreach=True)
 
 
 def adamw8bit(settings: OptimizerSettings) -> Any:

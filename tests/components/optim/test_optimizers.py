@@ -160,3 +160,29 @@ def test_chosen_entries_options_are_shown_with_their_defaults(cli):
     assert "momentum: 0.9 # from defaults of optimizer sgd" in shown
     assert "decay_fraction: 0.1 # from defaults of learning-rate schedule wsd" in shown
     assert "muon" not in shown  # options of entries not chosen stay out
+
+
+def test_sharded_adafactor_step_is_torchs_single_tensor_step():
+    """The whole-matrix update ``ShardedAdafactor`` gives sharded parameters is torch's own
+    single-tensor Adafactor, bit for bit, with the same state names and shapes (so checkpoints
+    move between process counts); 2 processes are checked by the slow reshard runs."""
+    from automodel_cli.components.optim.sharded_adafactor import ShardedAdafactor
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(5))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    reference = torch.optim.Adafactor(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    optimizer = ShardedAdafactor(ours, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        for mine, other in zip(ours, theirs):
+            mine.grad = torch.randn_like(mine)
+            other.grad = mine.grad.clone()
+        reference.step()
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    optimizer._update(param, group)
+    for mine, other in zip(ours, theirs):
+        assert torch.equal(mine, other)
+        assert {k: v.shape for k, v in optimizer.state[mine].items()} == \
+               {k: v.shape for k, v in reference.state[other].items()}
