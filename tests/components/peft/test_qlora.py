@@ -252,3 +252,25 @@ def test_nf4_without_torchao_is_refused_before_anything_is_written(cli, tmp_path
     assert result.exit_code == 2 and "Traceback" not in message
     assert "needs the torchao package" in message and "pip install 'automodel-cli[qlora]'" in message
     assert tree_digest(tmp_path) == before
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_qlora_composes_with_packing_the_fused_loss_and_activation_checkpointing(cli, tmp_path, method):
+    """The fused ``linear_ce`` loss and recomputed activations change how the numbers are
+    computed, not what: the same packed QLoRA run gives the plain run's losses to float32
+    rounding, and they fall."""
+    import json
+
+    common = ["--peft", "qlora", f"peft.quantization={method}", "data.packing=true", "data.max_length=128",
+              "train.max_steps=8", "train.eval_every_steps=null", "data.eval_split=null", "logging.progress=false"]
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    assert cli("finetune", "demo", "-o", str(plain), *common).exit_code == 0
+    result = cli("finetune", "demo", "-o", str(fused), *common, "loss.name=linear_ce",
+                 "train.activation_checkpointing=full")
+    assert result.exit_code == 0, result.stderr
+
+    def losses(run: Path) -> list[float]:
+        return [row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    expected, got = losses(plain), losses(fused)
+    assert got == pytest.approx(expected, rel=1e-4) and len(got) == 8
+    assert got[-1] < got[0]
