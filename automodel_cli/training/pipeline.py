@@ -148,8 +148,8 @@ class Pipeline:
     def uncounted(self) -> list[Any]:
         """Parameters the gradient norm must not count: the LM head's copy of a tied embedding
         that lives on another stage (its gradient equals the embedding's after each step)."""
-        tied = self.runner._tied
-        return [tied[1]] if tied is not None and tied[1] is not None else []
+        copy = self.runner.tied_head_copy
+        return [copy] if copy is not None else []
 
     def evaluation_model(self, model: Any) -> Any:
         """A module to validate with: called like the model (``(**inputs, use_cache=False)``),

@@ -69,12 +69,12 @@ def broadcast(value: T, src: int = 0) -> T:
     return box[0]
 
 
-def gather(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order, on every rank."""
+def gather(value: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``value`` (of ``group``, default all ranks), in rank order, on every rank."""
     if not active():
         return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
     return out
 
 

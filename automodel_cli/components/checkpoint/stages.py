@@ -32,11 +32,9 @@ class PipelinePart:
 
     def everyone(self, value: Any) -> list[Any]:
         """``value`` of every rank of the pipeline (collective over ``group``)."""
-        import torch.distributed as dist
+        from automodel_cli.components.checkpoint.collective import gather
 
-        gathered: list[Any] = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(gathered, value, group=self.group)
-        return gathered
+        return gather(value, self.group)
 
 
 _PART: PipelinePart | None = None

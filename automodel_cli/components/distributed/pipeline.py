@@ -465,6 +465,11 @@ class PipelineRunner:
         self._tied = _tied_head_weight(self.stages)
 
     @property
+    def tied_head_copy(self) -> Any:
+        """This rank's LM-head copy of an embedding tied to it on another stage, or None."""
+        return self._tied[1] if self._tied is not None else None
+
+    @property
     def has_first(self) -> bool:
         return any(s.is_first for s in self.stages)
 

@@ -161,11 +161,10 @@ class PipelineStages:
     @classmethod
     def collect(cls, state: dict[str, Any], group: Any, tied: dict[str, str]) -> PipelineStages:
         """Every rank's tensor names, shapes and dtypes (collective over the pipeline group)."""
-        import torch.distributed as dist
+        from automodel_cli.components.checkpoint.collective import gather
 
         mine = [(name, tuple(value.shape), str(value.dtype).removeprefix("torch.")) for name, value in state.items()]
-        everyone: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, (mine, tied), group=group)
+        everyone = gather((mine, tied), group)
         owner, meta, aliases = {}, {}, {}
         for rank, (names, their_tied) in enumerate(everyone):
             aliases.update(their_tied)

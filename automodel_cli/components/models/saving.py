@@ -84,10 +84,9 @@ def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, bas
 
 def _join_stages(tensors: dict[str, Any], group: Any) -> dict[str, Any]:
     """The union of every pipeline rank's ``tensors`` (collective over ``group``)."""
-    import torch.distributed as dist
+    from automodel_cli.components.checkpoint.collective import gather
 
-    everyone: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, {name: value.cpu() for name, value in tensors.items()}, group=group)
+    everyone = gather({name: value.cpu() for name, value in tensors.items()}, group)
     return {name: value for part in everyone for name, value in part.items()}
 
 
