@@ -26,14 +26,13 @@ OVERRIDES_HELP = "Settings as key=value: evaluate.max_new_tokens=32, data.path=F
 
 def evaluate_command(registries: Registries):
     def evaluate(
-        target: str = typer.Argument(..., metavar="RUN_OR_MODEL", help=TARGET_HELP, show_default=False),
-        overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help=OVERRIDES_HELP,
-                                                        show_default=False),
+        run_or_model: str = typer.Argument(..., help=TARGET_HELP, show_default=False),
+        overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
         tasks: Optional[str] = typer.Option(None, "--tasks", metavar="NAME,...",
                                             help="lm-evaluation-harness tasks to run on the model (comma-separated)."),
         include_path: Optional[str] = typer.Option(None, "--include-path", metavar="DIR",
                                                    help="Directory of lm-eval task YAMLs (tasks on local files)."),
-        base: Optional[str] = typer.Option(None, "--base", help="Base model of an adapter directory (default: the "
+        base: Optional[str] = typer.Option(None, "--base", metavar="DIR", help="Base model of an adapter directory (default: the "
                                                                  "base_model_name_or_path it records)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (metrics and settings) on stdout."),
     ) -> None:
@@ -46,9 +45,9 @@ def evaluate_command(registries: Registries):
                             "Add --tasks NAME,... with the tasks to run.")
         bad = [item for item in overrides or [] if "=" not in item]
         if bad:
-            raise UserError(f"Unexpected argument `{bad[0]}` after RUN_OR_MODEL `{target}`.",
+            raise UserError(f"Unexpected argument `{bad[0]}` after RUN_OR_MODEL `{run_or_model}`.",
                             "Settings are written key=value (evaluate.max_new_tokens=32, data.path=FILE).")
-        resolved = resolve_target(target, base)
+        resolved = resolve_target(run_or_model, base)
         cfg = evaluation_config(registries, resolved, list(overrides or []))
         # --json: stdout is the JSON object alone; progress and library output go to stderr
         output = sys.stderr if as_json else sys.stdout

@@ -116,7 +116,8 @@ def evaluation_config(registries: Any, target: EvaluationTarget, overrides: list
     command_line = layer_from_overrides(overrides, schema)
     layers = [defaults_layer(schema)]
     if target.run is not None and RunDir(target.run).config.is_file():
-        layers.append(_run_layer(RunDir(target.run).config, own_data="data" in command_line.data))
+        named = command_line.data.get("data") or {}
+        layers.append(_run_layer(RunDir(target.run).config, own_data="path" in named or "name" in named))
     layers.append(Layer(label=f"the evaluated {target.kind}",
                         data={"model": {"path": target.model_path, "tokenizer": target.tokenizer}}))
     layers.append(command_line)

@@ -292,7 +292,8 @@ def check_eval_generate(cfg: Any, shape: Any, vision: bool) -> None:
         if degree > 1:
             raise UserError(f"train.eval_generate=true cannot run with {key}={degree}: decoding needs every "
                             "layer of the model and whole sequences on each rank.",
-                            f"{hint} Or set {key}=1 (FSDP2 sharding generates, every rank the same batch).")
+                            f"{hint} Or set {key}=1 (FSDP2 and tensor parallelism generate: every rank decodes "
+                            "the same batch).")
 
 
 def generation_validation(run: Any, model: Any, data: SFTData, tokenizer: Any) -> Callable[[], dict[str, float]]:

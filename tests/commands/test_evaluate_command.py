@@ -69,6 +69,12 @@ def test_run_directory_loss_is_the_runs_final_validation_loss(cli, full_run):
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-12)
     assert report["settings"]["kind"] == "model" and report["settings"]["run"] == str(full_run)
     assert metrics["generate_samples"] == 6 and len(report["examples"]) == 3
+    # other settings keep the run's data; naming data replaces it
+    longer = evaluate_json(cli, str(full_run), "data.max_length=128", "evaluate.generate=false")
+    assert longer["metrics"]["samples"] == 6 and longer["settings"]["max_length"] == 128
+    other = evaluate_json(cli, str(full_run), f"data.path={full_run.parent / 'prompts.jsonl'}",
+                          "evaluate.generate=false")
+    assert other["metrics"]["samples"] == 24
 
 
 def test_generated_answers_equal_unbatched_greedy_decoding(cli, tmp_path):

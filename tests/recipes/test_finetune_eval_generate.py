@@ -53,8 +53,10 @@ def test_finetune_logs_generated_answer_metrics(tmp_path):
 @pytest.mark.slow
 def test_two_processes_generate_like_one(tmp_path):
     one = generation_curve(own_answers_run(tmp_path, "one"))
-    two = generation_curve(own_answers_run(tmp_path, "two", "--nproc-per-node", "2"))  # FSDP2 over gloo
-    assert two == one  # greedy answers of the same weights; no rank stopped decoding early (no hang)
+    fsdp = generation_curve(own_answers_run(tmp_path, "fsdp", "--nproc-per-node", "2"))  # FSDP2 over gloo
+    tp = generation_curve(own_answers_run(tmp_path, "tp", "--nproc-per-node", "2", "distributed.tp=2"))
+    # greedy answers of the same weights; no rank stopped decoding early (no hang)
+    assert fsdp == one and tp == one
     assert one[0]["eval_generate_exact_match"] == 0.5
 
 

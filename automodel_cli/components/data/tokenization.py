@@ -96,7 +96,7 @@ def tokenize_sft(
     else:
         missing = [c for c in (prompt_column, completion_column) if c not in columns]
         raise UserError(
-            f"The training data has no `{messages_column}` column and lacks the "
+            f"The data has no `{messages_column}` column and lacks the "
             f"{' and '.join(f'`{c}`' for c in missing)} column{'s' if len(missing) > 1 else ''} "
             f"needed for prompt/completion training. Available columns: {columns}.",
             "Name the columns to use with data.prompt_column=... and data.completion_column=... "
