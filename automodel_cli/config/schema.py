@@ -248,6 +248,7 @@ COMMAND_SECTIONS: dict[str, dict[str, dict[str, Key]]] = {
         "max_samples": _k(OPT_INT, None, "Evaluate only the first N samples of the data (loss and generation; also lm-eval's limit per task); null: all.", ge=1),
         "generate": _k(bool, True, "Also generate an answer (greedy) to every prompt and report exact match and contains (prompt/completion and chat data)."),
         "max_new_tokens": _k(int, 64, "Most tokens generated per answer (generation stops earlier at EOS).", ge=1),
+        "chat": _k(bool, False, "Render prompt/completion rows as a user turn and an assistant turn with the chat template (model.chat_template or the tokenizer's), as an instruct model expects; default: as finetune reads them (prompt + completion, no template). Chat data always uses the template."),
         "examples": _k(int, 3, "Example generations printed (and in --json).", ge=0),
     }},
 }

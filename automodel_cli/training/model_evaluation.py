@@ -227,7 +227,8 @@ def _load(cfg: Any, target: EvaluationTarget, dtype: Any) -> Any:
 def _eval_samples(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[str], None]) -> tuple[list[dict], str]:
     from automodel_cli.training.sft_data import prepare_eval_samples
 
-    return prepare_eval_samples(cfg, tokenizer, registries, say, limit=cfg.get("evaluate.max_samples"))
+    return prepare_eval_samples(cfg, tokenizer, registries, say, limit=cfg.get("evaluate.max_samples"),
+                                as_chat=cfg.get("evaluate.chat"))
 
 
 def _loss(cfg: Any, model: Any, samples: list[dict], tokenizer: Any, device: Any) -> dict[str, Any]:

@@ -121,12 +121,13 @@ def prepare_sft_data(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[s
 
 
 def prepare_eval_samples(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[str], None],
-                         limit: int | None = None) -> tuple[list[dict[str, Any]], str]:
+                         limit: int | None = None, as_chat: bool = False) -> tuple[list[dict[str, Any]], str]:
     """The samples ``automodel evaluate`` scores and how they are read ("chat",
     "prompt/completion" or "text"): the validation data the config names (data.eval_path,
     data.eval_split, or the data.eval_size part of data.path held out with train.seed, as
     training held it out), else all of data.path; the first ``limit`` rows only when given.
-    Plain text (``data.text_column``) counts every token."""
+    Plain text (``data.text_column``) counts every token. ``as_chat``: prompt/completion rows
+    become a user turn and an assistant turn, rendered with the chat template."""
     train_table, eval_table = _load_tables(cfg, registries)
     table = eval_table if eval_table is not None else train_table
     if limit is not None and limit < len(table):
@@ -135,7 +136,16 @@ def prepare_eval_samples(cfg: Any, tokenizer: Any, registries: Any, say: Callabl
     data = cfg.data
     mode = ("chat" if data.messages_column in columns else
             "prompt/completion" if {data.prompt_column, data.completion_column} <= columns else "text")
+    if as_chat and mode == "prompt/completion":
+        table, mode = _as_conversations(table, data.prompt_column, data.completion_column, data.messages_column), "chat"
     return _samples(_tokenize(table, tokenizer, cfg, say, "eval", text_column=data.text_column)), mode
+
+
+def _as_conversations(table: Any, prompt: str, completion: str, messages: str) -> Any:
+    """Prompt/completion rows as one user turn and one assistant turn each."""
+    return table.map(lambda row: {messages: [{"role": "user", "content": row[prompt]},
+                                             {"role": "assistant", "content": row[completion]}]},
+                     remove_columns=table.column_names, desc="Prompt/completion as chat")
 
 
 def eval_only_data(samples: list[dict[str, Any]], cfg: Any, pad_id: int) -> SFTData:

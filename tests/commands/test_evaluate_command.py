@@ -226,3 +226,18 @@ def test_tasks_without_lm_eval_name_the_extra(cli, tmp_path, monkeypatch):
     result = cli("evaluate", str(save_model(tmp_path / "model")), "--tasks", "hellaswag")
     assert result.exit_code == 2
     assert "pip install 'automodel-cli[lmeval]'" in one_line(result.stderr)
+
+
+def test_prompt_completion_rows_as_chat_equal_the_same_messages(cli, tmp_path):
+    model_dir = save_model(tmp_path / "model")
+    pairs = [("reverse: abc", "cba"), ("reverse: hgfe", "efgh")]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                                      {"role": "assistant", "content": c}]}) + "\n" for p, c in pairs))
+    as_chat = evaluate_json(cli, str(model_dir), f"data.path={rows}", "evaluate.chat=true", "evaluate.max_new_tokens=3")
+    messages = evaluate_json(cli, str(model_dir), f"data.path={chats}", "evaluate.max_new_tokens=3")
+    plain = evaluate_json(cli, str(model_dir), f"data.path={rows}", "evaluate.max_new_tokens=3")
+    assert as_chat["metrics"] == messages["metrics"] and as_chat["examples"] == messages["examples"]
+    assert plain["metrics"]["loss"] != as_chat["metrics"]["loss"]  # without the template: other tokens
