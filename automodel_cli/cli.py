@@ -19,6 +19,7 @@ from automodel_cli import __version__
 from automodel_cli.commands.checkpoint import checkpoint_app
 from automodel_cli.commands.convert import convert_app
 from automodel_cli.commands.data import data_app
+from automodel_cli.commands.evaluate import evaluate_command
 from automodel_cli.commands.launch import launch_app
 from automodel_cli.commands.plan import plan_command
 from automodel_cli.commands.run import ARGS_HELP, CONFIG_HELP, recipe_command
@@ -227,6 +228,7 @@ def build_app(host: PluginHost) -> typer.Typer:
     for entry in registries.recipes:
         app.command(entry.name, help=entry.description)(recipe_command(entry, registries))
     app.command("plan")(plan_command(registries))
+    app.command("evaluate")(evaluate_command(registries))
     app.add_typer(launch_app(registries), name="launch")
     app.add_typer(checkpoint_app, name="checkpoint")
     app.add_typer(convert_app, name="convert")

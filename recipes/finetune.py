@@ -26,7 +26,8 @@ def run(context: Any) -> int:
     from automodel_cli.components.training.evaluation import format_eval
     from automodel_cli.components.training.padding import Padding, run_padding
     from automodel_cli.training.run import TrainingRun
-    from automodel_cli.training.sft_data import prepare_sft_data, prepare_vlm_data, sft_step, sft_validation
+    from automodel_cli.training.sft_data import (check_eval_generate, prepare_sft_data, prepare_vlm_data, sft_step,
+                                                sft_validation)
 
     # 1. Processes, mesh, run directory, loss, precision (TrainingRun checks before anything loads).
     with TrainingRun(context) as run:
@@ -36,6 +37,7 @@ def run(context: Any) -> int:
         # 2. Tokenizer and data (bad data fails before the model is loaded). A vision-language
         #    model gets its processor (tokenizer + image processor) and image-text data instead.
         vision = is_vision_language(load_config(cfg.model))
+        check_eval_generate(cfg, run.shape, vision)  # train.eval_generate: decoding must be able to run here
         tokenizer = load_tokenizer(cfg.model, processor=vision)
         data = (prepare_vlm_data if vision else prepare_sft_data)(
             cfg, tokenizer, run.registries, run.say, pad_to_multiple_of=run.pad_multiple)
@@ -54,9 +56,10 @@ def run(context: Any) -> int:
         # 5. Resume, then the run's files.
         run.resume()
 
-        # 6. Train: the step of supervised fine-tuning, validating before, during and after.
+        # 6. Train: the step of supervised fine-tuning, validating before, during and after (with
+        #    train.eval_generate also on generated answers).
         step = sft_step(run, model, data, plan, lambda index: {"padding_fraction": padding[index].fraction})
-        validate = sft_validation(run, model, data)
+        validate = sft_validation(run, model, data, tokenizer)
         before = validate() if run.start_step == 0 else None
         if before:
             run.say(f"before training: {format_eval(before)}")

@@ -63,6 +63,37 @@ def write_prompts(path: Path, count: int = 8) -> Path:
     return path
 
 
+def answering_model(directory: Path) -> Path:
+    """The demo architecture with random weights large enough that greedy decoding gives each
+    prompt its own answer (some end at EOS): a model whose generations tell prompts apart."""
+    return save_sharded_model(directory, shards=1, initializer_range=0.3)
+
+
+def write_own_answers(path: Path, model_dir: Path, *, count: int, max_new_tokens: int) -> list[str]:
+    """A prompt/completion JSONL file of ``count`` prompts of different lengths for the model in
+    ``model_dir``: the even rows' completions are the model's own greedy answer, decoded one
+    prompt at a time (``generate`` without batching or padding) up to EOS, the odd rows'
+    ``zzzz``. Returns the hand-decoded answers, in order."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows, answers = [], []
+    for i in range(count):
+        prompt = "reverse: " + "abcdefghij"[: 2 + (i * 7) % 9] + "\n"
+        ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        if tokenizer.eos_token_id in out:
+            out = out[:out.index(tokenizer.eos_token_id)]
+        answer = tokenizer.decode(out, skip_special_tokens=True).strip()
+        answers.append(answer)
+        rows.append({"prompt": prompt, "completion": answer if i % 2 == 0 else "zzzz"})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return answers
+
+
 #: Custom modelling code that reads a weight while the model is constructed: it cannot be built
 #: on the meta device (``model.meta_init=false`` loads it whole instead).
 READS_WEIGHTS_AT_INIT = {

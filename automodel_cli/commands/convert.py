@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import typer
 
+from automodel_cli.components.models.adapters import ADAPTER_CONFIG
 from automodel_cli.errors import UserError
 
 convert_app = typer.Typer(
@@ -30,7 +31,6 @@ convert_app = typer.Typer(
 DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 DTYPE_HELP = "bf16, fp16 or fp32 (floating-point tensors only; integer tensors are kept)."
 CONFIG = "config.json"
-ADAPTER_CONFIG = "adapter_config.json"
 #: Files never copied as "side files" from a source model directory: the weights themselves.
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth",
                     ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -185,30 +185,6 @@ def dtype_command(
 
 
 # ------------------------------------------------------------------------- merge-lora
-def _resolve_base(adapter: Path, adapter_config: dict[str, Any], base: Optional[str]) -> str:
-    if base is not None:
-        path = Path(base).expanduser()
-        if path.is_dir():
-            return str(path.resolve())
-        if path.exists() or base.startswith((".", "/", "~")) or base.count("/") > 1:
-            raise UserError(f"--base {base} is not a model directory.",
-                            "Pass --base DIR (a Hugging Face model directory) or a hub model id.")
-        return base  # a hub id: from_pretrained finds it (in the cache when offline)
-    recorded = adapter_config.get("base_model_name_or_path")
-    if not isinstance(recorded, str) or not recorded:
-        raise UserError(f"{adapter / ADAPTER_CONFIG} records no base_model_name_or_path.",
-                        "Pass --base DIR with the model the adapter was trained on.")
-    path = Path(recorded).expanduser()
-    if not path.is_absolute() and (adapter / path).is_dir() and not path.is_dir():
-        path = adapter / path
-    if path.is_dir():
-        return str(path.resolve())
-    if path.is_absolute() or recorded.startswith((".", "~")) or recorded.count("/") > 1:
-        raise UserError(f"The base model {recorded!r} recorded in {adapter / ADAPTER_CONFIG} does not exist.",
-                        "Pass --base DIR with the model the adapter was trained on.")
-    return recorded
-
-
 @convert_app.command("merge-lora")
 @_user_errors
 def merge_lora_command(
@@ -229,20 +205,10 @@ def merge_lora_command(
 
     dtype = _check_dtype(dtype)
     limit = parse_size(max_shard_size)
-    hint = "Pass the directory that peft's save_pretrained wrote (adapter_config.json + adapter_model.safetensors)."
-    adapter = _source_dir(adapter, "Adapter directory", hint)
-    config_path = adapter / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise UserError(f"Adapter directory {adapter} has no {ADAPTER_CONFIG}, so it is not a peft adapter.", hint)
-    try:
-        adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{config_path} cannot be read ({exc}).", hint) from None
-    if not isinstance(adapter_config, dict):
-        raise UserError(f"{config_path} does not hold a JSON object.", hint)
-    if not any((adapter / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin")):
-        raise UserError(f"Adapter directory {adapter} has no adapter_model.safetensors.", hint)
-    base_path = _resolve_base(adapter, adapter_config, base)
+    from automodel_cli.components.models.adapters import ADAPTER_HINT, read_adapter_config, resolve_adapter_base
+
+    adapter = _source_dir(adapter, "Adapter directory", ADAPTER_HINT)
+    base_path = resolve_adapter_base(adapter, read_adapter_config(adapter), base)
     out = _check_out(out)
 
     from automodel_cli.components.models.saving import merge_adapter

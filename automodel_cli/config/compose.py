@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from automodel_cli.config.schema import CORE, Key, OptionTable, Schema, copy_value
+from automodel_cli.config.schema import COMMAND_SECTIONS, CORE, Key, OptionTable, Schema, copy_value
 from automodel_cli.config.yaml_io import Source
 from automodel_cli.errors import UserError
 
@@ -66,6 +66,17 @@ def compose_schema(registries: Any, recipe: Any = None, *, launched: bool = Fals
             tree[section][entry.name] = dict(table)
             tables[path] = OptionTable(path, registry.kind, entry.name, str(entry.provider), registry.chosen_by)
     return Schema(tree, tables, own, foreign, lenient=("launch",) if launched else ())
+
+
+def command_schema(registries: Any, command: str) -> Schema:
+    """The schema of built-in command ``command`` that is not a recipe (``automodel evaluate``):
+    the core sections, every entry's option table and the command's own sections
+    (``schema.COMMAND_SECTIONS``)."""
+    schema = compose_schema(registries)
+    for section, table in COMMAND_SECTIONS[command].items():
+        schema.tree[section] = dict(table)
+        schema.recipe_sections[section] = command
+    return Schema(schema.tree, schema.tables, schema.recipe_sections, schema.foreign_sections)
 
 
 def _table(entry: Any) -> dict[str, Any]:
@@ -137,6 +148,10 @@ def builtin_schema(registries: Any) -> Schema:
         for section, table in _table(entry).items():
             everything.tree.setdefault(section, dict(table))
             everything.recipe_sections[section] = entry.name
+    for command, sections in COMMAND_SECTIONS.items():
+        for section, table in sections.items():
+            everything.tree.setdefault(section, dict(table))
+            everything.recipe_sections[section] = command
     return Schema(everything.tree, everything.tables, everything.recipe_sections)
 
 

@@ -166,6 +166,9 @@ CORE: dict[str, dict[str, Key] | Key] = {
         "max_grad_norm": _k((int, float, NoneType), 1.0, "Clip gradients to this global norm (null: no clipping).", gt=0),
         "eval_every_steps": _k(OPT_INT, None, "Validate every N optimizer steps (and at the start and end).", ge=1),
         "eval_batches": _k(OPT_INT, None, "Cap on validation batches per evaluation (null: the whole split).", ge=1),
+        "eval_generate": _k(bool, False, "finetune: at every validation also generate answers (greedy) for the first train.eval_generate_samples validation prompts and log eval_generate_exact_match and eval_generate_contains (docs/evaluate.md)."),
+        "eval_generate_samples": _k(int, 32, "Validation samples whose answers train.eval_generate generates.", ge=1),
+        "eval_max_new_tokens": _k(int, 64, "Most tokens train.eval_generate generates per answer (every rank decodes the same number of steps).", ge=1),
         "activation_checkpointing": _k((bool, str), False, "Recompute decoder-layer activations in backward to save memory: none (false), full (true: every layer) or selective (every other layer); docs/performance.md has the trade-off.",
                                        choices=(False, True, "none", "full", "selective", "false", "true")),
         "compile": _k(bool, False, "torch.compile each decoder layer (the first steps compile; later ones run faster)."),
@@ -234,6 +237,20 @@ CORE: dict[str, dict[str, Key] | Key] = {
     },
     "recipe": _k(OPT_STR, None, "Recipe this config is for (finetune, pretrain, ...); `automodel launch FILE` reads it."),
     "output_dir": _k(OPT_STR, None, "Where the run writes final/, metrics.jsonl, checkpoints and its config."),
+}
+
+
+#: The sections of built-in commands that are not recipes: each exists only in its command's
+#: schema (``compose.command_schema``), as a recipe's own section does.
+COMMAND_SECTIONS: dict[str, dict[str, dict[str, Key]]] = {
+    "evaluate": {"evaluate": {
+        "batch_size": _k(int, 8, "Samples per forward pass and per generated batch of `automodel evaluate` (also lm-eval's batch size).", ge=1),
+        "max_samples": _k(OPT_INT, None, "Evaluate only the first N samples of the data (loss and generation; also lm-eval's limit per task); null: all.", ge=1),
+        "generate": _k(bool, True, "Also generate an answer (greedy) to every prompt and report exact match and contains (prompt/completion and chat data)."),
+        "max_new_tokens": _k(int, 64, "Most tokens generated per answer (generation stops earlier at EOS).", ge=1),
+        "chat": _k(bool, False, "Render prompt/completion rows as a user turn and an assistant turn with the chat template (model.chat_template or the tokenizer's), as an instruct model expects; default: as finetune reads them (prompt + completion, no template). Chat data always uses the template."),
+        "examples": _k(int, 3, "Example generations printed (and in --json).", ge=0),
+    }},
 }
 
 
@@ -353,7 +370,8 @@ class Schema:
                 continue
             items = [(dotted, key) for dotted, key in _leaves(body, section) if not self.table_of(dotted)]
             recipe = self.recipe_sections.get(section)
-            table(f"`{section}`", items, f"Read by the `{recipe}` recipe only." if recipe else "")
+            reader = f"`automodel {recipe}`" if recipe in COMMAND_SECTIONS else f"the `{recipe}` recipe"
+            table(f"`{section}`", items, f"Read by {reader} only." if recipe else "")
         for path, info in self.tables.items():
             items = list(_leaves(self.node(path) or {}, path))
             chooser = f" when `{info.selected_by}` names `{info.name}`" if info.selected_by else ""

@@ -70,14 +70,15 @@ def _load_tables(cfg: Any, registries: Any, auto: str = "instruction") -> tuple[
     return train, evaluation
 
 
-def _tokenize(table: Any, tokenizer: Any, cfg: Any, say: Callable[[str], None], what: str) -> Any:
+def _tokenize(table: Any, tokenizer: Any, cfg: Any, say: Callable[[str], None], what: str,
+              text_column: str | None = None) -> Any:
     from automodel_cli.components.data import tokenize_sft
 
     return _reporting(say, what, lambda: tokenize_sft(
         table, tokenizer,
         prompt_column=cfg.data.prompt_column, completion_column=cfg.data.completion_column,
         messages_column=cfg.data.messages_column, max_length=cfg.data.max_length,
-        chat_template=cfg.model.chat_template,
+        chat_template=cfg.model.chat_template, text_column=text_column,
     ))
 
 
@@ -117,6 +118,39 @@ def prepare_sft_data(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[s
     if cfg.data.packing:
         train = _pack(train, cfg, say)
     return _sft_data(train, evaluation, cfg, pad_id, pad_to_multiple_of)
+
+
+def prepare_eval_samples(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[str], None],
+                         limit: int | None = None, as_chat: bool = False) -> tuple[list[dict[str, Any]], str]:
+    """The samples ``automodel evaluate`` scores and how they are read ("chat",
+    "prompt/completion" or "text"): the validation data the config names (data.eval_path,
+    data.eval_split, or the data.eval_size part of data.path held out with train.seed, as
+    training held it out), else all of data.path; the first ``limit`` rows only when given.
+    Plain text (``data.text_column``) counts every token. ``as_chat``: prompt/completion rows
+    become a user turn and an assistant turn, rendered with the chat template."""
+    train_table, eval_table = _load_tables(cfg, registries)
+    table = eval_table if eval_table is not None else train_table
+    if limit is not None and limit < len(table):
+        table = table.select(range(limit))
+    columns = set(table.column_names)
+    data = cfg.data
+    mode = ("chat" if data.messages_column in columns else
+            "prompt/completion" if {data.prompt_column, data.completion_column} <= columns else "text")
+    if as_chat and mode == "prompt/completion":
+        table, mode = _as_conversations(table, data.prompt_column, data.completion_column, data.messages_column), "chat"
+    return _samples(_tokenize(table, tokenizer, cfg, say, "eval", text_column=data.text_column)), mode
+
+
+def _as_conversations(table: Any, prompt: str, completion: str, messages: str) -> Any:
+    """Prompt/completion rows as one user turn and one assistant turn each."""
+    return table.map(lambda row: {messages: [{"role": "user", "content": row[prompt]},
+                                             {"role": "assistant", "content": row[completion]}]},
+                     remove_columns=table.column_names, desc="Prompt/completion as chat")
+
+
+def eval_only_data(samples: list[dict[str, Any]], cfg: Any, pad_id: int) -> SFTData:
+    """``SFTData`` holding ``samples`` as its validation data (batched as finetune's validation)."""
+    return _sft_data([], samples, cfg, pad_id, None)
 
 
 def _pack(train: list[dict[str, Any]], cfg: Any, say: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -226,13 +260,16 @@ def sft_step(run: Any, model: Any, data: SFTData, plan: Any,
     return step
 
 
-def sft_validation(run: Any, model: Any, data: SFTData) -> Callable[[], dict[str, float] | None]:
+def sft_validation(run: Any, model: Any, data: SFTData, tokenizer: Any = None) -> Callable[[], dict[str, float] | None]:
     """Validation for ``TrainingRun.train``: loss, exact match and token accuracy on the held-out
     samples (``train.eval_batches`` batches of 4 micro-batches' size at most); None without
     validation data. Every rank evaluates the same batches (sharded forwards are collective),
-    whole: with context parallelism too (``whole_sequences``)."""
+    whole: with context parallelism too (``whole_sequences``). With ``train.eval_generate``
+    (``tokenizer`` given) also the generated answers' metrics (``generation_validation``)."""
     from automodel_cli.components.training.evaluation import evaluate
     from automodel_cli.training.context_parallel import whole_sequences
+
+    generate = generation_validation(run, model, data, tokenizer) if run.cfg.train.eval_generate else None
 
     def forward(model_: Any, batch: dict[str, Any]) -> Any:
         with run.precision.autocast():
@@ -243,7 +280,46 @@ def sft_validation(run: Any, model: Any, data: SFTData) -> Callable[[], dict[str
             return None
         cfg = run.cfg
         with whole_sequences(model, run.cp_size):
-            return evaluate(run.evaluation_model(model),
-                            data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches), forward)
+            result = evaluate(run.evaluation_model(model),
+                              data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches), forward)
+        return {**result, **generate()} if generate is not None else result
 
     return validate
+
+
+def check_eval_generate(cfg: Any, shape: Any, vision: bool) -> None:
+    """``train.eval_generate`` decodes with the whole model on every rank: refused (before the
+    model loads) where that cannot run."""
+    from automodel_cli.errors import UserError
+
+    if not cfg.train.eval_generate:
+        return
+    hint = "Set train.eval_generate=false (validation still reports loss and teacher-forced exact match)."
+    if vision:
+        raise UserError("train.eval_generate=true generates from text prompts only, and this model is a "
+                        "vision-language model whose validation samples carry images.", hint)
+    for key, degree in (("distributed.pp", shape.pp), ("distributed.cp", shape.cp)):
+        if degree > 1:
+            raise UserError(f"train.eval_generate=true cannot run with {key}={degree}: decoding needs every "
+                            "layer of the model and whole sequences on each rank.",
+                            f"{hint} Or set {key}=1 (FSDP2 and tensor parallelism generate: every rank decodes "
+                            "the same batch).")
+
+
+def generation_validation(run: Any, model: Any, data: SFTData, tokenizer: Any) -> Callable[[], dict[str, float]]:
+    """``train.eval_generate``: greedy answers to the prompts of the first
+    ``train.eval_generate_samples`` validation samples (``train.eval_max_new_tokens`` at most),
+    scored as ``eval_generate_exact_match`` and ``eval_generate_contains``. Every rank generates
+    the same batches and keeps decoding until all have finished (sharded forwards are
+    collective)."""
+    from automodel_cli.components.training.generation import answer_samples, generate_answers
+
+    train = run.cfg.train
+    samples = answer_samples(data.eval[:train.eval_generate_samples], tokenizer)
+
+    def generate() -> dict[str, float]:
+        return generate_answers(model, tokenizer, samples, batch_size=train.micro_batch_size * 4,
+                                max_new_tokens=train.eval_max_new_tokens, device=run.precision.device,
+                                autocast=run.precision.autocast, synced=run.env.world_size > 1).metrics()
+
+    return generate

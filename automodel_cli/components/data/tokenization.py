@@ -7,6 +7,9 @@ Two input shapes, decided by the columns present:
 - prompt/completion: ``[BOS] + prompt + completion + EOS``; the prompt (and BOS) is masked, the
   completion and EOS are trained, so the model learns to stop.
 
+and, where the caller accepts it (``text_column``: ``automodel evaluate``), plain text:
+``[BOS] + text + EOS`` with every token after BOS counted.
+
 Labels are *unshifted* (HF causal LMs shift inside the loss: the logit at position ``i``
 predicts ``labels[i + 1]``), so ``labels[0]`` can never be predicted and is always set to
 ``IGNORE_INDEX``; this keeps ``n_trainable_tokens`` equal to the number of tokens the loss
@@ -64,8 +67,12 @@ def tokenize_sft(
     messages_column: str = "messages",
     max_length: int,
     chat_template: str | None = None,
+    text_column: str | None = None,
 ):
     """Tokenise ``dataset`` for SFT; returns ``(dataset[input_ids, labels], SFTStats)``.
+
+    ``text_column``: data with that column and neither chat nor prompt/completion columns is
+    read as plain text, every token a label (language-model loss over the whole text).
 
     Raises ``UserError`` when neither a messages column nor both prompt and completion columns
     exist, when a row is malformed, and when no sample has a trainable token. Warns
@@ -83,14 +90,18 @@ def tokenize_sft(
     elif prompt_column in columns and completion_column in columns:
         encode_batch = _prompt_completion_batch_encoder(tokenizer, prompt_column, completion_column)
         mode = "prompt/completion"
+    elif text_column is not None and text_column in columns:
+        encode_batch = _text_batch_encoder(tokenizer, text_column)
+        mode = "text"
     else:
         missing = [c for c in (prompt_column, completion_column) if c not in columns]
         raise UserError(
-            f"The training data has no `{messages_column}` column and lacks the "
+            f"The data has no `{messages_column}` column and lacks the "
             f"{' and '.join(f'`{c}`' for c in missing)} column{'s' if len(missing) > 1 else ''} "
             f"needed for prompt/completion training. Available columns: {columns}.",
             "Name the columns to use with data.prompt_column=... and data.completion_column=... "
-            "(or data.messages_column=... for chat data).",
+            "(or data.messages_column=... for chat data"
+            + (", data.text_column=... for plain text" if text_column is not None else "") + ").",
         )
 
     def process(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -149,14 +160,32 @@ def _prompt_completion_batch_encoder(tokenizer, prompt_column: str, completion_c
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
         for p, c in zip(prompt_ids, completion_ids):
-            p, c = list(p), list(c)
-            if bos is not None and (not p or p[0] != bos):
-                p = [bos] + p
-            if eos is not None and (not c or c[-1] != eos):
-                c = c + [eos]
+            p, c = _starting_with(list(p), bos), _ending_with(list(c), eos)
             yield p + c, [IGNORE_INDEX] * len(p) + c
 
     return encode
+
+
+def _text_batch_encoder(tokenizer, text_column: str):
+    """Plain text: ``[BOS] + text + EOS``, every token a label."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+
+    def encode(batch, indices):
+        texts = [_text(v, text_column, i) for v, i in zip(batch[text_column], indices)]
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids = _ending_with(_starting_with(list(ids), bos), eos)
+            yield ids, list(ids)
+
+    return encode
+
+
+def _starting_with(ids: list[int], token: int | None) -> list[int]:
+    return [token] + ids if token is not None and (not ids or ids[0] != token) else ids
+
+
+def _ending_with(ids: list[int], token: int | None) -> list[int]:
+    return ids + [token] if token is not None and (not ids or ids[-1] != token) else ids
 
 
 def _chat_batch_encoder(tokenizer, messages_column: str, chat_template: str | None):

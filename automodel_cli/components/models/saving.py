@@ -126,15 +126,11 @@ def merge_adapter(base_path: Any, adapter_dir: Path, out_dir: Path) -> None:
     """Load the base (with the auto class its config calls for: a VLM's is image-text-to-text)
     and the adapter on CPU, fold the adapter into the weights, save. A QLoRA adapter (its
     ``quantization.json``) is merged into the dequantized base: the weights it was trained with."""
-    from peft import PeftModel
     from transformers import AutoConfig
 
+    from automodel_cli.components.models.adapters import load_adapted
     from automodel_cli.components.models.vlm import auto_class
-    from automodel_cli.components.peft import quantize
 
     base = auto_class(AutoConfig.from_pretrained(base_path)).from_pretrained(base_path)
-    method = quantize.recorded_method(adapter_dir)
-    if method is not None:  # a QLoRA adapter: merged into the base it was trained against
-        quantize.dequantize_base(base, method)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged = load_adapted(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)

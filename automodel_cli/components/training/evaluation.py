@@ -65,6 +65,9 @@ def _documents(hits: Any, mask: Any, batch: dict[str, Any]):
 
 
 def format_eval(result: dict[str, float]) -> str:
-    """One line for a validation result of ``evaluate``."""
-    return (f"eval loss {result['eval_loss']:.4f}, exact match {result['eval_exact_match']:.1%}, "
+    """One line for a validation result of ``evaluate`` (and of ``generation`` when it has one)."""
+    from automodel_cli.components.training.generation import GENERATED, format_generation
+
+    line = (f"eval loss {result['eval_loss']:.4f}, exact match {result['eval_exact_match']:.1%}, "
             f"token accuracy {result['eval_token_accuracy']:.1%} ({result['eval_samples']} samples)")
+    return f"{line}; {format_generation(result)}" if GENERATED in result else line
