@@ -47,9 +47,15 @@ def is_vision_language(config: Any) -> bool:
 
 
 def auto_class(config: Any) -> Any:
-    """The transformers auto class that builds ``config``'s model: ``AutoModelForImageTextToText``
-    for a VLM (its ``...ForConditionalGeneration`` with the vision tower), else
-    ``AutoModelForCausalLM``."""
+    """The transformers auto class that builds ``config``'s model: the task head's when the config
+    declares one (``heads.declared_head``: ``AutoModelForSequenceClassification`` for a
+    ``...ForSequenceClassification``), ``AutoModelForImageTextToText`` for a VLM (its
+    ``...ForConditionalGeneration`` with the vision tower), else ``AutoModelForCausalLM``."""
+    from automodel_cli.components.models.heads import declared_head
+
+    head = declared_head(config)
+    if head is not None:
+        return head
     if is_vision_language(config):
         from transformers import AutoModelForImageTextToText
 
