@@ -61,7 +61,7 @@ def demo_run(tmp_path_factory) -> Path:
     from automodel_cli.cli import main
 
     run = tmp_path_factory.mktemp("classify") / "demo"
-    assert main(["classify", "demo", "-o", str(run), *SHORT]) == 0
+    assert main(["classify", "demo", "-o", str(run), "checkpoint.every_steps=40", *SHORT]) == 0
     return run
 
 
@@ -93,6 +93,22 @@ def test_demo_accuracy_rises_and_final_reloads_with_the_same_loss(demo_run):
     # The same forward as the run's validation (float32, 150 samples of a 3-way cross-entropy).
     assert loss == pytest.approx(after["eval_loss"], rel=1e-5)
     assert accuracy == after["eval_accuracy"]
+
+
+@pytest.mark.slow  # shares the demo run
+def test_the_last_checkpoint_consolidates_into_the_same_classifier(demo_run, tmp_path):
+    """The checkpoint holds every trained weight, the score head's too."""
+    from transformers import AutoModelForSequenceClassification
+
+    from automodel_cli.components.checkpoint.consolidate import consolidate
+
+    meta = json.loads((demo_run / "checkpoints" / "step_00000040" / "meta.json").read_text())
+    assert "score.weight" in meta["params"] and not meta["trainable_only"]
+    consolidate(demo_run, tmp_path / "out")
+    ids = torch.tensor([[1, 5, 6, 7], [1, 12, 13, 0]])
+    logits = [AutoModelForSequenceClassification.from_pretrained(path)(input_ids=ids).logits
+              for path in (tmp_path / "out", demo_run / "final")]
+    assert torch.equal(*logits)  # the same tensors, bit for bit
 
 
 @pytest.mark.slow  # a real training run, ~20 s on a CPU
@@ -298,3 +314,16 @@ def test_pipeline_and_context_parallelism_are_refused():
         pipeline.check("classify", cfg)
     with pytest.raises(UserError, match="not by `automodel classify`"):
         context_parallel.check_recipe("classify", 2)
+
+
+def test_the_score_head_stays_trainable_when_vision_parts_are_frozen():
+    """model.freeze_vision (true by default) freezes a VLM's vision side; a text decoder's score
+    head beside it is no vision part."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from automodel_cli.components.models.vlm import apply_freezing
+
+    config = AutoConfig.from_pretrained(demo_dir(), num_labels=3, architectures=["LlamaForSequenceClassification"])
+    model = AutoModelForSequenceClassification.from_config(config)
+    assert apply_freezing(model, freeze_vision=True, freeze_projector=True) == {"vision": 0, "projector": 0}
+    assert all(p.requires_grad for p in model.parameters())
