@@ -60,7 +60,11 @@ def run(context: Any) -> int:
         data = prepare_classify_data(cfg, tokenizer, run.registries, run.say)
 
         # 3. The backbone with a sequence-classification head: labels and pad token in its config.
-        head = head_config_overrides(load_config(cfg.model), cfg.model.path, labels=data.labels,
+        backbone = load_config(cfg.model)
+        if getattr(backbone, "pad_token_id", None) not in (None, tokenizer.pad_token_id):
+            run.say(f"note: the model's config.pad_token_id {backbone.pad_token_id} becomes the tokenizer's pad token "
+                    f"id {tokenizer.pad_token_id}: the head finds each sequence's last real token by it")
+        head = head_config_overrides(backbone, cfg.model.path, labels=data.labels,
                                      pad_token_id=tokenizer.pad_token_id,
                                      problem_type="single_label_classification" if data.task != REWARD else None)
         model = run.load_model(tokenizer, config_overrides=head)

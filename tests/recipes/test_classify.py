@@ -263,6 +263,7 @@ def test_tokenizer_without_pad_token_is_refused_with_the_fix(cli, tmp_path, caus
     result = cli("classify", *args, "classify.pad_token=eos", "-o", str(tmp_path / "eos"))
     assert result.exit_code == 0, result.stderr
     assert "the pad token is the EOS token" in result.stdout
+    assert "config.pad_token_id 0 becomes the tokenizer's pad token id 2" in result.stdout
     assert json.loads((tmp_path / "eos" / "final" / "config.json").read_text())["pad_token_id"] == 2
 
 
