@@ -26,6 +26,10 @@ DEMO_DEFAULTS = {
 DEMO_RECIPE_DEFAULTS = {
     "distill": {"model": {"config": {"num_hidden_layers": 1}}},
     "benchmark": {"benchmark": {"seq_len": 128}},
+    # `automodel classify demo`: the letter-group classification data (a head on the demo model).
+    "classify": {"data": {"name": "demo-classify"},
+                 "train": {"global_batch_size": 32, "micro_batch_size": 32, "max_steps": 150, "eval_every_steps": 50},
+                 "optim": {"lr": 2e-3, "warmup_steps": 15}},
 }
 
 #: The bundled vision-language demo: a tiny Gemma 3 (vision tower, projector, 2-layer decoder)

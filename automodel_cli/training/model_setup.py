@@ -19,7 +19,7 @@ def init_device(cfg: Any, device: Any) -> Any:
     return contextlib.nullcontext()
 
 
-def save_random_base(cfg: Any, tokenizer: Any, directory: Any, dtype: Any) -> None:
+def save_random_base(cfg: Any, tokenizer: Any, directory: Any, dtype: Any, model_cfg: Any = None) -> None:
     """Write the random base weights a sharded run of ``model.from_scratch`` starts from (the
     same values: they are seeded per parameter) as a Hugging Face directory, built whole on this
     CPU: an adapter trained on a random base needs them (a corner case; the whole model is small
@@ -29,7 +29,7 @@ def save_random_base(cfg: Any, tokenizer: Any, directory: Any, dtype: Any) -> No
     from types import SimpleNamespace
 
     one = SimpleNamespace(device=torch.device("cpu"), autocast_dtype=None)
-    model = build_model(cfg, cfg.model, precision=one, mesh=None, shape=SimpleNamespace(tp=1), registries=None,
+    model = build_model(cfg, model_cfg or cfg.model, precision=one, mesh=None, shape=SimpleNamespace(tp=1), registries=None,
                         sequence_parallel=False, dtype=dtype, trainable=False, say=lambda _: None)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -187,6 +187,7 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
     this rank's stages before anything else. Says one line: how many parameter bytes each
     process allocated."""
     from automodel_cli.components.models import materialize as meta
+    from automodel_cli.components.models.heads import new_head_keys
     from automodel_cli.components.models.joined import joined_layout
     from automodel_cli.components.models.loading import load_config, load_model
 
@@ -224,7 +225,8 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
     if files is not None:
         reader = meta.CheckpointReader(files)
         shapes = {meta.checkpoint_key(name): tuple(param.shape) for name, param in model.named_parameters()}
-        expected = list(shapes)
+        new_head = new_head_keys(model, list(shapes), reader.keys())  # a task head on a causal LM's weights
+        expected = [key for key in shapes if key not in new_head]
         mapping = meta.key_mapping(expected, reader.keys(), getattr(model, "base_model_prefix", ""),
                                    {**meta.saved_names(model, expected), **tied_elsewhere},
                                    joined=lambda key: joined_layout(model, key, shapes[key]))
@@ -238,6 +240,9 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
         _check_shapes(model, reader, mapping)
         read = lambda key, offset, local: meta.read_mapped(reader, mapping[key], offset, local)  # noqa: E731
         how = f"read shard by shard from {len(files)} safetensors file{'s' * (len(files) > 1)}"
+        if new_head:
+            read = _with_new_head(read, new_head, meta.SeededInit(_empty_model(config, model_cfg, dtype), seed))
+            how += f" (new head {', '.join(sorted(new_head))}: initialised at random, seeded per parameter)"
     else:
         seeded = meta.SeededInit(_empty_model(config, model_cfg, dtype), seed)
         init = (lambda key: seeded(tied_elsewhere.get(key, key))) if tied_elsewhere else seeded  # noqa: E731
@@ -248,6 +253,19 @@ def build_model(cfg: Any, model_cfg: Any, *, precision: Any, mesh: Any, shape: A
     model.train(trainable)
     _report_load(model, how, mesh, say, started, whole=False)
     return model
+
+
+def _with_new_head(read: Any, new_head: set[str], seeded: Any) -> Any:
+    """``read`` for the checkpoint's tensors, a seeded random slice for the parameters of a task
+    head the checkpoint lacks (``heads.new_head_keys``): the same values on any mesh."""
+    from automodel_cli.components.models import materialize as meta
+
+    def read_or_init(key: str, offset: tuple[int, ...], local: tuple[int, ...]) -> Any:
+        if key in new_head:
+            return meta.slice_of(seeded(key), offset, local)
+        return read(key, offset, local)
+
+    return read_or_init
 
 
 def _empty_model(config: Any, model_cfg: Any, dtype: Any) -> Any:
@@ -339,7 +357,9 @@ def _check_shapes(model: Any, reader: Any, mapping: dict[str, Any]) -> None:
     from automodel_cli.errors import UserError
 
     for name, param in model.named_parameters():
-        source = mapping[meta.checkpoint_key(name)]
+        source = mapping.get(meta.checkpoint_key(name))
+        if source is None:  # a new task head (``heads.new_head_keys``): not in the checkpoint
+            continue
         if isinstance(source, str):
             found = [(source, tuple(param.shape))]
         else:  # per-expert tensors joined into this one

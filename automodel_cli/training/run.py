@@ -144,29 +144,34 @@ class TrainingRun:
 
         return init_device(self.cfg, self.precision.device)
 
-    def load_model(self, tokenizer: Any = None, *, flops_seq_len: int | None = None) -> Any:
+    def load_model(self, tokenizer: Any = None, *, flops_seq_len: int | None = None,
+                   config_overrides: dict[str, Any] | None = None) -> Any:
         """``model.*`` as this run trains it, never whole in any process: built on the meta
         device, with activation checkpointing, adapters, tensor parallelism and FSDP2 applied
         while empty, then each process's shards read from the safetensors (or seeded per
         parameter for ``model.from_scratch``). ``flops_seq_len``: count FLOPs per token at this
         sequence length (``count_flops``) on the bare model. ``tokenizer`` is saved with the
-        random base weights an adapter trained from scratch needs (``base_path``)."""
+        random base weights an adapter trained from scratch needs (``base_path``).
+        ``config_overrides``: values set on the model's config on top of ``model.config`` (a task
+        head's: ``components/models/heads.py``), not recorded in the run's config."""
+        from automodel_cli.components.models.heads import ModelSection
         from automodel_cli.components.models.loading import resolve_model_source
         from automodel_cli.run_layout import RunDir
         from automodel_cli.training.model_setup import build_model, save_random_base
 
         cfg = self.cfg
+        model_cfg = ModelSection(cfg.model, config_overrides) if config_overrides else cfg.model
         if cfg.model.from_scratch and cfg.peft.method != "none" and self.output_dir is not None:
             self.base_path = str(RunDir(self.output_dir).base_model.resolve())
             if self.env.is_main:
                 from automodel_cli.components.training import run_lock
 
                 run_lock.mark_writing(self.output_dir)
-                save_random_base(cfg, tokenizer, self.base_path, self.precision.param_dtype)
+                save_random_base(cfg, tokenizer, self.base_path, self.precision.param_dtype, model_cfg=model_cfg)
         else:
             self.base_path = resolve_model_source(cfg.model.path)
         on_empty = (lambda model: self.count_flops(model, flops_seq_len)) if flops_seq_len else None
-        self.model = build_model(cfg, cfg.model, precision=self.precision, mesh=self.mesh, shape=self.shape,
+        self.model = build_model(cfg, model_cfg, precision=self.precision, mesh=self.mesh, shape=self.shape,
                                  registries=self.registries, sequence_parallel=self.sequence_parallel,
                                  dtype=self.precision.param_dtype, trainable=True, say=self.say, on_empty=on_empty,
                                  pipeline=self.pipeline_plan)

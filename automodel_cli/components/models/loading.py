@@ -210,8 +210,9 @@ def needs_torchvision(exc: BaseException) -> bool:
     return importlib.util.find_spec("torchvision") is None and ("video processor" in text or "torchvision" in text)
 
 
-def load_tokenizer(model_cfg: Any, *, processor: bool = False) -> Any:
-    """The tokenizer, with a pad token (EOS when the tokenizer has none); with ``processor``, the
+def load_tokenizer(model_cfg: Any, *, processor: bool = False, eos_as_pad: bool = True) -> Any:
+    """The tokenizer, with a pad token (EOS when the tokenizer has none, unless ``eos_as_pad`` is
+    false: a recipe for which padding means something decides itself); with ``processor``, the
     model's ``AutoProcessor`` (tokenizer, image processor, chat template) for a vision-language
     model, its tokenizer given the same pad token.
 
@@ -256,6 +257,6 @@ def load_tokenizer(model_cfg: Any, *, processor: bool = False) -> Any:
     text = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's text half
     if model_cfg.chat_template:
         tokenizer.chat_template = model_cfg.chat_template
-    if text.pad_token_id is None:
+    if text.pad_token_id is None and eos_as_pad:
         text.pad_token = text.eos_token
     return tokenizer

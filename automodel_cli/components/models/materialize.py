@@ -64,6 +64,7 @@ def checkpoint_key(name: str) -> str:
     name = _WRAPPERS.sub(r"\1", name).strip(".").replace("..", ".")
     if name.startswith("base_model.model."):  # a peft model
         name = name[len("base_model.model."):]
+    name = re.sub(r"\.(modules_to_save\.[^.]+|original_module)\.", ".", name)  # peft's trained copy of a head
     return re.sub(r"(\.base_layer)+\.", ".", name)  # nested wrappers (peft's parameter adapters) too
 
 

@@ -64,7 +64,7 @@ def save_final(model: Any, tokenizer: Any, output_dir: Path, *, merge: bool, bas
             if is_main:
                 tokenizer.save_pretrained(staging)
                 if is_adapter and merge:
-                    merge_adapter(base_path, staging, staging / "merged")
+                    merge_adapter(base_path, staging, staging / "merged", config=_head_config(model))
                     tokenizer.save_pretrained(staging / "merged")
         except Exception as exc:
             if is_main:
@@ -122,15 +122,27 @@ def _disk_error(exc: Exception, output_dir: Path, needed: int) -> Exception | No
     return storage.final_write_failed(error, output_dir=output_dir, latest=latest, needed=needed)
 
 
-def merge_adapter(base_path: Any, adapter_dir: Path, out_dir: Path) -> None:
+def _head_config(model: Any) -> Any | None:
+    """The trained model's config when it declares a task head (a sequence classifier trained on
+    a causal LM's weights: its labels and pad token live there, not in the base's config)."""
+    from automodel_cli.components.models.heads import declared_head
+
+    config = getattr(model, "config", None)
+    return config if config is not None and declared_head(config) is not None else None
+
+
+def merge_adapter(base_path: Any, adapter_dir: Path, out_dir: Path, config: Any = None) -> None:
     """Load the base (with the auto class its config calls for: a VLM's is image-text-to-text)
     and the adapter on CPU, fold the adapter into the weights, save. A QLoRA adapter (its
-    ``quantization.json``) is merged into the dequantized base: the weights it was trained with."""
+    ``quantization.json``) is merged into the dequantized base: the weights it was trained with.
+    ``config``: the trained model's config where it is not the base's (a task head, whose weights
+    the adapter holds whole)."""
     from transformers import AutoConfig
 
     from automodel_cli.components.models.adapters import load_adapted
     from automodel_cli.components.models.vlm import auto_class
 
-    base = auto_class(AutoConfig.from_pretrained(base_path)).from_pretrained(base_path)
+    config = config if config is not None else AutoConfig.from_pretrained(base_path)
+    base = auto_class(config).from_pretrained(base_path, config=config)
     merged = load_adapted(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)

@@ -47,9 +47,15 @@ def is_vision_language(config: Any) -> bool:
 
 
 def auto_class(config: Any) -> Any:
-    """The transformers auto class that builds ``config``'s model: ``AutoModelForImageTextToText``
-    for a VLM (its ``...ForConditionalGeneration`` with the vision tower), else
-    ``AutoModelForCausalLM``."""
+    """The transformers auto class that builds ``config``'s model: the task head's when the config
+    declares one (``heads.declared_head``: ``AutoModelForSequenceClassification`` for a
+    ``...ForSequenceClassification``), ``AutoModelForImageTextToText`` for a VLM (its
+    ``...ForConditionalGeneration`` with the vision tower), else ``AutoModelForCausalLM``."""
+    from automodel_cli.components.models.heads import declared_head
+
+    head = declared_head(config)
+    if head is not None:
+        return head
     if is_vision_language(config):
         from transformers import AutoModelForImageTextToText
 
@@ -63,6 +69,7 @@ def auto_class(config: Any) -> Any:
 def _core(model: Any) -> tuple[str, dict[str, Any], str] | None:
     """``(core prefix, vision-side children by name, decoder name)`` of a VLM: the core is the
     module that holds the text decoder next to the vision modules; None for a text-only model."""
+    from automodel_cli.components.models.heads import declared_head
     from automodel_cli.components.models.structure import decoder_stack, output_head
     from automodel_cli.errors import UserError
 
@@ -74,6 +81,9 @@ def _core(model: Any) -> tuple[str, dict[str, Any], str] | None:
     if not name:
         return None
     core = model.get_submodule(parent) if parent else model
+    if declared_head(getattr(core, "config", None) or {}) is not None and \
+            getattr(core, "base_model_prefix", None) == name:
+        return None  # a text decoder with a task head (``score``) beside it: no vision side
     head, _ = output_head(model)
     others = {child_name: child for child_name, child in core.named_children()
               if child_name != name and child is not head}

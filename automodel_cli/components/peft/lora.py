@@ -32,6 +32,7 @@ def apply_peft(model: Any, peft_cfg: Any, *, ep: int = 1, say: Callable[[str], N
         return model
     from peft import LoraConfig, get_peft_model
 
+    from automodel_cli.components.models.heads import is_sequence_classifier
     from automodel_cli.components.models.vlm import language_lora_targets
 
     target = peft_cfg.target_modules
@@ -55,7 +56,8 @@ def apply_peft(model: Any, peft_cfg: Any, *, ep: int = 1, say: Callable[[str], N
         target_modules=target if isinstance(target, str) else list(target),
         target_parameters=parameters,
         use_dora=peft_cfg.method == "dora",  # qlora: LoRA on the quantized base
-        task_type="CAUSAL_LM",
+        # A sequence classifier's head is new: peft trains and saves it whole (modules_to_save).
+        task_type="SEQ_CLS" if is_sequence_classifier(model) else "CAUSAL_LM",
     )
     return get_peft_model(model, config)
 
