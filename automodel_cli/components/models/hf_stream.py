@@ -161,6 +161,8 @@ class PipelineStages:
     @classmethod
     def collect(cls, state: dict[str, Any], group: Any, tied: dict[str, str]) -> PipelineStages:
         """Every rank's tensor names, shapes and dtypes (collective over the pipeline group)."""
+        import torch.distributed as dist
+
         from automodel_cli.components.checkpoint.collective import gather
 
         mine = [(name, tuple(value.shape), str(value.dtype).removeprefix("torch.")) for name, value in state.items()]
