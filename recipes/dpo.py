@@ -60,7 +60,7 @@ STEP_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
 def run(context: Any) -> int:
     import torch
 
-    from automodel_cli.components.loss.preference import preference_losses, sequence_logps
+    from automodel_cli.components.loss.preference import preference_losses
     from automodel_cli.components.moe.balance import router_terms
     from automodel_cli.components.training import steps as step_math
     from automodel_cli.training import reference as references
@@ -89,23 +89,20 @@ def run(context: Any) -> int:
                      if references.reference_kind(cfg) != "none" else None)
         run.say(describe_loss(cfg, reference))
 
+        def on_device(batch: dict[str, Any]) -> tuple[Any, Any]:
+            return batch["labels"].to(run.precision.device), batch["sequence_index"].to(run.precision.device)
+
         def policy_logps(batch: dict[str, Any], inputs: dict[str, Any]) -> tuple[Any, Any]:
             """The policy's per-sequence response log-probabilities and token counts (``2k``: chosen first)."""
-            labels = batch["labels"].to(run.precision.device)
-            with run.precision.autocast():
-                logits = model(**inputs, use_cache=False).logits
-            logps, tokens = sequence_logps(logits, labels, batch["sequence_index"].to(run.precision.device),
-                                           2 * batch["pairs"])
-            return logps, tokens
+            return references.response_logps(model, inputs, *on_device(batch), 2 * batch["pairs"],
+                                             run.precision.autocast)
 
         def reference_logps(batch: dict[str, Any], inputs: dict[str, Any]) -> Any:
             if "reference" in batch:
                 return batch["reference"].to(run.precision.device)
             if reference is None:
                 return None
-            logits = reference.logits(inputs, run.precision.autocast)
-            return sequence_logps(logits, batch["labels"].to(run.precision.device),
-                                  batch["sequence_index"].to(run.precision.device), 2 * batch["pairs"])[0]
+            return reference.logps(inputs, *on_device(batch), 2 * batch["pairs"], run.precision.autocast)
 
         def pair_terms(batch: dict[str, Any], inputs: dict[str, Any], logps: Any, tokens: Any) -> Any:
             k = batch["pairs"]
@@ -286,5 +283,4 @@ def describe_loss(cfg: Any, reference: Any) -> str:
 
 def format_preference_eval(result: dict[str, float]) -> str:
     return (f"eval loss {result['eval_loss']:.4f}, reward accuracy {result['eval_rewards/accuracies']:.1%}, "
-            f"margin {result['eval_rewards/margins']:.4f}, prefers chosen {result['eval_preference_accuracy']:.1%} "
-            f"({result['eval_pairs']} pairs)")
+            f"margin {result['eval_rewards/margins']:.4f} ({result['eval_pairs']} pairs)")

@@ -52,8 +52,28 @@ def reference_model_config(cfg: Any) -> Any:
     return reference_cfg
 
 
+def response_logps(model: Any, inputs: dict[str, Any], labels: Any, sequence_index: Any, sequences: int,
+                   autocast: Any = nullcontext) -> tuple[Any, Any]:
+    """Per-sequence sums of the response tokens' log-probabilities under ``model`` and their
+    counts (``preference.sequence_logps``), with the LM head applied to the scored positions only
+    when it can be (``head.scored_rows``; prompts and padding cost no vocabulary projection), else
+    from the full logits. Inputs, labels and ``sequence_index`` on the model's device."""
+    from automodel_cli.components.loss.head import scored_rows
+    from automodel_cli.components.loss.preference import sequence_logps, sum_by_sequence, token_logps
+
+    values = scored_rows(model, inputs, labels, lambda hidden, targets, project: token_logps(project(hidden), targets),
+                         autocast)
+    if values is None:
+        with autocast():
+            logits = model(**inputs, use_cache=False).logits
+        return sequence_logps(logits, labels, sequence_index, sequences)
+    targets = labels[:, 1:].reshape(-1)
+    owners = sequence_index[:, 1:].reshape(-1)[(targets != -100).nonzero().squeeze(1)]
+    return sum_by_sequence(values, owners.to(values.device), sequences)
+
+
 class Reference:
-    """``logits(inputs)`` of the reference model, without gradients (module docstring)."""
+    """The reference model's log-probabilities, without gradients (module docstring)."""
 
     def __init__(self, run: Any, policy: Any, reference_cfg: Any):
         self.kind = reference_kind(run.cfg)
@@ -65,14 +85,15 @@ class Reference:
             self.frozen = FrozenTeacher(reference_cfg or run.cfg.model, run, dtype=run.precision.param_dtype)
         self.source = run.cfg.dpo.reference_path or run.cfg.model.path
 
-    def logits(self, inputs: dict[str, Any], autocast: Any = nullcontext) -> Any:
+    def logps(self, inputs: dict[str, Any], labels: Any, sequence_index: Any, sequences: int,
+              autocast: Any = nullcontext) -> Any:
+        """The reference's per-sequence response log-probabilities (``response_logps``), without
+        gradients."""
         import torch
 
-        with torch.no_grad(), autocast():
-            if self.kind == "adapter":
-                with self.policy.disable_adapter():
-                    return self.policy(**inputs, use_cache=False).logits
-            return self.frozen.model(**inputs, use_cache=False).logits
+        model = self.policy if self.kind == "adapter" else self.frozen.model
+        with torch.no_grad(), (self.policy.disable_adapter() if self.kind == "adapter" else nullcontext()):
+            return response_logps(model, inputs, labels, sequence_index, sequences, autocast)[0]
 
     def free(self) -> None:
         """Drop the frozen copy (after precomputing): its memory goes back before training."""

@@ -94,6 +94,23 @@ def preference_losses(loss: str, *, chosen_logps: Any, rejected_logps: Any, chos
     return PairLosses(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
 
+def token_logps(logits: Any, targets: Any) -> Any:
+    """Log-probabilities of ``targets`` ``[N]`` under ``logits`` ``[N, V]``, in float32."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def sum_by_sequence(values: Any, owners: Any, sequences: int) -> tuple[Any, Any]:
+    """Per-sequence sums of per-token ``values`` ``[N]`` whose sequences are ``owners`` ``[N]``,
+    and the number of tokens of each: ``(sums [sequences] float32, counts [sequences])``."""
+    import torch
+
+    sums = torch.zeros(sequences, dtype=torch.float32, device=values.device).index_add(0, owners, values.float())
+    counts = torch.zeros(sequences, dtype=torch.long, device=values.device).index_add(
+        0, owners, torch.ones_like(owners))
+    return sums, counts
+
+
 def sequence_logps(logits: Any, labels: Any, sequence_index: Any, sequences: int) -> tuple[Any, Any]:
     """Per-sequence sums of the labelled tokens' log-probabilities and their counts.
 
@@ -101,15 +118,7 @@ def sequence_logps(logits: Any, labels: Any, sequence_index: Any, sequences: int
     ``t`` predicts ``labels[t + 1]``); ``sequence_index`` ``[rows, T]`` names the sequence each
     token belongs to (several per row when packed; -1 for padding), so packed sequences are summed
     separately. Returns ``(logps [sequences], tokens [sequences])`` in float32."""
-    import torch
-
     targets = labels[:, 1:]
     owners = sequence_index[:, 1:]
     scored = (targets != -100) & (owners >= 0)
-    logits = logits[:, :-1][scored].float()  # only the scored positions: [n, V]
-    token_logps = logits.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    owner = owners[scored]
-    logps = torch.zeros(sequences, dtype=torch.float32, device=logits.device).index_add(0, owner, token_logps)
-    tokens = torch.zeros(sequences, dtype=torch.long, device=logits.device).index_add(
-        0, owner, torch.ones_like(owner))
-    return logps, tokens
+    return sum_by_sequence(token_logps(logits[:, :-1][scored], targets[scored]), owners[scored], sequences)
