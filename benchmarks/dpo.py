@@ -5,6 +5,7 @@ Usage::
     python benchmarks/dpo.py                  # 30 steps, 3 repeats, full and LoRA
     python benchmarks/dpo.py --quick          # smoke run: 12 steps, 1 repeat
     python benchmarks/dpo.py --runs ours-lora,trl-lora --threads 1
+    python benchmarks/dpo.py --runs ours-full-packed,trl-full    # ours with data.packing=true
 
 Same inputs: the tiny Llama and BPE tokenizer of ``_bench_common`` (random init, 8k vocab,
 saved with ``save_pretrained``) and preference rows of pseudo-text (prompt of 4-100 words, two
@@ -16,7 +17,9 @@ micro-batch (4 pairs, so 2 accumulation steps), max_length 512, steps, AdamW (lr
 decay), cosine schedule without warmup, clipping at 1.0, seed 42; LoRA rank 8 / alpha 16 / no
 dropout on every linear layer of the decoder. Full fine-tuning: both keep a frozen reference
 copy (TRL loads a second copy of the model; ours ``FrozenTeacher``); LoRA: both use the base with
-the adapter disabled. TRL runs without gradient checkpointing, no eval, no saving.
+the adapter disabled. TRL runs without gradient checkpointing, no eval, no saving. ``ours-*-packed``
+runs set ``data.packing=true`` (each micro-batch's sequences packed into rows of 512 tokens; TRL's
+DPOTrainer is run unpacked, its default).
 
 Same metric (``finetune_vs_trl.py`` explains the probes, reused here): throughput = non-padding
 input tokens (chosen + rejected, prompt included) per second of training loop after the first
@@ -27,7 +30,6 @@ peak`` the highest RSS sampled during training.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -51,11 +53,13 @@ from finetune_vs_trl import (  # noqa: E402
     selected_runs,
     spawn_child,
     trl_step_timer,
-    wait_for_quiet,
 )
+from vlm_vs_trl import benchmark_arguments, measure  # noqa: E402
 
-RUNS = {"ours-full": ("ours", "none"), "trl-full": ("trl", "none"),
-        "ours-lora": ("ours", "lora"), "trl-lora": ("trl", "lora")}
+#: Run name -> (trainer, peft method, packing).
+RUNS = {"ours-full": ("ours", "none", False), "trl-full": ("trl", "none", False),
+        "ours-lora": ("ours", "lora", False), "trl-lora": ("trl", "lora", False),
+        "ours-full-packed": ("ours", "none", True), "ours-lora-packed": ("ours", "lora", True)}
 LORA = {"rank": 8, "alpha": 16}
 MAX_LENGTH = 512
 
@@ -89,7 +93,7 @@ def child_ours(spec: dict) -> None:
     out = Path(spec["out"])
     code = main([
         "dpo", f"model.path={spec['model_dir']}", "model.dtype=float32", f"data.path={spec['data_path']}",
-        f"data.max_length={MAX_LENGTH}", "data.eval_split=null", "data.eval_size=0", "--peft", spec["peft"],
+        f"data.max_length={MAX_LENGTH}", f"data.packing={'true' if spec['packing'] else 'false'}", "data.eval_split=null", "data.eval_size=0", "--peft", spec["peft"],
         f"peft.rank={LORA['rank']}", f"peft.alpha={LORA['alpha']}", "peft.dropout=0.0", "peft.target_modules=all-linear",
         f"train.max_steps={spec['steps']}", f"train.global_batch_size={spec['global_batch']}",
         f"train.micro_batch_size={spec['micro_batch']}", "train.seed=42", "train.max_grad_norm=1.0",
@@ -150,22 +154,28 @@ def child_trl(spec: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ parent
+def run_child(name: str, spec: dict, log_dir: Path) -> dict:
+    kind, peft, packing = RUNS[name]
+    return spawn_child(Path(__file__), name, {**spec, "kind": kind, "peft": peft, "packing": packing}, log_dir)[0]
+
+
 def print_report(results: dict[str, list[dict]], repeats: int) -> None:
     results = {name: rows for name, rows in results.items() if rows}
     print()
-    print(f"{'run':10s} {'tokens/s':>9s} {'tok/CPU-s':>10s} {'peak RSS MB':>12s} {'train peak':>11s} "
+    print(f"{'run':17s} {'tokens/s':>9s} {'tok/CPU-s':>10s} {'peak RSS MB':>12s} {'train peak':>11s} "
           f"{'mean loss':>10s} {'other load':>11s}")
     med = {}
     for name, rows in results.items():
         med[name] = {key: _median([r[key] for r in rows]) for key in
                      ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb", "rss_train_peak_mb", "mean_loss")}
         m = med[name]
-        print(f"{name:10s} {m['tokens_per_s']:9.0f} {m['tokens_per_cpu_s']:10.0f} {m['peak_rss_mb']:12.0f} "
+        print(f"{name:17s} {m['tokens_per_s']:9.0f} {m['tokens_per_cpu_s']:10.0f} {m['peak_rss_mb']:12.0f} "
               f"{m['rss_train_peak_mb']:11.0f} {m['mean_loss']:10.4f} {max(r['external_load'] for r in rows):10.0%}")
     print(f"(medians of {repeats}; tokens: non-padding input tokens of chosen and rejected; MB = 2^20 bytes)")
     print()
-    for method in ("full", "lora"):
-        ours, trl = f"ours-{method}", f"trl-{method}"
+    for method, ours, trl in (("full", "ours-full", "trl-full"), ("lora", "ours-lora", "trl-lora"),
+                              ("full, ours packed", "ours-full-packed", "trl-full"),
+                              ("lora, ours packed", "ours-lora-packed", "trl-lora")):
         if ours in med and trl in med:
             print(f"{method:5s} ours / TRL: tokens/s {med[ours]['tokens_per_s'] / med[trl]['tokens_per_s']:5.2f}x   "
                   f"tok/CPU-s {med[ours]['tokens_per_cpu_s'] / med[trl]['tokens_per_cpu_s']:5.2f}x   "
@@ -177,26 +187,8 @@ def print_report(results: dict[str, list[dict]], repeats: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 30; quick 12)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs of each configuration (default 3; quick 1)")
-    parser.add_argument("--warmup", type=int, default=3, help="leading steps excluded from throughput")
-    parser.add_argument("--samples", type=int, default=400, help="preference rows")
-    parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in every run")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 12 steps, 1 repeat")
-    parser.add_argument("--workdir", default=None, help="keep fixtures and logs here instead of a temp dir")
-    parser.add_argument("--json", default=None, help="also write all raw results to this file")
-    parser.add_argument("--max-external-load", type=float, default=0.10,
-                        help="re-run a run when other processes used more than this fraction of the CPUs")
-    parser.add_argument("--retries", type=int, default=2, help="re-runs allowed per run when the machine is busy")
-    parser.add_argument("--quiet-wait", type=float, default=120,
-                        help="before each run, wait up to this many seconds for the machine to be quiet")
+    parser = benchmark_arguments(__doc__.split("\n\n")[0], RUNS, samples=400, samples_help="preference rows",
+                                 lr=1e-5)
     args = parser.parse_args()
     if args._child:  # one run, in the fresh interpreter spawn_child started
         spec = json.loads(args._child)
@@ -212,29 +204,10 @@ def main() -> None:
              f"torch threads {args.threads or 'default'}")
     with tempfile.TemporaryDirectory(prefix="dpo_vs_trl_") as tmp:
         root = Path(args.workdir) if args.workdir else Path(tmp)
-        fixture = build_fixture(root / "fixture", seed=1234, samples=args.samples)
-        logs = root / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        base = {**fixture, "steps": steps, "warmup": warmup, "global_batch": args.global_batch,
-                "micro_batch": args.micro_batch, "lr": args.lr, "threads": args.threads}
-        results: dict[str, list[dict]] = {name: [] for name in names}
-        for repeat in range(repeats):
-            for name in names:
-                kind, peft = RUNS[name]
-                attempts = []
-                for attempt in range(args.retries + 1):
-                    wait_for_quiet(args.max_external_load, args.quiet_wait)
-                    spec = {**base, "kind": kind, "peft": peft, "out": str(root / "runs" / f"{name}-{repeat}-{attempt}")}
-                    result, _ = spawn_child(Path(__file__), name, spec, logs)
-                    attempts.append(result)
-                    print(f"  [{repeat + 1}/{repeats}] {name:10s} {result['tokens_per_s']:8.0f} tok/s  "
-                          f"peak RSS {result['peak_rss_mb']:6.0f} MB  mean loss {result['mean_loss']:.4f}  "
-                          f"other load {result['external_load']:4.0%}  ({result['run_seconds']:.0f}s)", flush=True)
-                    if result["external_load"] <= args.max_external_load:
-                        break
-                results[name].append(min(attempts, key=lambda r: r["external_load"]))
-                if args.json:
-                    Path(args.json).write_text(json.dumps(results, indent=2))
+        base = {**build_fixture(root / "fixture", seed=1234, samples=args.samples), "steps": steps, "warmup": warmup,
+                "global_batch": args.global_batch, "micro_batch": args.micro_batch, "lr": args.lr,
+                "threads": args.threads}
+        results = measure(args, names, repeats, base, root, run_child)
     print_report(results, repeats)
 
 

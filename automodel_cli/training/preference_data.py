@@ -26,37 +26,30 @@ sequence every token belongs to, so log-probabilities are summed per sequence.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from automodel_cli.components.data.chat import row_label
 from automodel_cli.errors import UserError
+from automodel_cli.training.sft_data import SFTData
 
 IGNORE_INDEX = -100
 SIDES = ("chosen", "rejected")
 
 
 @dataclass
-class PreferenceData:
-    """Tokenised pairs: each ``{"chosen": (ids, labels), "rejected": (ids, labels)}`` plus, once
-    computed, ``"reference": (chosen_logp, rejected_logp)``."""
+class PreferenceData(SFTData):
+    """``SFTData`` of pairs: each sample is ``{"chosen": (ids, labels), "rejected": (ids, labels)}``
+    plus, once computed, ``"reference": (chosen_logp, rejected_logp)``; ``train_lengths`` count
+    both sequences' tokens."""
 
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
-    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
-    eval_collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
-    #: Tokens of a pair (chosen + rejected, no padding): micro-batch grouping and tokens/s.
-    train_lengths: list[int] = field(default_factory=list)
     #: Scored chosen tokens of a pair (orpo's NLL is normalised by the step's total).
     train_chosen_tokens: list[int] = field(default_factory=list)
 
-    def eval_batches(self, batch_size: int, max_batches: int | None) -> Iterator[dict[str, Any]]:
-        """Validation batches of similar-length pairs, in a fixed order."""
-        order = sorted(range(len(self.eval)), key=lambda i: (pair_length(self.eval[i]), i))
-        chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        for chunk in chunks[:max_batches] if max_batches else chunks:
-            yield self.eval_collate([self.eval[i] for i in chunk])
+    @staticmethod
+    def sample_length(sample: dict[str, Any]) -> int:
+        return pair_length(sample)
 
 
 def pair_length(pair: dict[str, Any]) -> int:
@@ -187,6 +180,7 @@ class PairEncoder:
     # -- chat -------------------------------------------------------------------------------
     def _encode_chat(self, prompt: Any, chosen: Any, rejected: Any, row: int) -> dict[str, Any]:
         from automodel_cli.components.data.chat import ChatEncoder, normalize_messages, resolve_template
+        from automodel_cli.components.data.tokenization import common_prefix_length
 
         if self._chat is None:
             self._chat = ChatEncoder(self.tokenizer, resolve_template(self.tokenizer, self.chat_template), IGNORE_INDEX)
@@ -203,7 +197,7 @@ class PairEncoder:
         prompt_ids = (self.tokenizer(self._chat.render(prompt_messages, row, add_generation_prompt=True),
                                      add_special_tokens=False)["input_ids"] if prompt_messages else [])
         encoded = [self._chat.encode(prompt_messages + response, row) for response in responses]
-        prompt_length = min(_common_prefix(prompt_ids, ids) for ids, _ in encoded)
+        prompt_length = min(common_prefix_length(prompt_ids, ids) for ids, _ in encoded)
         out = {}
         for side, (ids, labels) in zip(SIDES, encoded):
             labels = [IGNORE_INDEX] * prompt_length + list(labels[prompt_length:])
@@ -235,15 +229,6 @@ def _is_empty(value: Any) -> bool:
     if isinstance(value, list):
         return not value or (isinstance(value[-1], dict) and _is_empty(value[-1].get("content")))
     return False
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ------------------------------------------------------------------------------ batching
