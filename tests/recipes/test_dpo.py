@@ -238,3 +238,14 @@ def test_demo_raises_preference_accuracy(tmp_path):
     assert "before training:" in result.stdout and "after training:" in result.stdout
     assert after["eval_rewards/accuracies"] >= before["eval_rewards/accuracies"] + 0.5, (before, after)
     assert after["eval_loss"] < before["eval_loss"] - 0.05
+
+
+def test_memory_plan_counts_both_sequences_and_the_reference_copy(cli, files, tmp_path):
+    plans = {}
+    for name, extra in (("full", ()), ("lora", ("--peft", "lora")), ("precomputed", ("dpo.precompute_reference=true",))):
+        result = cli(*dpo_args(files, tmp_path / name, "--dry-run", *extra))
+        assert result.exit_code == 0, result.stderr
+        plans[name] = result.stdout
+    assert "micro-batch 4 x" in plans["full"]  # 2 pairs: 4 sequences
+    assert "dpo: the reference model's weights" in plans["full"]
+    assert "reference model" not in plans["lora"] and "reference model" not in plans["precomputed"]
