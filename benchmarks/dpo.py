@@ -41,20 +41,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _bench_common import TextSampler, _log_uniform, build_model, build_tokenizer  # noqa: E402
-from finetune_vs_trl import (  # noqa: E402
-    CHILD_ENV,
-    _median,
-    _report,
-    _RssWatch,
-    _set_threads,
-    _windowed,
-    announce,
-    install_step_probes,
-    selected_runs,
-    spawn_child,
-    trl_step_timer,
-)
-from vlm_vs_trl import benchmark_arguments, measure  # noqa: E402
+from finetune_vs_trl import CHILD_ENV, _median, _report, _RssWatch, _set_threads  # noqa: E402
+from finetune_vs_trl import announce, install_step_probes, selected_runs, spawn_child, trl_step_timer  # noqa: E402
+from vlm_vs_trl import benchmark_arguments, measure, ours_result, trl_result  # noqa: E402
 
 #: Run name -> (trainer, peft method, packing).
 RUNS = {"ours-full": ("ours", "none", False), "trl-full": ("trl", "none", False),
@@ -103,16 +92,8 @@ def child_ours(spec: dict) -> None:
     watch.stop()
     if code:
         raise SystemExit(f"automodel dpo exited with {code}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    cumulative = [0]
-    for row in rows:
-        cumulative.append(cumulative[-1] + row["tokens"])
-    tokens, seconds = _windowed(cumulative, probe["step_ends"], spec["warmup"])
-    _, cpu_seconds = _windowed(cumulative, probe["cpu_ends"], spec["warmup"])
-    _report({"steps": len(rows), "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
-             "window_tokens": tokens, "threads_start": probe.get("threads_start"),
-             "rss_train_start_mb": watch.at_start / 2**20, "rss_train_peak_mb": watch.peak / 2**20,
-             "mean_loss": sum(r["loss"] for r in rows) / len(rows), "first_loss": rows[0]["loss"]})
+    rows, fields, _ = ours_result(out, probe, watch, spec["warmup"])
+    _report({**fields, "first_loss": rows[0]["loss"]})
 
 
 def child_trl(spec: dict) -> None:
@@ -145,12 +126,7 @@ def child_trl(spec: dict) -> None:
     timer.trainer = trainer
     output = trainer.train()
     watch.stop()
-    tokens, seconds = _windowed(timer.tokens, timer.times, spec["warmup"])
-    _, cpu_seconds = _windowed(timer.tokens, timer.cpu, spec["warmup"])
-    _report({"steps": len(timer.times) - 1, "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
-             "window_tokens": tokens, "threads_start": timer.threads_start,
-             "rss_train_start_mb": watch.at_start / 2**20, "rss_train_peak_mb": watch.peak / 2**20,
-             "mean_loss": output.training_loss})
+    _report(trl_result(timer, watch, spec["warmup"], output.training_loss)[0])
 
 
 # ------------------------------------------------------------------------------ parent

@@ -45,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -109,6 +110,31 @@ def build_fixture(root: Path, seed: int, samples: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ children
+def ours_result(out: Path, probe: dict, watch: _RssWatch, warmup: int) -> tuple[list[dict], dict, float]:
+    """Our run's metrics.jsonl rows, the result fields every benchmark reports (throughput over
+    the steps after ``warmup`` from the step-end probes, RSS, mean loss) and the window's seconds."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    cumulative = [0]
+    for row in rows:
+        cumulative.append(cumulative[-1] + row["tokens"])
+    tokens, seconds = _windowed(cumulative, probe["step_ends"], warmup)
+    _, cpu_seconds = _windowed(cumulative, probe["cpu_ends"], warmup)
+    return rows, {"steps": len(rows), "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
+                  "window_tokens": tokens, "threads_start": probe.get("threads_start"),
+                  "rss_train_start_mb": watch.at_start / 2**20, "rss_train_peak_mb": watch.peak / 2**20,
+                  "mean_loss": sum(r["loss"] for r in rows) / len(rows)}, seconds
+
+
+def trl_result(timer: Any, watch: _RssWatch, warmup: int, mean_loss: float) -> tuple[dict, float]:
+    """``ours_result``'s fields for a TRL run timed by ``trl_step_timer``, and the window's seconds."""
+    tokens, seconds = _windowed(timer.tokens, timer.times, warmup)
+    _, cpu_seconds = _windowed(timer.tokens, timer.cpu, warmup)
+    return {"steps": len(timer.times) - 1, "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
+            "window_tokens": tokens, "threads_start": timer.threads_start,
+            "rss_train_start_mb": watch.at_start / 2**20, "rss_train_peak_mb": watch.peak / 2**20,
+            "mean_loss": mean_loss}, seconds
+
+
 def child_ours(spec: dict) -> None:
     """``automodel finetune`` in this process, with the step-end probes of finetune_vs_trl."""
     from automodel_cli.cli import main
@@ -127,17 +153,8 @@ def child_ours(spec: dict) -> None:
     watch.stop()
     if code:
         raise SystemExit(f"automodel finetune exited with {code}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    cumulative = [0]
-    for row in rows:
-        cumulative.append(cumulative[-1] + row["tokens"])
-    tokens, seconds = _windowed(cumulative, probe["step_ends"], spec["warmup"])
-    _, cpu_seconds = _windowed(cumulative, probe["cpu_ends"], spec["warmup"])
-    _report({"steps": len(rows), "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
-             "window_tokens": tokens, "threads_start": probe.get("threads_start"),
-             "rss_train_start_mb": watch.at_start / 2**20, "rss_train_peak_mb": watch.peak / 2**20,
-             "mean_loss": sum(r["loss"] for r in rows) / len(rows),
-             "images_per_s": spec["global_batch"] * (len(rows) - spec["warmup"]) / seconds})
+    rows, fields, seconds = ours_result(out, probe, watch, spec["warmup"])
+    _report({**fields, "images_per_s": spec["global_batch"] * (len(rows) - spec["warmup"]) / seconds})
 
 
 def trl_dataset(data_path: str):
@@ -188,12 +205,8 @@ def child_trl(spec: dict) -> None:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     output = trainer.train()
     watch.stop()
-    tokens, seconds = _windowed(timer.tokens, timer.times, spec["warmup"])
-    _, cpu_seconds = _windowed(timer.tokens, timer.cpu, spec["warmup"])
-    _report({"steps": len(timer.times) - 1, "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
-             "window_tokens": tokens, "threads_start": timer.threads_start,
-             "rss_train_start_mb": watch.at_start / 2**20, "rss_train_peak_mb": watch.peak / 2**20,
-             "mean_loss": output.training_loss, "trainable": trainable,
+    fields, seconds = trl_result(timer, watch, spec["warmup"], output.training_loss)
+    _report({**fields, "trainable": trainable,
              "images_per_s": spec["global_batch"] * (len(timer.times) - 1 - spec["warmup"]) / seconds,
              "collate_s_per_micro_batch": collate_seconds,
              "checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False))})

@@ -13,7 +13,7 @@ import pytest
 
 from automodel_cli.components.data.preference_demo import near_miss
 from automodel_cli.components.logging import read_metrics
-from conftest import REPO, run_cli, tree_digest  # noqa: F401
+from conftest import run_cli, tree_digest
 from model_dirs import save_model
 
 FAST = ["logging.progress=false", "model.dtype=float32", "train.global_batch_size=4", "train.micro_batch_size=2",
