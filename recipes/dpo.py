@@ -104,9 +104,9 @@ def run(context: Any) -> int:
                 return None
             return reference.logps(inputs, *on_device(batch), 2 * batch["pairs"], run.precision.autocast)
 
-        def pair_terms(batch: dict[str, Any], inputs: dict[str, Any], logps: Any, tokens: Any) -> Any:
+        def pair_terms(batch: dict[str, Any], ref: Any, logps: Any, tokens: Any) -> Any:
+            """Per-pair losses and rewards from the policy's and the reference's (or None) log-probs."""
             k = batch["pairs"]
-            ref = reference_logps(batch, inputs)
             return preference_losses(
                 settings.loss, chosen_logps=logps[:k], rejected_logps=logps[k:], chosen_tokens=tokens[:k],
                 rejected_tokens=tokens[k:], ref_chosen_logps=None if ref is None else ref[:k],
@@ -141,9 +141,10 @@ def run(context: Any) -> int:
             for group in groups[run.dp_index::run.dp_size]:
                 batch = data.collate([data.train[i] for i in group])
                 inputs = model_inputs(batch, run.precision.device)
+                ref = reference_logps(batch, inputs)  # outside: a router's balance loss is the policy's only
                 with router_terms(model, inputs, batch["labels"].to(run.precision.device)) as with_router_terms:
                     logps, tokens = policy_logps(batch, inputs)
-                    terms = pair_terms(batch, inputs, logps, tokens)
+                    terms = pair_terms(batch, ref, logps, tokens)
                     loss = terms.losses.sum() / pairs
                     nll = -logps[:batch["pairs"]].sum() / chosen_tokens if orpo else None
                     loss = with_router_terms(loss + nll if orpo else loss)
@@ -165,7 +166,7 @@ def run(context: Any) -> int:
                 for batch in data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches):
                     inputs = model_inputs(batch, run.precision.device)
                     logps, tokens = policy_logps(batch, inputs)
-                    terms = pair_terms(batch, inputs, logps, tokens)
+                    terms = pair_terms(batch, reference_logps(batch, inputs), logps, tokens)
                     k = batch["pairs"]
                     loss = terms.losses.sum()
                     if orpo:  # the batch's token-mean NLL, once per pair
