@@ -43,7 +43,9 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -108,6 +110,31 @@ def build_fixture(root: Path, seed: int, samples: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ children
+def ours_result(out: Path, probe: dict, watch: _RssWatch, warmup: int) -> tuple[list[dict], dict, float]:
+    """Our run's metrics.jsonl rows, the result fields every benchmark reports (throughput over
+    the steps after ``warmup`` from the step-end probes, RSS, mean loss) and the window's seconds."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    cumulative = [0]
+    for row in rows:
+        cumulative.append(cumulative[-1] + row["tokens"])
+    tokens, seconds = _windowed(cumulative, probe["step_ends"], warmup)
+    _, cpu_seconds = _windowed(cumulative, probe["cpu_ends"], warmup)
+    return rows, {"steps": len(rows), "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
+                  "window_tokens": tokens, "threads_start": probe.get("threads_start"),
+                  "rss_train_start_mb": watch.at_start / 2**20, "rss_train_peak_mb": watch.peak / 2**20,
+                  "mean_loss": sum(r["loss"] for r in rows) / len(rows)}, seconds
+
+
+def trl_result(timer: Any, watch: _RssWatch, warmup: int, mean_loss: float) -> tuple[dict, float]:
+    """``ours_result``'s fields for a TRL run timed by ``trl_step_timer``, and the window's seconds."""
+    tokens, seconds = _windowed(timer.tokens, timer.times, warmup)
+    _, cpu_seconds = _windowed(timer.tokens, timer.cpu, warmup)
+    return {"steps": len(timer.times) - 1, "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
+            "window_tokens": tokens, "threads_start": timer.threads_start,
+            "rss_train_start_mb": watch.at_start / 2**20, "rss_train_peak_mb": watch.peak / 2**20,
+            "mean_loss": mean_loss}, seconds
+
+
 def child_ours(spec: dict) -> None:
     """``automodel finetune`` in this process, with the step-end probes of finetune_vs_trl."""
     from automodel_cli.cli import main
@@ -126,17 +153,8 @@ def child_ours(spec: dict) -> None:
     watch.stop()
     if code:
         raise SystemExit(f"automodel finetune exited with {code}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    cumulative = [0]
-    for row in rows:
-        cumulative.append(cumulative[-1] + row["tokens"])
-    tokens, seconds = _windowed(cumulative, probe["step_ends"], spec["warmup"])
-    _, cpu_seconds = _windowed(cumulative, probe["cpu_ends"], spec["warmup"])
-    _report({"steps": len(rows), "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
-             "window_tokens": tokens, "threads_start": probe.get("threads_start"),
-             "rss_train_start_mb": watch.at_start / 2**20, "rss_train_peak_mb": watch.peak / 2**20,
-             "mean_loss": sum(r["loss"] for r in rows) / len(rows),
-             "images_per_s": spec["global_batch"] * (len(rows) - spec["warmup"]) / seconds})
+    rows, fields, seconds = ours_result(out, probe, watch, spec["warmup"])
+    _report({**fields, "images_per_s": spec["global_batch"] * (len(rows) - spec["warmup"]) / seconds})
 
 
 def trl_dataset(data_path: str):
@@ -187,12 +205,8 @@ def child_trl(spec: dict) -> None:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     output = trainer.train()
     watch.stop()
-    tokens, seconds = _windowed(timer.tokens, timer.times, spec["warmup"])
-    _, cpu_seconds = _windowed(timer.tokens, timer.cpu, spec["warmup"])
-    _report({"steps": len(timer.times) - 1, "tokens_per_s": tokens / seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
-             "window_tokens": tokens, "threads_start": timer.threads_start,
-             "rss_train_start_mb": watch.at_start / 2**20, "rss_train_peak_mb": watch.peak / 2**20,
-             "mean_loss": output.training_loss, "trainable": trainable,
+    fields, seconds = trl_result(timer, watch, spec["warmup"], output.training_loss)
+    _report({**fields, "trainable": trainable,
              "images_per_s": spec["global_batch"] * (len(timer.times) - 1 - spec["warmup"]) / seconds,
              "collate_s_per_micro_batch": collate_seconds,
              "checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False))})
@@ -248,19 +262,20 @@ def print_report(results: dict[str, list[dict]], repeats: int) -> None:
         print(f"{name}: timed window {first['window_tokens']} tokens; {extra}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def benchmark_arguments(description: str, runs: dict, *, samples: int, samples_help: str, lr: float,
+                        global_batch: int = 8, micro_batch: int = 4) -> argparse.ArgumentParser:
+    """The options of a ``*_vs_trl`` benchmark that runs ``runs`` interleaved (also benchmarks/dpo.py)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 30; quick 12)")
     parser.add_argument("--repeats", type=int, default=None, help="runs of each configuration (default 3; quick 1)")
     parser.add_argument("--warmup", type=int, default=3, help="leading steps excluded from throughput")
-    parser.add_argument("--samples", type=int, default=240, help="image-text rows")
-    parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--samples", type=int, default=samples, help=samples_help)
+    parser.add_argument("--global-batch", type=int, default=global_batch)
+    parser.add_argument("--micro-batch", type=int, default=micro_batch)
+    parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every run")
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
+    parser.add_argument("--runs", default=",".join(runs), help=f"comma-separated subset of {', '.join(runs)}")
     parser.add_argument("--quick", action="store_true", help="smoke run: 12 steps, 1 repeat")
     parser.add_argument("--workdir", default=None, help="keep fixtures and logs here instead of a temp dir")
     parser.add_argument("--json", default=None, help="also write all raw results to this file")
@@ -269,6 +284,38 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2, help="re-runs allowed per run when the machine is busy")
     parser.add_argument("--quiet-wait", type=float, default=120,
                         help="before each run, wait up to this many seconds for the machine to be quiet")
+    return parser
+
+
+def measure(args: argparse.Namespace, names: list[str], repeats: int, base: dict, root: Path,
+            run_one: Callable[[str, dict, Path], dict]) -> dict[str, list[dict]]:
+    """Every run of ``names``, interleaved, ``repeats`` times: ``run_one(name, spec, log_dir)`` in
+    a fresh interpreter, re-run (up to ``--retries``) when other processes loaded the machine;
+    keeps each repeat's quietest attempt."""
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names:
+            attempts = []
+            for attempt in range(args.retries + 1):
+                wait_for_quiet(args.max_external_load, args.quiet_wait)
+                result = run_one(name, {**base, "out": str(root / "runs" / f"{name}-{repeat}-{attempt}")}, logs)
+                attempts.append(result)
+                print(f"  [{repeat + 1}/{repeats}] {name:10s} {result['tokens_per_s']:8.0f} tok/s  "
+                      f"peak RSS {result['peak_rss_mb']:6.0f} MB  mean loss {result['mean_loss']:.4f}  "
+                      f"other load {result['external_load']:4.0%}  ({result['run_seconds']:.0f}s)", flush=True)
+                if result["external_load"] <= args.max_external_load:
+                    break
+            results[name].append(min(attempts, key=lambda r: r["external_load"]))
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def main() -> None:
+    parser = benchmark_arguments(__doc__.split("\n\n")[0], RUNS, samples=240, samples_help="image-text rows",
+                                 lr=1e-4)
     args = parser.parse_args()
     if args._child:  # one run, in the fresh interpreter spawn_child started
         spec = json.loads(args._child)
@@ -286,26 +333,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vlm_vs_trl_") as tmp:
         root = Path(args.workdir) if args.workdir else Path(tmp)
         fixture = build_fixture(root / "fixture", seed=1234, samples=args.samples)
-        logs = root / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
         base = {**fixture, "steps": steps, "warmup": warmup, "global_batch": args.global_batch,
                 "micro_batch": args.micro_batch, "lr": args.lr, "threads": args.threads}
-        results: dict[str, list[dict]] = {name: [] for name in names}
-        for repeat in range(repeats):
-            for name in names:
-                attempts = []
-                for attempt in range(args.retries + 1):
-                    wait_for_quiet(args.max_external_load, args.quiet_wait)
-                    result = run_child(name, {**base, "out": str(root / "runs" / f"{name}-{repeat}-{attempt}")}, logs)
-                    attempts.append(result)
-                    print(f"  [{repeat + 1}/{repeats}] {name:10s} {result['tokens_per_s']:8.0f} tok/s  "
-                          f"peak RSS {result['peak_rss_mb']:6.0f} MB  mean loss {result['mean_loss']:.3f}  "
-                          f"other load {result['external_load']:4.0%}  ({result['run_seconds']:.0f}s)", flush=True)
-                    if result["external_load"] <= args.max_external_load:
-                        break
-                results[name].append(min(attempts, key=lambda r: r["external_load"]))
-                if args.json:
-                    Path(args.json).write_text(json.dumps(results, indent=2))
+        results = measure(args, names, repeats, base, root, run_child)
     print_report(results, repeats)
 
 

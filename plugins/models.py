@@ -22,7 +22,8 @@ DEMO_DEFAULTS = {
 }
 #: What the demo preset sets for one recipe only: `automodel distill demo` distils the trained
 #: demo model (two decoder layers, the teacher) into a student with one; `automodel benchmark
-#: demo` times sequences of the demo model's max_position_embeddings.
+#: demo` times sequences of the demo model's max_position_embeddings; `automodel dpo demo` trains
+#: the finetune demo's model on pairs of the reversal task (the correct answer against a near miss).
 DEMO_RECIPE_DEFAULTS = {
     "distill": {"model": {"config": {"num_hidden_layers": 1}}},
     "benchmark": {"benchmark": {"seq_len": 128}},
@@ -30,6 +31,10 @@ DEMO_RECIPE_DEFAULTS = {
     "classify": {"data": {"name": "demo-classify"},
                  "train": {"global_batch_size": 32, "micro_batch_size": 32, "max_steps": 150, "eval_every_steps": 50},
                  "optim": {"lr": 2e-3, "warmup_steps": 15}},
+    "dpo": {"data": {"name": "demo-preference"},
+            "train": {"global_batch_size": 16, "micro_batch_size": 16, "max_steps": 60, "eval_every_steps": 30,
+                      "eval_batches": 4},
+            "optim": {"lr": 5e-4, "warmup_steps": 5}},
 }
 
 #: The bundled vision-language demo: a tiny Gemma 3 (vision tower, projector, 2-layer decoder)

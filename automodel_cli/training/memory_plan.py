@@ -24,7 +24,7 @@ from automodel_cli.components.training.layout import Layout, in_flight, pipeline
 from automodel_cli.components.training.memory_plan import GIB, Architecture, Knob, MemoryPlan, Setup, gib
 
 #: Processes that read SFT data pad their batches (``attention_mask``) unless data is packed.
-PADDED_RECIPES = ("finetune", "distill")
+PADDED_RECIPES = ("finetune", "distill", "dpo")
 
 
 @dataclass(frozen=True)
@@ -171,10 +171,18 @@ def setup_from_config(cfg: Any, recipe: str, shape: Any, target: Target, registr
         accumulation = max(1, global_batch // max(1, micro * shape.dp_size))
     loss_name = cfg.get("loss.name") or "masked_ce"
     kind, rows, fallback = loss_kind(registries, loss_name)
-    teacher = None
+    teacher, teacher_dtype, frozen_role = None, cfg.get("distill.teacher_dtype") or "auto", "distill: the teacher"
     if recipe == "distill":
         teacher_config = offline_config(cfg, "distill.teacher_path", None)
         teacher = Architecture.from_config(teacher_config) if teacher_config is not None else None
+    if recipe == "dpo":  # k pairs are 2k sequences; a frozen reference copy unless LoRA, reference-free or precomputed
+        micro = 2 * int(micro)
+        teacher_dtype, frozen_role = cfg.get("model.dtype") or "auto", "dpo: the reference model"
+        reference_key = "dpo.reference_path" if cfg.get("dpo.reference_path") else "model.path"
+        copy = (cfg.get("dpo.loss") not in ("simpo", "orpo") and not cfg.get("dpo.precompute_reference")
+                and (reference_key == "dpo.reference_path" or (cfg.get("peft.method") or "none") == "none"))
+        reference_config = offline_config(cfg, reference_key, None) if copy else None
+        teacher = Architecture.from_config(reference_config) if reference_config is not None else None
     targets = cfg.get("peft.target_modules") or "all-linear"
     return Setup(
         micro_batch=int(micro), seq_len=int(seq), device=target.device, bf16_supported=target.bf16_supported,
@@ -189,7 +197,7 @@ def setup_from_config(cfg: Any, recipe: str, shape: Any, target: Target, registr
         loss_name=loss_name, loss_kind=kind, loss_rows=rows, fused_fallback=fallback,
         chunk_size=cfg.get(f"loss.{loss_name}.chunk_size"), accumulation=accumulation,
         attention_mask=recipe in PADDED_RECIPES and not cfg.get("data.packing"),
-        teacher=teacher, teacher_dtype=cfg.get("distill.teacher_dtype") or "auto", micro_batch_key=key,
+        teacher=teacher, teacher_dtype=teacher_dtype, frozen_role=frozen_role, micro_batch_key=key,
     )
 
 

@@ -21,9 +21,13 @@ class SFTData:
     #: Trained (label) tokens per training sample, so every rank knows a step's total.
     train_label_tokens: list[int] = field(default_factory=list)
 
+    @staticmethod
+    def sample_length(sample: dict[str, Any]) -> int:
+        return len(sample["input_ids"])
+
     def eval_batches(self, batch_size: int, max_batches: int | None) -> Iterator[dict[str, Any]]:
         """Validation batches of similar-length samples, in a fixed order."""
-        order = sorted(range(len(self.eval)), key=lambda i: (len(self.eval[i]["input_ids"]), i))
+        order = sorted(range(len(self.eval)), key=lambda i: (self.sample_length(self.eval[i]), i))
         chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         for chunk in chunks[:max_batches] if max_batches else chunks:
             yield self.eval_collate([self.eval[i] for i in chunk])

@@ -32,7 +32,8 @@ TEACHER = Role(name="teacher", path_key="distill.teacher_path", tokenizer_key="d
 
 
 
-def _is_demo_student(cfg: Any) -> bool:
+def is_demo_model(cfg: Any) -> bool:
+    """Whether ``model.*`` is the bundled demo model as its preset sets it (random init)."""
     from automodel_cli.assets import demo_dir
 
     return bool(cfg.model.path) and Path(cfg.model.path).resolve() == demo_dir() and cfg.model.from_scratch
@@ -45,7 +46,7 @@ def use_demo_teacher(cfg: Any, registries: Any) -> Path | None:
     from automodel_cli.training import demo_teacher
     from automodel_cli.config.yaml_io import Source
 
-    if cfg.distill.teacher_path or not _is_demo_student(cfg):
+    if cfg.distill.teacher_path or not is_demo_model(cfg):
         return None
     entry = demo_teacher.cache_entry(registries)
     cfg.tree["distill"]["teacher_path"] = str(demo_teacher.model_dir(entry))
@@ -79,9 +80,9 @@ def check_teacher_settings(cfg: Any) -> None:
         check_same_distillation(cfg, Path(cfg.output_dir))
 
 
-def check_same_distillation(cfg: Any, output_dir: Path) -> None:
+def check_same_distillation(cfg: Any, output_dir: Path, keys: tuple[str, ...] = TEACHER_IDENTITY_KEYS) -> None:
     """A resumed run must keep its teacher and KD settings (finetune's keys are checked by
-    ``prepare_output_dir``)."""
+    ``prepare_output_dir``); another recipe passes its own ``keys``."""
     from automodel_cli.config.schema import get_dotted
     from automodel_cli.config.yaml_io import load_yaml_file
 
@@ -90,7 +91,7 @@ def check_same_distillation(cfg: Any, output_dir: Path) -> None:
         return
     saved, _ = load_yaml_file(saved_path)
     differences = [f"{key}: saved {get_dotted(saved, key)!r}, now {cfg.get(key)!r}"
-                   for key in TEACHER_IDENTITY_KEYS if get_dotted(saved, key) != cfg.get(key)]
+                   for key in keys if get_dotted(saved, key) != cfg.get(key)]
     if differences:
         raise UserError(
             f"output_dir `{output_dir}` holds a different run, so it cannot be resumed with these "
@@ -197,12 +198,12 @@ class FrozenTeacher:
     loads its shards), parallelised on the student's mesh (its TP plan, then FSDP2 resharding
     after every forward, since no backward follows)."""
 
-    def __init__(self, teacher_cfg: Any, run: Any):
+    def __init__(self, teacher_cfg: Any, run: Any, dtype: Any = None):
         from automodel_cli.components.models.loading import torch_dtype
         from automodel_cli.training.model_setup import build_model
 
-        cfg = run.cfg
-        self.dtype = torch_dtype(cfg.distill.teacher_dtype, run.env.device.type)
+        cfg = run.cfg  # dtype: a torch dtype (default distill.teacher_dtype)
+        self.dtype = dtype if dtype is not None else torch_dtype(cfg.distill.teacher_dtype, run.env.device.type)
         self.model = build_model(cfg, teacher_cfg, precision=run.precision, mesh=run.mesh, shape=run.shape,
                                  registries=run.registries, sequence_parallel=run.sequence_parallel,
                                  dtype=self.dtype, trainable=False, say=run.say)

@@ -161,6 +161,11 @@ class ChatEncoder:
             labels += [self.ignore_index] * len(tail)
         return ids, labels
 
+    def render(self, messages: list[dict[str, Any]], row: int | str, add_generation_prompt: bool = False) -> str:
+        """The template's text for ``messages`` (normalised), e.g. a preference pair's prompt with
+        the generation prompt, whose tokens are not scored."""
+        return self._render(normalize_messages(messages, row), row, add_generation_prompt)
+
     # -- helpers ---------------------------------------------------------------------------
     def _render(self, messages, row, add_generation_prompt: bool = False) -> str:
         return self._call(row, messages, tokenize=False, add_generation_prompt=add_generation_prompt)

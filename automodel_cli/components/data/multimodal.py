@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from automodel_cli.components.data.tokenization import (
-    IGNORE_INDEX, TRUNCATION_WARN_FRACTION, SFTStats, TruncationWarning, all_masked_message,
+    IGNORE_INDEX, TRUNCATION_WARN_FRACTION, SFTStats, TruncationWarning, all_masked_message, common_prefix_length,
 )
 from automodel_cli.errors import UserError
 
@@ -395,13 +395,7 @@ class MultimodalEncoder:
         if not prefix:
             return 0
         shown = pictures[:prefix.count(self.image_token)]
-        ids = self._process(prefix, shown, where)["input_ids"]
-        common = 0
-        for a, b in zip(ids, full_ids):
-            if a != b:
-                break
-            common += 1
-        return common
+        return common_prefix_length(self._process(prefix, shown, where)["input_ids"], full_ids)
 
 
 def encode_multimodal(table: Any, processor: Any, *, max_length: int,

@@ -35,8 +35,8 @@ def pack_sequences(
     """Pack documents into rows of at most ``max_length`` tokens.
 
     Returns one dict per pack: ``input_ids``, ``labels`` (first label of every document
-    masked), ``position_ids`` (restarting at 0 per document) and ``seq_lengths`` (document
-    lengths in order). Packs are not padded; ``SFTCollator(packed=True)`` pads a batch.
+    masked), ``position_ids`` (restarting at 0 per document), ``seq_lengths`` (document
+    lengths in order) and ``documents`` (the documents' indices in the input, same order). Packs are not padded; ``SFTCollator(packed=True)`` pads a batch.
     """
     if len(input_ids) != len(labels):
         raise ValueError(f"{len(input_ids)} input_ids rows but {len(labels)} labels rows")
@@ -68,6 +68,7 @@ def pack_sequences(
             "labels": pack_labels,
             "position_ids": positions,
             "seq_lengths": [lengths[doc] for doc in members],
+            "documents": list(members),
         })
     return packs
 

@@ -213,6 +213,17 @@ def _text(value: Any, column: str, row: int) -> str:
     )
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share (where a prompt's tokens end inside a longer
+    rendering that starts with it, even when tokens merge across the boundary)."""
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
 # --------------------------------------------------------------------------------- stats
 
 

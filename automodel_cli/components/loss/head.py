@@ -163,6 +163,19 @@ def distillation_training_loss(
     return terms
 
 
+def scored_rows(model: Any, inputs: dict[str, Any], labels: Any, compute: Callable[[Any, Any, Any], Any],
+                autocast: Callable[[], Any] | None = None) -> Any:
+    """Run ``model`` and return ``compute(hidden states [N, H], targets [N], project)`` over the
+    positions whose next-token label is scored (not -100; HF-convention ``labels``), in row-major
+    order: the LM head (``project``) is applied to those rows only, as ``rows`` losses are. None
+    when the head cannot be fused (``fusable_head``): compute from the model's full logits then."""
+    head, _ = fusable_head(model)
+    if head is None:
+        return None
+    value, _ = _loss_inside_forward(model, head, inputs, labels, compute, autocast or contextlib.nullcontext)
+    return value
+
+
 def _loss_inside_forward(model: Any, head: Any, inputs: dict[str, Any], labels: Any,
                          compute: Callable[[Any, Any, Any], Any], autocast: Callable[[], Any],
                          returned: Callable[[Any], Any] = lambda value: value,

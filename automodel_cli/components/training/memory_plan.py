@@ -195,6 +195,7 @@ class Setup:
     attention_mask: bool = False
     teacher: Architecture | None = None  # automodel distill: the frozen teacher
     teacher_dtype: str = "auto"
+    frozen_role: str = "distill: the teacher"  # how notes name the frozen model (dpo: the reference)
     #: the key that sets ``micro_batch`` (the advice names it): ``train.micro_batch_size``, or
     #: ``benchmark.batch_size`` for the benchmark
     micro_batch_key: str = "train.micro_batch_size"
@@ -344,8 +345,8 @@ def plan(arch: Architecture, setup: Setup) -> MemoryPlan:
         t_bytes = DTYPE_BYTES[t_dtype]
         teacher = setup.teacher.parameters().total / shard * t_bytes
         logits += tokens * setup.teacher.vocab * t_bytes
-        notes.append("distill: the teacher's weights and its logits of the trained rows are included; "
-                     "the KL term's temporaries are not")
+        notes.append(f"{setup.frozen_role}'s weights and its logits of the trained rows are included; "
+                     "the loss's temporaries are not")
 
     activations_none = activations_for("none")[0]
     allocator_slack = int(CPU_HEAP_SLACK * activations_none) if setup.device == "cpu" else 0
