@@ -78,12 +78,8 @@ def run(context: Any) -> int:
 
         # 5. Train, validating before, during and after.
         validate = classify_validation(run, model, data)
-        before = validate() if run.start_step == 0 else None
-        if before:
-            run.say(f"before training: {format_classify_eval(before)}")
-        run.say(f"training {total_steps - run.start_step} steps of {cfg.train.global_batch_size} "
-                f"{'pairs' if data.task == REWARD else 'samples'} ({run.accumulation()} micro-batches of "
-                f"{cfg.train.micro_batch_size} on each of {run.dp_size} data-parallel rank(s)) -> {run.output_dir}")
+        before = run.validate_before(validate, format_classify_eval)
+        run.announce(total_steps, "pairs" if data.task == REWARD else "samples")
         result = run.train(classify_step(run, model, data, plan), total_steps=total_steps, evaluate=validate,
                            describe=format_classify_eval, tokenizer=tokenizer)
         if result.stopped:

@@ -67,7 +67,7 @@ def run(context: Any) -> int:
 
     # 2. Processes, mesh, run directory, loss (the CE term), precision.
     with TrainingRun(context) as run:
-        accumulation = run.accumulation()
+        run.accumulation()  # global batch sizes that do not divide fail now
         if demo_entry is not None:
             teachers.provide_demo_teacher(demo_entry, run.env, run.say)
 
@@ -177,11 +177,8 @@ def run(context: Any) -> int:
             teacher_eval = evaluate(teacher.model, eval_batches(),
                                     lambda _teacher, batch: teacher.logits(inputs(batch)))
             run.say(f"teacher:         {format_eval(teacher_eval)}")
-            before = validate()
-            run.say(f"before training: {format_distill_eval(before)}")
-        run.say(f"training {total_steps - run.start_step} steps of {cfg.train.global_batch_size} "
-                f"{'packs' if cfg.data.packing else 'samples'} ({accumulation} micro-batches of "
-                f"{cfg.train.micro_batch_size} on each of {run.dp_size} data-parallel rank(s)) -> {run.output_dir}")
+            before = run.validate_before(validate, format_distill_eval)
+        run.announce(total_steps, "packs" if cfg.data.packing else "samples")
         result = run.train(step, total_steps=total_steps, evaluate=validate, describe=format_distill_eval,
                            tokenizer=tokenizer, after_first_step=fusion_note)
         if result.stopped:

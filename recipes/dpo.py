@@ -74,7 +74,7 @@ def run(context: Any) -> int:
 
     # 2. Processes, mesh, run directory, precision.
     with TrainingRun(context) as run:
-        accumulation = run.accumulation()
+        run.accumulation()  # global batch sizes that do not divide fail now
         settings = cfg.dpo
 
         # 3. Tokenizer and pairs (bad data fails before a model loads), the reference's source.
@@ -182,12 +182,8 @@ def run(context: Any) -> int:
             return result
 
         # 6. Train, validating before, during and after.
-        before = validate() if run.start_step == 0 else None
-        if before:
-            run.say(f"before training: {format_preference_eval(before)}")
-        run.say(f"training {total_steps - run.start_step} steps of {cfg.train.global_batch_size} pairs "
-                f"({accumulation} micro-batches of {cfg.train.micro_batch_size} pairs on each of {run.dp_size} "
-                f"data-parallel rank(s){', packed' if cfg.data.packing else ''}) -> {run.output_dir}")
+        before = run.validate_before(validate, format_preference_eval)
+        run.announce(total_steps, "pairs", ", packed" if cfg.data.packing else "")
         result = run.train(step, total_steps=total_steps, evaluate=validate, describe=format_preference_eval,
                            tokenizer=tokenizer)
         if result.stopped:

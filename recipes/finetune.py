@@ -32,7 +32,7 @@ def run(context: Any) -> int:
     # 1. Processes, mesh, run directory, loss, precision (TrainingRun checks before anything loads).
     with TrainingRun(context) as run:
         cfg = run.cfg
-        accumulation = run.accumulation()  # global batch sizes that do not divide fail now
+        run.accumulation()  # global batch sizes that do not divide fail now
 
         # 2. Tokenizer and data (bad data fails before the model is loaded). A vision-language
         #    model gets its processor (tokenizer + image processor) and image-text data instead.
@@ -60,12 +60,8 @@ def run(context: Any) -> int:
         #    train.eval_generate also on generated answers).
         step = sft_step(run, model, data, plan, lambda index: {"padding_fraction": padding[index].fraction})
         validate = sft_validation(run, model, data, tokenizer)
-        before = validate() if run.start_step == 0 else None
-        if before:
-            run.say(f"before training: {format_eval(before)}")
-        run.say(f"training {total_steps - run.start_step} steps of {cfg.train.global_batch_size} "
-                f"{'packs' if cfg.data.packing else 'samples'} ({accumulation} micro-batches of "
-                f"{cfg.train.micro_batch_size} on each of {run.dp_size} data-parallel rank(s)) -> {run.output_dir}")
+        before = run.validate_before(validate, format_eval)
+        run.announce(total_steps, "packs" if cfg.data.packing else "samples")
         run.say(f"padding: {run_padded.fraction:.1%} of the {run_padded.slots} token positions in the run's "
                 f"micro-batches ({run_padded.padded} padded, {run_padded.tokens} real)")
         result = run.train(step, total_steps=total_steps, evaluate=validate, describe=format_eval, tokenizer=tokenizer)

@@ -38,7 +38,7 @@ def run(context: Any) -> int:
     # 1. Processes, mesh, run directory, loss, precision (TrainingRun checks before anything loads).
     with TrainingRun(context) as run:
         cfg = run.cfg
-        accumulation = run.accumulation()
+        run.accumulation()  # global batch sizes that do not divide fail now
 
         # 2. Tokenizer, architecture and data (bad data fails before the model is built).
         tokenizer = load_tokenizer(cfg.model)
@@ -89,11 +89,8 @@ def run(context: Any) -> int:
                               metrics={"label_tokens": label_tokens, "epoch": data.epoch_of(index)})
 
         # 5. Train, after a first validation.
-        run.say(f"training {total_steps - run.start_step} steps of {cfg.train.global_batch_size} blocks of "
-                f"{block_size} tokens ({accumulation} micro-batches of {cfg.train.micro_batch_size} on each of "
-                f"{run.dp_size} data-parallel rank(s)) -> {run.output_dir}")
-        if (before := validate() if run.start_step == 0 else None) is not None:
-            run.say(f"before training: {format_eval(before)}")
+        run.announce(total_steps, f"blocks of {block_size} tokens")
+        before = run.validate_before(validate, format_eval)
         result = run.train(step, total_steps=total_steps, evaluate=validate, describe=format_eval,
                            checkpoint_state=lambda index: {"data": data.state(index)}, tokenizer=tokenizer)
         if result.stopped:

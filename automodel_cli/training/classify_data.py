@@ -213,10 +213,10 @@ def encode_classes(table: Any, tokenizer: Any, options: Any, labels: list[str], 
 
 def prepare_classify_data(cfg: Any, tokenizer: Any, registries: Any, say: Any) -> ClassifyData:
     """Load, check and encode the training and validation data as ``classify.*`` says."""
-    from automodel_cli.training.sft_data import _load_tables
+    from automodel_cli.training.sft_data import load_tables
 
     options = cfg.classify
-    train_table, eval_table = _load_tables(cfg, registries)
+    train_table, eval_table = load_tables(cfg, registries)
     train_source = cfg.data.path or cfg.data.name
     eval_source = cfg.data.eval_path or train_source
     task = detect_task(train_table.column_names, options, train_source)

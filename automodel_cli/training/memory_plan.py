@@ -24,7 +24,7 @@ from automodel_cli.components.training.layout import Layout, in_flight, pipeline
 from automodel_cli.components.training.memory_plan import GIB, Architecture, Knob, MemoryPlan, Setup, gib
 
 #: Processes that read SFT data pad their batches (``attention_mask``) unless data is packed.
-PADDED_RECIPES = ("finetune", "distill", "dpo")
+PADDED_RECIPES = ("finetune", "distill", "dpo", "classify")
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,12 @@ def setup_from_config(cfg: Any, recipe: str, shape: Any, target: Target, registr
                 and (reference_key == "dpo.reference_path" or (cfg.get("peft.method") or "none") == "none"))
         reference_config = offline_config(cfg, reference_key, None) if copy else None
         teacher = Architecture.from_config(reference_config) if reference_config is not None else None
+    score_labels = 0
+    if recipe == "classify":  # a score head: one output per label (the demo's or classify.labels), 1 for rewards
+        labels = cfg.get("classify.labels")
+        reward = cfg.get("classify.task") == "reward"
+        score_labels = 1 if reward else max(2, len(labels) if labels else 2)
+        micro = 2 * int(micro) if reward else micro  # a reward model scores both answers of each pair
     targets = cfg.get("peft.target_modules") or "all-linear"
     return Setup(
         micro_batch=int(micro), seq_len=int(seq), device=target.device, bf16_supported=target.bf16_supported,
@@ -198,6 +204,7 @@ def setup_from_config(cfg: Any, recipe: str, shape: Any, target: Target, registr
         chunk_size=cfg.get(f"loss.{loss_name}.chunk_size"), accumulation=accumulation,
         attention_mask=recipe in PADDED_RECIPES and not cfg.get("data.packing"),
         teacher=teacher, teacher_dtype=teacher_dtype, frozen_role=frozen_role, micro_batch_key=key,
+        score_labels=score_labels,
     )
 
 

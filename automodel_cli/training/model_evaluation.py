@@ -4,7 +4,8 @@ What is evaluated (``resolve_target``) is one of
 
 - a run directory: its ``final/`` (a model, or an adapter on the base the run recorded), with
   the run's saved config supplying the defaults (data, columns, chat template, max length, seed:
-  so the validation split is the run's own);
+  so the validation split is the run's own; a ``dpo`` run's pairs are scored on their chosen
+  responses);
 - a Hugging Face model directory or hub id;
 - a peft adapter directory, on the base its ``adapter_config.json`` records (``--base`` overrides).
 
@@ -143,6 +144,8 @@ def _run_layer(config_path: Path, own_data: bool) -> Any:
         for key, value in (saved.get(section) or {}).items():
             if not (own_data and key in DATA_SOURCE_KEYS):
                 set_dotted(data, f"{section}.{key}", value)
+    if saved.get("recipe") == "dpo" and not own_data:  # preference pairs: the chosen response is the answer
+        set_dotted(data, "data.completion_column", get_dotted(saved, "dpo.chosen_column") or "chosen")
     return Layer(label=f"run config {config_path}", data=data, file=str(config_path), lines=lines)
 
 
@@ -185,9 +188,19 @@ def evaluate_model(cfg: Any, target: EvaluationTarget, registries: Any, say: Cal
 
         task_manager = lm_eval_bridge.task_manager(include_path)
         lm_eval_bridge.check_tasks(task_manager, tasks, include_path)
-    if is_vision_language(load_config(cfg.model)):
+    model_config = load_config(cfg.model)
+    if is_vision_language(model_config):
         raise UserError(f"`automodel evaluate` evaluates causal language models; {cfg.model.path} is a "
                         "vision-language model.", "Evaluate a text-only model.")
+    classifier = [name for name in getattr(model_config, "architectures", None) or []
+                  if name.endswith("ForSequenceClassification")]
+    if classifier:
+        raise UserError(
+            f"`automodel evaluate` evaluates causal language models; {cfg.model.path} is a sequence classifier "
+            f"({classifier[0]}, from `automodel classify`).",
+            "Its validation loss, accuracy and F1 (pairwise accuracy for a reward model) are in its run's "
+            "metrics.jsonl (`eval_*`) and printed after training; to score other data, load final/ with "
+            "AutoModelForSequenceClassification.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype(cfg.model.dtype, device.type)
     tokenizer = load_tokenizer(cfg.model)

@@ -65,9 +65,9 @@ def prepare_preference_data(cfg: Any, tokenizer: Any, registries: Any, say: Call
                             pad_to_multiple_of: int | None = None) -> PreferenceData:
     """Training and validation pairs from ``data.*`` (any registered dataset, ``data.path``
     files or hub ids), tokenised and checked; batched as ``data.packing`` says."""
-    from automodel_cli.training.sft_data import _load_tables
+    from automodel_cli.training.sft_data import load_tables
 
-    train_table, eval_table = _load_tables(cfg, registries)
+    train_table, eval_table = load_tables(cfg, registries)
     train = encode_pairs(train_table, tokenizer, cfg, say, "train")
     evaluation = encode_pairs(eval_table, tokenizer, cfg, say, "eval") if eval_table is not None else []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

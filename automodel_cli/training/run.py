@@ -272,6 +272,24 @@ class TrainingRun:
         return step_math.accumulation(self.cfg.train.global_batch_size, self.cfg.train.micro_batch_size,
                                       self.dp_size)
 
+    def validate_before(self, evaluate: Callable[[], dict[str, Any] | None],
+                        describe: Callable[[dict[str, Any]], str]) -> dict[str, Any] | None:
+        """The validation before the first step of a fresh run, said as ``before training: ...``:
+        the baseline every later validation is read against. None when resuming (the run already
+        logged it) or without validation data."""
+        before = evaluate() if self.start_step == 0 else None
+        if before:
+            self.say(f"before training: {describe(before)}")
+        return before
+
+    def announce(self, total_steps: int, unit: str, detail: str = "") -> None:
+        """One line saying what the loop is about to do: the steps left, the step's size in
+        ``unit`` (samples, packs, pairs, blocks of N tokens) and how it is split over the
+        micro-batches and data-parallel ranks, and where the run goes."""
+        self.say(f"training {total_steps - self.start_step} steps of {self.cfg.train.global_batch_size} {unit} "
+                 f"({self.accumulation()} micro-batches of {self.cfg.train.micro_batch_size} on each of "
+                 f"{self.dp_size} data-parallel rank(s){detail}) -> {self.output_dir}")
+
     # ---------------------------------------------------------------------- resume, files
     def resume(self, generators: dict[str, Any] | None = None) -> dict[str, Any]:
         """Restore ``checkpoint.resume`` (model, optimizer, schedule, RNG), then write the run's

@@ -54,8 +54,9 @@ def _dataset_name(cfg: Any, auto: str = "instruction") -> str:
     return name
 
 
-def _load_tables(cfg: Any, registries: Any, auto: str = "instruction") -> tuple[Any, Any | None]:
-    """Training and validation tables; ``auto`` is the loader data.name=auto means."""
+def load_tables(cfg: Any, registries: Any, auto: str = "instruction") -> tuple[Any, Any | None]:
+    """Training and validation tables of ``data.*`` (path or registered name, eval path/split/size),
+    shared by every recipe that reads rows: ``auto`` is the loader data.name=auto means."""
     name = _dataset_name(cfg, auto)
     factory = registries.datasets.get(name).load()
     options = dataset_options(cfg, registries, name)
@@ -115,7 +116,7 @@ def prepare_sft_data(cfg: Any, tokenizer: Any, registries: Any, say: Callable[[s
             "Fine-tune a vision-language model (one whose config has a vision_config, e.g. Qwen2-VL "
             "or Gemma 3), or use text data with data.name=auto.",
         )
-    train_table, eval_table = _load_tables(cfg, registries)
+    train_table, eval_table = load_tables(cfg, registries)
     train = _samples(_tokenize(train_table, tokenizer, cfg, say, "train"))
     evaluation = _samples(_tokenize(eval_table, tokenizer, cfg, say, "eval")) if eval_table is not None else []
     pad_id = tokenizer.pad_token_id
@@ -132,7 +133,7 @@ def prepare_eval_samples(cfg: Any, tokenizer: Any, registries: Any, say: Callabl
     training held it out), else all of data.path; the first ``limit`` rows only when given.
     Plain text (``data.text_column``) counts every token. ``as_chat``: prompt/completion rows
     become a user turn and an assistant turn, rendered with the chat template."""
-    train_table, eval_table = _load_tables(cfg, registries)
+    train_table, eval_table = load_tables(cfg, registries)
     table = eval_table if eval_table is not None else train_table
     if limit is not None and limit < len(table):
         table = table.select(range(limit))
@@ -196,7 +197,7 @@ def prepare_vlm_data(cfg: Any, processor: Any, registries: Any, say: Callable[[s
     from automodel_cli.components.data.multimodal import apply_resolution_limits, encode_multimodal
 
     apply_resolution_limits(processor, cfg.data.min_pixels, cfg.data.max_pixels)
-    train_table, eval_table = _load_tables(cfg, registries, auto="vlm")
+    train_table, eval_table = load_tables(cfg, registries, auto="vlm")
 
     def encode(table: Any, what: str) -> list[dict[str, Any]]:
         return _reporting(say, what, lambda: encode_multimodal(

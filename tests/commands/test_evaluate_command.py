@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from conftest import one_line, run_cli, tree_digest
 from model_dirs import answering_model, save_model, write_own_answers, write_prompts
@@ -204,6 +205,9 @@ def test_bad_inputs_exit_2_with_one_paragraph(cli, tmp_path):
     before = tree_digest(unfinished)
     columns = tmp_path / "columns.jsonl"
     columns.write_text(json.dumps({"question": "q", "reply": "a"}) + "\n")
+    classifier = tmp_path / "classifier"  # what `automodel classify` saves: a score head, no LM head
+    transformers.LlamaForSequenceClassification(transformers.AutoConfig.from_pretrained(
+        model_dir, num_labels=3, pad_token_id=0)).save_pretrained(classifier)
     cases = {
         (str(tmp_path / "missing"),): "does not exist",
         (str(nothing),): "is neither a run directory, a model directory nor a peft adapter directory",
@@ -213,6 +217,7 @@ def test_bad_inputs_exit_2_with_one_paragraph(cli, tmp_path):
         (str(model_dir), "evaluate.batch_size=0"): "`evaluate.batch_size` must be >= 1",
         (str(model_dir), "evaluate.max_new_token=3"): "Did you mean `evaluate.max_new_tokens`?",
         (str(model_dir), "--base", str(model_dir)): "--base is for an adapter directory",
+        (str(classifier), f"data.path={columns}"): "is a sequence classifier (LlamaForSequenceClassification",
     }
     for args, expected in cases.items():
         result = cli("evaluate", *args)

@@ -64,6 +64,22 @@ def test_first_step_of_dpo_is_log_2_and_rewards_rise(cli, files, tmp_path):
     assert (run / "final" / "config.json").exists()
 
 
+def test_evaluate_scores_a_dpo_runs_chosen_responses(cli, files, tmp_path):
+    """`automodel evaluate RUN` on a dpo run reads the run's pairs as prompt -> chosen answer: the
+    same numbers as naming that data and column by hand on the run's final model."""
+    run = tmp_path / "run"
+    result = cli(*dpo_args(files, run, "train.max_steps=1", f"data.eval_path={files['eval']}"))
+    assert result.exit_code == 0, result.stderr
+    reports = []
+    for args in ((str(run),), (str(run / "final"), f"data.path={files['eval']}", "data.completion_column=chosen")):
+        result = cli("evaluate", *args, "evaluate.max_new_tokens=8", "--json")
+        assert result.exit_code == 0, result.stderr
+        reports.append(json.loads(result.stdout)["metrics"])
+    by_run, by_hand = reports
+    assert by_run["loss"] > 0 and by_run["samples"] == by_run["generate_samples"] == 4  # the run's eval pairs
+    assert by_run == by_hand
+
+
 def test_lora_reference_is_the_base_with_the_adapter_disabled(cli, files, tmp_path):
     """The adapter-disabled policy and a frozen copy of the base give the same losses and rewards
     step after step (they differ by float32 rounding at most)."""
@@ -179,19 +195,22 @@ def test_dpo_refuses_pipeline_parallelism(cli, files, tmp_path):
 # ------------------------------------------------------------------------------ slow
 @pytest.mark.slow
 def test_two_processes_match_one(files, tmp_path):
-    """FSDP2 on 2 processes (gloo): pairs split over the ranks, normalised by the step's pairs."""
+    """FSDP2 on 2 processes (gloo): pairs split over the ranks, normalised by the step's pairs;
+    tensor parallelism on 2: the policy and its frozen reference copy sharded by the same plan."""
     from parallel_runs import ENV
 
     curves = {}
-    for nproc in ("1", "2"):
-        run = tmp_path / f"nproc{nproc}"
-        result = run_cli(*dpo_args(files, run, "train.max_steps=4", "--nproc-per-node", nproc), env=ENV, timeout=600)
+    for name, extra in (("one", ("--nproc-per-node", "1")), ("fsdp2", ("--nproc-per-node", "2")),
+                        ("tp2", ("--nproc-per-node", "2", "distributed.tp=2"))):
+        run = tmp_path / name
+        result = run_cli(*dpo_args(files, run, "train.max_steps=4", *extra), env=ENV, timeout=600)
         assert result.exit_code == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        curves[nproc] = read_metrics(run / "metrics.jsonl")
-    assert len(curves["2"]) == len(curves["1"]) == 4
-    for two, one in zip(curves["2"], curves["1"]):
-        for name in (*NAMES, "grad_norm"):
-            assert two[name] == pytest.approx(one[name], rel=1e-4, abs=1e-6), (two["step"], name)
+        curves[name] = read_metrics(run / "metrics.jsonl")
+    for variant in ("fsdp2", "tp2"):
+        assert len(curves[variant]) == len(curves["one"]) == 4
+        for two, one in zip(curves[variant], curves["one"]):
+            for name in (*NAMES, "grad_norm"):
+                assert two[name] == pytest.approx(one[name], rel=1e-4, abs=1e-6), (variant, two["step"], name)
 
 
 @pytest.mark.slow

@@ -196,6 +196,10 @@ class Setup:
     teacher: Architecture | None = None  # automodel distill: the frozen teacher
     teacher_dtype: str = "auto"
     frozen_role: str = "distill: the teacher"  # how notes name the frozen model (dpo: the reference)
+    #: automodel classify: the score head's outputs (labels; 1 for a reward model). The head is
+    #: ``score_labels x hidden`` instead of the vocabulary head and scores one position per
+    #: sequence, so there are no vocabulary logits. 0: a language-model head.
+    score_labels: int = 0
     #: the key that sets ``micro_batch`` (the advice names it): ``train.micro_batch_size``, or
     #: ``benchmark.batch_size`` for the benchmark
     micro_batch_key: str = "train.micro_batch_size"
@@ -262,6 +266,8 @@ def plan(arch: Architecture, setup: Setup) -> MemoryPlan:
     r = c if mixed else p  # ... so its residual stream is bf16 too
     casts = r != c  # autocast copies fp32 tensors into bf16 for every matmul
     counts = arch.parameters()
+    if setup.score_labels:  # sequence classification: a score head replaces the vocabulary head
+        counts = replace(counts, head=setup.score_labels * arch.hidden)
     shard, tp = setup.dp_shard * setup.cp, setup.tp  # FSDP shards over dp_shard x cp
     vocab_tp = tp if arch.vocab % tp == 0 else 1
     peft = setup.peft != "none"
@@ -319,6 +325,7 @@ def plan(arch: Architecture, setup: Setup) -> MemoryPlan:
     weight_copies = 0
     if casts and not setup.sharded:
         head = 0 if (setup.loss_kind == "fused" and _fusable(arch, setup)) else arch.vocab * arch.hidden
+        head = counts.head if setup.score_labels else head
         weight_copies = c * ((arch.layers - checkpointed_layers(mode)) * layer_matrices + head)
 
     # FSDP2: the root (embedding, head, final norm) stays gathered through forward and backward;
@@ -439,6 +446,9 @@ def loss_memory(arch: Architecture, setup: Setup, *, r: int, c: int, p: int, hea
     chunk of fp32 logits and ``logsumexp``'s two temporaries (and a copy of the head in the
     autocast dtype over fp32 weights). A tensor-parallel head also holds its shard of the
     logits before they are gathered."""
+    if setup.score_labels:  # one fp32 score per label of each sequence's last token (and its gradient)
+        saved = 4 * setup.micro_batch * setup.score_labels
+        return 2 * saved + head_grad, saved
     rows = setup.local_tokens
     vocab = arch.vocab
     kind = setup.loss_kind
@@ -501,7 +511,7 @@ def knobs(arch: Architecture, setup: Setup, capacity: int | None) -> list[Knob]:
         half = setup.micro_batch // 2
         candidates.append((f"{setup.micro_batch_key}={half}",
                            replace(setup, micro_batch=half, accumulation=setup.accumulation * 2)))
-    if setup.loss_kind != "fused" and _fusable(arch, setup):
+    if setup.loss_kind != "fused" and _fusable(arch, setup) and not setup.score_labels:
         candidates.append(("loss.name=linear_ce", replace(setup, loss_name="linear_ce", loss_kind="fused")))
     found = []
     for setting, changed in candidates:
@@ -543,6 +553,9 @@ def table(result: MemoryPlan, setup: Setup) -> list[str]:
     if mode == "selective":
         rows.append(("activations", result.activations, "selective checkpointing <- this run"))
     rows += [
+        ("score head", result.logits, f"{setup.score_labels} score(s) of each sequence's last token, "
+                                      f"micro-batch {setup.micro_batch}")
+        if setup.score_labels else
         ("loss logits", result.logits, f"{setup.loss_name}, {setup.micro_batch} x {setup.seq_len} tokens"),
         ("transient", result.transient, "forward/backward: FSDP2 all-gathers, autocast weight copies"),
         ("optimizer step", result.optimizer_scratch, "AdamW's scratch (foreach)"),

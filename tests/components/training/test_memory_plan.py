@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from automodel_cli.components.training.memory_plan import (CPU_HEAP_SLACK, Architecture, Setup, adapter_parameters,
-                                                            advise, gib, knobs, plan)
+                                                            advise, gib, knobs, plan, table)
 
 #: A tiny Llama: hidden 32, 4 heads of 8 (2 kv heads), MLP 64, 2 layers, vocabulary 96.
 TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -162,6 +162,22 @@ def test_fused_loss_has_no_logits_of_the_whole_batch():
     assert fused.logits < masked.logits / 10
     unfusable = plan(replace(big, logit_transform=True), replace(setup, loss_name="linear_ce", loss_kind="fused"))
     assert unfusable.notes and "fallback" in unfusable.notes[0]
+
+
+def test_a_sequence_classifier_has_a_score_head_and_no_vocabulary_logits():
+    """automodel classify: the head is labels x hidden (not vocab x hidden) and scores one
+    position per sequence, so the loss holds a few floats, not a logit per token and word."""
+    setup = Setup(micro_batch=2, seq_len=16)
+    lm = plan(ARCH, setup)
+    classifier = plan(ARCH, replace(setup, score_labels=3))
+    head = 0 if ARCH.tied else V * H
+    assert classifier.total_parameters == lm.total_parameters - head + 3 * H
+    assert classifier.logits == 2 * 4 * 2 * 3 + 4 * 3 * H  # scores and their gradient; the head's fp32 gradient
+    assert classifier.logits < lm.logits / 10
+    lines = table(classifier, replace(setup, score_labels=3))
+    assert any(line.startswith("score head") for line in lines) and not any("loss logits" in line for line in lines)
+    # the fused loss has nothing to fuse in a classifier: it is never advised
+    assert "loss.name=linear_ce" not in [knob.setting for knob in knobs(ARCH, replace(setup, score_labels=3), None)]
 
 
 def test_host_allocator_slack_only_on_cpu():
