@@ -156,13 +156,15 @@ def encode_text(tokenizer: Any, text: Any, max_length: int, row: int, column: st
 def render_pair_side(tokenizer: Any, prompt: Any, side: Any, template: str | None, row: int) -> str:
     """One side of a preference pair as text: ``prompt + side`` for strings; for chat messages
     the prompt's messages (a string prompt is the user's turn) then the side's, through the
-    chat template."""
-    from automodel_cli.components.data.chat import normalize_messages
+    chat template; a side that is a whole conversation already holds its prompt."""
+    from automodel_cli.components.data.chat import normalize_messages, opens_conversation
 
     if isinstance(side, str):
         return (prompt if isinstance(prompt, str) else "") + side
     messages = normalize_messages(side, row)
-    if isinstance(prompt, str) and prompt:
+    if opens_conversation(side):
+        pass  # UltraFeedback's layout: the conversation starts with the prompt's user turn
+    elif isinstance(prompt, str) and prompt:
         messages = [{"role": "user", "content": prompt}, *messages]
     elif isinstance(prompt, list) and prompt:
         messages = [*normalize_messages(prompt, row), *messages]

@@ -16,16 +16,18 @@ from automodel_cli.errors import UserError
 
 
 def check_layout(cfg: Any) -> None:
-    """Refuse, before anything is read or written, what the pooled head cannot run with: tensor
-    parallelism (the head reads one token of the whole sequence, which sequence parallelism
-    splits, and the tensor-parallel plans are written for the LM head) and packed sequences
-    (one pooled token per row). Pipeline and context parallelism are refused by the training
-    run (they are only for recipes that support them)."""
-    if cfg.distributed.tp > 1:
+    """Refuse, before anything is read or written, what the pooled head cannot run with:
+    sequence parallelism (the head reads each sequence's last real token, and sequence
+    parallelism leaves every rank a slice of the sequence; plain tensor parallelism is fine: the
+    decoder's output is whole on every rank and the small score head is replicated) and packed
+    sequences (one pooled token per row). Pipeline and context parallelism are refused by the
+    training run (they are only for recipes that support them)."""
+    if cfg.distributed.tp > 1 and cfg.distributed.sequence_parallel:
         raise UserError(
-            f"distributed.tp={cfg.distributed.tp} (tensor parallelism) is not supported by `automodel classify`: "
-            "its score head pools one token per sequence on every rank.",
-            "Set distributed.tp=1; FSDP2 (distributed.dp_shard) shards the model over the processes instead.")
+            "distributed.sequence_parallel=true is not supported by `automodel classify`: its score head reads "
+            "each sequence's last real token, and sequence parallelism splits the sequence over the ranks.",
+            "Set distributed.sequence_parallel=false (tensor parallelism itself works), or use FSDP2 "
+            "(distributed.dp_shard).")
     if cfg.data.packing:
         raise UserError("data.packing=true does not apply to `automodel classify`: each sequence is classified "
                         "from its own last token, so sequences cannot share a row.", "Set data.packing=false.")

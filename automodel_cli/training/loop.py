@@ -15,7 +15,6 @@ import json
 import math
 import signal
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -105,7 +104,6 @@ def printer(enabled: bool, stream: TextIO | None = None):
         if enabled:
             print(message, file=stream or sys.stdout, flush=True)
 
-    warnings.simplefilter("default")
     return say
 
 

@@ -7,7 +7,9 @@ A row is one pair: a prompt, a chosen and a rejected response, in one of three l
 - chat, implicit prompt: ``chosen`` and ``rejected`` are whole conversations (lists of
   ``{role, content}``) sharing their first messages, which are the prompt;
 - chat, explicit prompt: ``prompt`` is a list of messages and ``chosen``/``rejected`` the
-  assistant turn(s) (a list of messages, one message, or a string).
+  assistant turn(s) (a list of messages, one message, or a string). When ``chosen`` and
+  ``rejected`` are whole conversations anyway (UltraFeedback's layout: a ``prompt`` string next
+  to conversations that start with that user turn), the prompt is taken from them, as above.
 
 Chat rows are rendered with the chat template (``components/data/chat.py``) and only the
 response's assistant tokens are scored: the prompt's tokens are those of the prompt rendered with
@@ -30,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from automodel_cli.components.data.chat import row_label
+from automodel_cli.components.data.chat import opens_conversation, row_label
 from automodel_cli.errors import UserError
 from automodel_cli.training.sft_data import SFTData
 
@@ -185,7 +187,10 @@ class PairEncoder:
         if self._chat is None:
             self._chat = ChatEncoder(self.tokenizer, resolve_template(self.tokenizer, self.chat_template), IGNORE_INDEX)
         responses = [_as_messages(value) for value in (chosen, rejected)]
-        if prompt is None:  # implicit prompt: the messages both conversations start with
+        if prompt is None or all(opens_conversation(r) for r in responses):
+            # implicit prompt: the messages both conversations start with. Also when a prompt column
+            # exists but the conversations repeat it (UltraFeedback's layout: a prompt string and
+            # chosen/rejected that start with the user turn): the user turn is not said twice.
             shared = 0
             while (shared < min(map(len, responses)) - 1 and responses[0][shared] == responses[1][shared]):
                 shared += 1

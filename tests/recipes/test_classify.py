@@ -214,6 +214,23 @@ def test_pooled_position_is_the_last_real_token_of_right_padded_rows(pad_is_eos)
     assert not torch.allclose(padded[0], padded[1])
 
 
+def test_reward_pair_chat_layouts_render_the_same_conversation(causal_base):
+    """A prompt string or prompt messages before the answer, and UltraFeedback's layout (a prompt
+    string next to whole conversations that already start with it): one user turn each time."""
+    from transformers import AutoTokenizer
+
+    from automodel_cli.components.data.chat import resolve_template
+    from automodel_cli.training.classify_data import render_pair_side
+
+    tokenizer = AutoTokenizer.from_pretrained(causal_base)
+    template = resolve_template(tokenizer, None)
+    user, answer = {"role": "user", "content": "reverse: abc"}, {"role": "assistant", "content": "cba"}
+    layouts = [("reverse: abc", [answer]), ([user], [answer]), (None, [user, answer]), ("reverse: abc", [user, answer])]
+    texts = {render_pair_side(tokenizer, prompt, side, template, 0) for prompt, side in layouts}
+    assert len(texts) == 1
+    assert next(iter(texts)).count("reverse: abc") == 1
+
+
 def test_macro_f1_of_counts():
     from automodel_cli.components.training.classification import class_counts, macro_f1
 
@@ -288,18 +305,20 @@ def test_identical_pair_is_refused_and_an_existing_run_is_untouched(cli, tmp_pat
     assert tree_digest(earlier) == before
 
 
-def test_tensor_parallelism_and_packing_are_refused():
-    """Checked by the recipe before the training run claims a directory (on 2+ processes: with
-    one, the mesh check refuses tp=2 even earlier)."""
+def test_sequence_parallelism_and_packing_are_refused():
+    """Checked by the recipe before the training run claims a directory; plain tensor
+    parallelism is allowed (tests/recipes/test_classify_runs.py runs it)."""
     from automodel_cli.errors import UserError
     from automodel_cli.training.classify_steps import check_layout
 
-    def cfg(tp: int, packing: bool) -> SimpleNamespace:
-        return SimpleNamespace(distributed=SimpleNamespace(tp=tp), data=SimpleNamespace(packing=packing))
+    def cfg(tp: int, packing: bool, sp: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(distributed=SimpleNamespace(tp=tp, sequence_parallel=sp),
+                               data=SimpleNamespace(packing=packing))
 
     check_layout(cfg(1, False))
-    with pytest.raises(UserError, match="distributed.tp=2"):
-        check_layout(cfg(2, False))
+    check_layout(cfg(2, False))
+    with pytest.raises(UserError, match="distributed.sequence_parallel=true"):
+        check_layout(cfg(2, False, sp=True))
     with pytest.raises(UserError, match="data.packing"):
         check_layout(cfg(1, True))
 

@@ -1,5 +1,6 @@
 """`automodel classify` in real multi-process and interrupted runs: FSDP2 on 2 processes
-(torchrun, gloo on CPU) matches one process step by step, full and LoRA; a run killed with
+(torchrun, gloo on CPU) matches one process step by step, full and LoRA, and so does tensor
+parallelism on 2; a run killed with
 SIGKILL and resumed with checkpoint.resume=auto reproduces every step's loss bitwise."""
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ COMPARED = ("loss", "accuracy", "grad_norm", "eval_loss", "eval_accuracy")
 TOL = 1e-4
 
 
-@pytest.mark.parametrize("method", ["none", "lora"])
-def test_fsdp2_on_two_processes_matches_one(tmp_path, method):
+@pytest.mark.parametrize("method,layout", [("none", "fsdp2"), ("lora", "fsdp2"), ("none", "tp2")])
+def test_two_processes_match_one(tmp_path, method, layout):
+    """FSDP2: each rank takes half of every step's samples; tensor parallelism: the decoder's
+    layers split over both ranks (the score head replicated), every rank sees every sample."""
     single = tmp_path / "single"
     train("classify", single, "--peft", method, "train.eval_batches=2")
-    double = tmp_path / "fsdp2"
-    result = train("classify", double, "--peft", method, "train.eval_batches=2", "--nproc-per-node", "2")
-    assert "on each of 2 data-parallel rank(s)" in result.stdout
+    double = tmp_path / layout
+    extra = ("distributed.tp=2",) if layout == "tp2" else ()
+    result = train("classify", double, "--peft", method, "train.eval_batches=2", "--nproc-per-node", "2", *extra)
+    ranks = 1 if layout == "tp2" else 2
+    assert f"on each of {ranks} data-parallel rank(s)" in result.stdout
     expected = curve(single, COMPARED)
     assert len(expected) == 5 and "eval_loss" in expected[-1]
-    assert_same_curve(curve(double, COMPARED), expected, f"classify fsdp2 {method}", TOL)
+    assert_same_curve(curve(double, COMPARED), expected, f"classify {layout} {method}", TOL)
     assert (double / "final").is_dir()
 
 

@@ -170,7 +170,7 @@ def test_identical_pairs_can_be_dropped_with_a_warning(cli, files, tmp_path):
 
 
 def test_chat_pairs_score_only_the_answer(files):
-    """Both chat layouts give the same tokens, and only the assistant answer is scored."""
+    """The chat layouts give the same tokens, and only the assistant answer is scored."""
     from transformers import AutoTokenizer
 
     from automodel_cli.training.preference_data import PairEncoder
@@ -182,6 +182,10 @@ def test_chat_pairs_score_only_the_answer(files):
     explicit = encoder.encode([user], [{"role": "assistant", "content": "cba"}], "cab", 0,
                               ("prompt", "chosen", "rejected"))
     assert implicit == explicit
+    # UltraFeedback's layout: a prompt string and whole conversations (the user turn not said twice)
+    ultrafeedback = encoder.encode("reverse: abc", [user, {"role": "assistant", "content": "cba"}],
+                                   [user, {"role": "assistant", "content": "cab"}], 0, ("prompt", "chosen", "rejected"))
+    assert ultrafeedback == explicit
     ids, labels = implicit["chosen"]
     scored = encoder.tokenizer.decode([label for label in labels if label != -100])
     assert scored.startswith("cba") and "reverse" not in scored and "user" not in scored

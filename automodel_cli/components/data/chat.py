@@ -194,6 +194,15 @@ class ChatEncoder:
             ) from exc
 
 
+def opens_conversation(messages: Any) -> bool:
+    """Whether ``messages`` is a whole conversation (it starts with a user or system turn), not
+    only the assistant's answer: preference sets such as UltraFeedback keep a ``prompt`` string
+    next to ``chosen``/``rejected`` conversations that already start with that user turn, which
+    must then not be put in front of them a second time."""
+    return (isinstance(messages, list) and len(messages) > 1 and isinstance(messages[0], dict)
+            and messages[0].get("role") not in (None, "assistant"))
+
+
 def row_label(row: int | str) -> str:
     """``row 3`` for a table index; a string (a file and its row) is already a label."""
     return f"row {row}" if isinstance(row, int) else row
