@@ -9,8 +9,9 @@ response tokens are scored, summed per sequence.
 
 The reference (``training/reference.py``) is a frozen copy of the starting model (or
 ``dpo.reference_path``), or with LoRA the policy with its adapter disabled; reference-free
-losses (simpo, orpo) load none, and ``dpo.precompute_reference`` computes its log-probabilities
-once before training and frees it.
+losses (simpo, orpo) load none, nor does data whose rows carry the reference log-probabilities
+(``ref_chosen_logps``/``ref_rejected_logps``), and ``dpo.precompute_reference`` computes its
+log-probabilities once before training and frees it.
 
 Pairs are the unit: one optimizer step takes ``train.global_batch_size`` pairs whatever the
 number of processes, each rank sums its pairs' losses and divides by the step's pair count over
@@ -85,9 +86,9 @@ def run(context: Any) -> int:
         # 4. The policy, exactly as finetune; the reference (a frozen copy, the adapter-less base or none).
         model = run.load_model(tokenizer)
         run.describe_model(model, "policy")
-        reference = (references.Reference(run, model, reference_cfg)
-                     if references.reference_kind(cfg) != "none" else None)
-        run.say(describe_loss(cfg, reference))
+        needs_model = references.reference_kind(cfg) != "none" and not data.reference_from_data
+        reference = references.Reference(run, model, reference_cfg) if needs_model else None
+        run.say(describe_loss(cfg, reference, data.reference_from_data))
 
         def on_device(batch: dict[str, Any]) -> tuple[Any, Any]:
             return batch["labels"].to(run.precision.device), batch["sequence_index"].to(run.precision.device)
@@ -190,8 +191,9 @@ def run(context: Any) -> int:
             return result.exit_code  # a signal stopped it after a checkpoint: resume continues
 
         # 7. The policy as Hugging Face outputs (gathered from every rank, written by rank 0).
+        reference_source = reference.describe() if reference else ("data" if data.reference_from_data else None)
         return run.finish(tokenizer, summary={"steps": result.step, "loss": settings.loss,
-                                              "reference": reference.describe() if reference else None,
+                                              "reference": reference_source,
                                               "before": before, "after": result.after})
 
 
@@ -267,14 +269,19 @@ def precompute(data: Any, reference: Any, reference_logps: Any, run: Any) -> Non
             f"{time.perf_counter() - started:.1f} s" + ("; the reference model is freed" if reference.kind == "copy" else ""))
 
 
-def describe_loss(cfg: Any, reference: Any) -> str:
+def describe_loss(cfg: Any, reference: Any, from_data: bool = False) -> str:
     settings = cfg.dpo
     detail = {"sigmoid": f"beta {settings.beta:g}" + (f", label smoothing {settings.label_smoothing:g}"
                                                      if settings.label_smoothing else ""),
               "ipo": f"beta {settings.beta:g}", "hinge": f"beta {settings.beta:g}",
               "simpo": f"beta {settings.beta:g}, gamma {settings.simpo_gamma:g}",
               "orpo": f"alpha {settings.orpo_alpha:g}"}[settings.loss]
-    source = f"reference: {reference.describe()}" if reference is not None else "no reference model (reference-free)"
+    if reference is not None:
+        source = f"reference: {reference.describe()}"
+    elif from_data and settings.loss not in ("simpo", "orpo"):
+        source = "reference: log-probabilities from the data's ref_chosen_logps/ref_rejected_logps (no model loaded)"
+    else:
+        source = "no reference model (reference-free)"
     return f"preference loss: {settings.loss} ({detail}); {source}"
 
 

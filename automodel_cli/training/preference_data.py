@@ -38,6 +38,9 @@ from automodel_cli.training.sft_data import SFTData
 
 IGNORE_INDEX = -100
 SIDES = ("chosen", "rejected")
+#: Columns of precomputed reference log-probabilities (TRL's names: what its DPOTrainer adds with
+#: ``precompute_ref_log_probs``): the summed log-probability of each response under the reference.
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
@@ -48,6 +51,8 @@ class PreferenceData(SFTData):
 
     #: Scored chosen tokens of a pair (orpo's NLL is normalised by the step's total).
     train_chosen_tokens: list[int] = field(default_factory=list)
+    #: Every pair carries its reference log-probabilities from the data (``REFERENCE_COLUMNS``).
+    reference_from_data: bool = False
 
     @staticmethod
     def sample_length(sample: dict[str, Any]) -> int:
@@ -72,6 +77,13 @@ def prepare_preference_data(cfg: Any, tokenizer: Any, registries: Any, say: Call
     train_table, eval_table = load_tables(cfg, registries)
     train = encode_pairs(train_table, tokenizer, cfg, say, "train")
     evaluation = encode_pairs(eval_table, tokenizer, cfg, say, "eval") if eval_table is not None else []
+    from_data = [all("reference" in pair for pair in pairs) for pairs in (train, evaluation) if pairs]
+    if any(from_data) and not all(from_data):
+        raise UserError(
+            f"The training data has the reference log-probability columns {list(REFERENCE_COLUMNS)} but the "
+            "validation data has not: a run takes the reference from the data or from a model, not from both.",
+            "Add the columns to the validation data too, or drop them from the training data (the reference "
+            "model then computes them).")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     flatten = bool(cfg.data.packing) and str(cfg.model.attn_implementation or "").startswith("flash")
     return PreferenceData(
@@ -81,6 +93,7 @@ def prepare_preference_data(cfg: Any, tokenizer: Any, registries: Any, say: Call
         eval_collate=PairCollator(pad_id, pad_to_multiple_of=pad_to_multiple_of),
         train_lengths=[pair_length(p) for p in train],
         train_chosen_tokens=[scored_tokens(p["chosen"][1]) for p in train],
+        reference_from_data=all(from_data),
     )
 
 
@@ -98,6 +111,17 @@ def encode_pairs(table: Any, tokenizer: Any, cfg: Any, say: Callable[[str], None
                 f"Preference data needs a chosen and a rejected response per row: name the columns with "
                 f"{key}=... (and data.prompt_column=... for the prompt), or rename them in the data.",
             )
+    present = [column for column in REFERENCE_COLUMNS if column in columns]
+    if len(present) == 1:
+        raise UserError(f"The {what} preference data has the `{present[0]}` column but not "
+                        f"`{next(c for c in REFERENCE_COLUMNS if c not in present)}`.",
+                        "Give both reference log-probability columns, or neither (the reference model then "
+                        "computes them).")
+    with_reference = len(present) == 2 and cfg.dpo.loss not in ("simpo", "orpo") and not cfg.dpo.reference_path
+    if len(present) == 2 and not with_reference:
+        why = (f"dpo.loss={cfg.dpo.loss} is reference-free" if cfg.dpo.loss in ("simpo", "orpo")
+               else f"dpo.reference_path={cfg.dpo.reference_path} computes them")
+        say(f"note ({what} data): the columns {list(REFERENCE_COLUMNS)} are not used: {why}")
     encoder = PairEncoder(tokenizer, cfg.model.chat_template)
     pairs: list[dict[str, Any]] = []
     identical: list[int] = []
@@ -114,6 +138,8 @@ def encode_pairs(table: Any, tokenizer: Any, cfg: Any, say: Callable[[str], None
         if any(scored_tokens(labels) == 0 for _, labels in trimmed.values()):
             truncated += 1
             continue
+        if with_reference:
+            trimmed["reference"] = tuple(_log_probability(row[column], column, index) for column in REFERENCE_COLUMNS)
         pairs.append(trimmed)
     if identical and not cfg.dpo.drop_identical_pairs:
         shown = ", ".join(map(str, identical[:10])) + (f" and {len(identical) - 10} more" if len(identical) > 10 else "")
@@ -136,6 +162,17 @@ def encode_pairs(table: Any, tokenizer: Any, cfg: Any, say: Callable[[str], None
     say(f"{what} data: {len(pairs)} pairs, {tokens} tokens (chosen + rejected), "
         f"{sum(scored_tokens(p[s][1]) for p in pairs for s in SIDES)} scored response tokens")
     return pairs
+
+
+def _log_probability(value: Any, column: str, row: int) -> float:
+    """A precomputed reference log-probability: a finite number <= 0."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value > 0:
+        raise UserError(f"Preference data {row_label(row)}: `{column}` is {value!r}, not a log-probability "
+                        "(a finite number <= 0, the sum over the response's tokens).",
+                        "Fix that row, or drop the reference columns so that the reference model computes them.")
+    return float(value)
 
 
 def _truncate(ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:

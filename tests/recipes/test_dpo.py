@@ -133,6 +133,55 @@ def test_precomputed_reference_gives_the_same_losses(cli, files, tmp_path):
             assert mine[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-7), (mine["step"], name)
 
 
+def with_reference_columns(model_dir: Path, rows: list[dict], path: Path) -> tuple[Path, float]:
+    """``rows`` with TRL's ``ref_chosen_logps``/``ref_rejected_logps``: each response's summed
+    log-probability under ``model_dir``, one pair at a time (unpadded); and the largest |value|."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from automodel_cli.training.preference_data import PairCollator, PairEncoder, model_inputs
+    from automodel_cli.training.reference import response_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    encoder, collate = PairEncoder(tokenizer, None), PairCollator(tokenizer.pad_token_id or 0)
+    out, largest = [], 0.0
+    for index, row in enumerate(rows):
+        batch = collate([encoder.encode(row["prompt"], row["chosen"], row["rejected"], index,
+                                        ("prompt", "chosen", "rejected"))])
+        with torch.no_grad():
+            logps, _ = response_logps(model, model_inputs(batch, "cpu"), batch["labels"], batch["sequence_index"], 2)
+        chosen, rejected = logps.tolist()
+        largest = max(largest, abs(chosen), abs(rejected))
+        out.append({**row, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected})
+    return jsonl(path, out), largest
+
+
+def test_reference_log_probs_in_the_data_replace_the_reference_model(cli, files, tmp_path):
+    """Rows carrying the reference's log-probabilities (TRL's columns) train exactly as the frozen
+    copy that computed them, and no reference model is loaded."""
+    train, largest = with_reference_columns(files["model"], pairs(16), tmp_path / "train.jsonl")
+    evaluation, _ = with_reference_columns(files["model"], pairs(4, offset=16), tmp_path / "eval.jsonl")
+    copy = tmp_path / "copy"
+    result = cli(*dpo_args(files, copy, "train.max_steps=3", f"data.eval_path={files['eval']}"))
+    assert result.exit_code == 0, result.stderr
+    from_data = tmp_path / "data"
+    result = cli("dpo", f"model.path={files['model']}", f"data.path={train}", f"data.eval_path={evaluation}",
+                 "-o", str(from_data), *FAST, "train.max_steps=3")
+    assert result.exit_code == 0, result.stderr
+    assert "log-probabilities from the data" in result.stdout and "frozen copy" not in result.stdout
+    # The copy sums each response's log-probabilities in padded micro-batches, the data one pair at a
+    # time: float32 rounding of sums of magnitude <= largest, times beta (0.1) in the rewards.
+    rounding = 64 * 1.19e-7 * largest
+    for mine, theirs in zip(read_metrics(from_data / "metrics.jsonl"), read_metrics(copy / "metrics.jsonl")):
+        for name in NAMES:
+            assert mine[name] == pytest.approx(theirs[name], rel=1e-5, abs=rounding), (mine["step"], name)
+    summary = json.loads((from_data / "summary.json").read_text())
+    assert summary["reference"] == "data"
+    assert summary["after"]["eval_loss"] == pytest.approx(
+        json.loads((copy / "summary.json").read_text())["after"]["eval_loss"], rel=1e-5, abs=rounding)
+
+
 # ------------------------------------------------------------------------------ bad input
 def expect_user_error(result, *fragments):
     assert result.exit_code == 2, (result.stdout, result.stderr)
@@ -149,7 +198,12 @@ def expect_user_error(result, *fragments):
      ["2 pair(s)", "rows 1, 3", "dpo.drop_identical_pairs=true"]),
     ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "  ", "rejected": "c"}],
      ["row 1", "`chosen` response is empty"]),
-], ids=["missing-column", "identical", "empty"])
+    ([{"prompt": "a", "chosen": "b", "rejected": "c", "ref_chosen_logps": -3.0}] * 2,
+     ["`ref_chosen_logps` column but not `ref_rejected_logps`"]),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c", "ref_chosen_logps": -3.0, "ref_rejected_logps": -2.0},
+      {"prompt": "a", "chosen": "b", "rejected": "c", "ref_chosen_logps": 1.5, "ref_rejected_logps": -2.0}],
+     ["row 1", "`ref_chosen_logps` is 1.5, not a log-probability"]),
+], ids=["missing-column", "identical", "empty", "one-reference-column", "positive-log-probability"])
 def test_bad_preference_data_exits_2_and_leaves_the_run_dir_alone(cli, files, tmp_path, rows, fragments):
     data = jsonl(tmp_path / "bad.jsonl", rows)
     run = tmp_path / "run"
