@@ -5,12 +5,11 @@ SIGKILL and resumed with checkpoint.resume=auto reproduces every step's loss bit
 
 from __future__ import annotations
 
-import signal
 
 import pytest
 
 from parallel_runs import assert_same_curve, curve, train
-from test_finetune_resume import losses, wait_for_step
+from test_finetune_resume import kill_then_resume, losses
 
 pytestmark = pytest.mark.slow
 
@@ -48,21 +47,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
             "train.eval_every_steps=null", "data.eval_split=null", "checkpoint.every_steps=2",
             "logging.progress=false"]
 
-    def start(run):
-        return subprocess.Popen([sys.executable, "-m", "automodel_cli", *args, "-o", str(run)],
+    def start(run, *extra):
+        return subprocess.Popen([sys.executable, "-m", "automodel_cli", *args, "-o", str(run), *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
     reference = start(tmp_path / "reference")
     assert reference.wait(timeout=600) == 0, reference.stderr.read()
     run = tmp_path / "killed"
-    proc = start(run)
-    wait_for_step(run, 5, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "final").exists()
-    resumed = subprocess.Popen([sys.executable, "-m", "automodel_cli", *args, "-o", str(run), "checkpoint.resume=auto"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
-    assert "resumed from" in out
+    kill_then_resume(start, run, 5)
     assert losses(run) == losses(tmp_path / "reference")  # every step, bitwise

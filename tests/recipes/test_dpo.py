@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 from pathlib import Path
 
 import pytest
@@ -277,7 +276,7 @@ def test_sigkill_then_resume_gives_identical_losses(files, tmp_path):
     import subprocess
     import sys
 
-    from test_finetune_resume import wait_for_step
+    from test_finetune_resume import kill_then_resume
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     args = [*dpo_args(files, tmp_path / "x", "train.max_steps=8", "checkpoint.every_steps=2")]
@@ -293,15 +292,7 @@ def test_sigkill_then_resume_gives_identical_losses(files, tmp_path):
     whole = tmp_path / "whole"
     assert start(whole).wait(timeout=600) == 0
     killed = tmp_path / "killed"
-    proc = start(killed)
-    wait_for_step(killed, 5, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "final").exists()
-    resumed = start(killed, "checkpoint.resume=auto")
-    out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
-    assert "resumed from" in out
+    kill_then_resume(start, killed, 5)
     assert losses(killed) == losses(whole)  # every step, bitwise
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,22 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float =
             pytest.fail(f"run ended before step {step}: {proc.stderr.read()}")
         time.sleep(0.02)
     pytest.fail(f"step {step} not reached in {timeout}s")
+
+
+def kill_then_resume(start: Callable[..., subprocess.Popen], run: Path, step: int, timeout: float = 600) -> str:
+    """Start ``run`` (``start(run, *extra)``), SIGKILL it once ``step`` is logged, check that it
+    wrote no final model, then resume it with ``checkpoint.resume=auto`` to the end; the resumed
+    process's stdout. Any recipe's kill -9 test is this and a comparison of the losses."""
+    proc = start(run)
+    wait_for_step(run, step, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists()
+    resumed = start(run, "checkpoint.resume=auto")
+    out, err = resumed.communicate(timeout=timeout)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in out
+    return out
 
 
 @pytest.fixture(scope="module")
