@@ -1,7 +1,8 @@
 """``automodel evaluate RUN_OR_MODEL [key=value]... [--tasks T,...] [--json]``.
 
 Loss and perplexity, generated answers' exact match and contains, and lm-evaluation-harness
-tasks for a run's final model, a Hugging Face model or a peft adapter, on one process
+tasks for a run's final model, a Hugging Face model or a peft adapter (a sequence classifier:
+loss, accuracy and macro F1 or pairwise accuracy), on one process
 (``training/model_evaluation.py`` does the work). Options are ``key=value`` overrides of the
 command's config (``evaluate.*`` and ``data.*``, ``model.*``), resolved and validated as every
 command's are. With ``--json`` stdout holds one JSON object and nothing else.
@@ -36,7 +37,7 @@ def evaluate_command(registries: Registries):
                                                                  "base_model_name_or_path it records)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (metrics and settings) on stdout."),
     ) -> None:
-        """Evaluate a model: loss, perplexity, generated-answer exact match, lm-eval tasks."""
+        """Evaluate a model: loss, perplexity, exact match, lm-eval tasks; a classifier: accuracy, F1."""
         from automodel_cli.training.model_evaluation import evaluation_config, evaluate_model, resolve_target
 
         task_names = _task_names(tasks)
@@ -76,7 +77,12 @@ METRIC_LABELS = (
     ("teacher_forced_exact_match", "exact match (teacher-forced)", "{:.1%}"),
     ("generate_exact_match", "exact match (generated)", "{:.1%}"),
     ("generate_contains", "contains (generated)", "{:.1%}"),
+    ("accuracy", "accuracy", "{:.1%}"),  # a sequence classifier's (pairwise for a reward model)
+    ("f1", "macro F1", "{:.4f}"),
+    ("margin", "mean reward margin", "{:.4f}"),
 )
+#: What a sequence classifier's loss is, by task.
+CLASSIFIER_LOSS = {"classes": "loss (cross-entropy)", "reward": "loss (Bradley-Terry)"}
 
 
 def report_lines(report: dict[str, Any]) -> list[str]:
@@ -84,11 +90,14 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     metrics, settings = report["metrics"], report["settings"]
     lines = []
     if metrics:
-        counted = f"{metrics['samples']} samples" + (f", {metrics['generate_samples']} generated (up to "
-                                                     f"{settings['max_new_tokens']} new tokens)"
-                                                     if "generate_samples" in metrics else "")
+        unit = "pairs" if metrics.get("task") == "reward" else "samples"
+        counted = f"{metrics['samples']} {unit}" + (f", {metrics['generate_samples']} generated (up to "
+                                                    f"{settings['max_new_tokens']} new tokens)"
+                                                    if "generate_samples" in metrics else "")
         lines += ["", f"{settings['data']}: {counted}"]
-        lines += [f"  {label:<30} {fmt.format(metrics[key])}" for key, label, fmt in METRIC_LABELS if key in metrics]
+        labels = {"loss": CLASSIFIER_LOSS[metrics["task"]]} if "task" in metrics else {}
+        lines += [f"  {labels.get(key, label):<30} {fmt.format(metrics[key])}"
+                  for key, label, fmt in METRIC_LABELS if key in metrics]
     for task, values in report["tasks"].items():
         lines += ["", f"lm-eval {task}:"]
         lines += [f"  {name:<30} {value:.4f}" if isinstance(value, float) else f"  {name:<30} {value}"

@@ -16,7 +16,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from automodel_cli.config.schema import COMMAND_SECTIONS, CORE, Key, OptionTable, Schema, copy_value
+from automodel_cli.config.schema import (COMMAND_RECIPE_SECTIONS, COMMAND_SECTIONS, CORE, Key, OptionTable, Schema,
+                                         copy_value)
 from automodel_cli.config.yaml_io import Source
 from automodel_cli.errors import UserError
 
@@ -70,12 +71,18 @@ def compose_schema(registries: Any, recipe: Any = None, *, launched: bool = Fals
 
 def command_schema(registries: Any, command: str) -> Schema:
     """The schema of built-in command ``command`` that is not a recipe (``automodel evaluate``):
-    the core sections, every entry's option table and the command's own sections
-    (``schema.COMMAND_SECTIONS``)."""
+    the core sections, every entry's option table, the command's own sections
+    (``schema.COMMAND_SECTIONS``) and the installed recipes' sections it also reads
+    (``schema.COMMAND_RECIPE_SECTIONS``)."""
     schema = compose_schema(registries)
     for section, table in COMMAND_SECTIONS[command].items():
         schema.tree[section] = dict(table)
         schema.recipe_sections[section] = command
+    for section in COMMAND_RECIPE_SECTIONS.get(command, ()):
+        recipe = schema.foreign_sections.pop(section, None)
+        if recipe is not None:
+            schema.tree[section] = dict(_table(registries.recipes.get(recipe))[section])
+            schema.recipe_sections[section] = command
     return Schema(schema.tree, schema.tables, schema.recipe_sections, schema.foreign_sections)
 
 

@@ -240,6 +240,11 @@ CORE: dict[str, dict[str, Key] | Key] = {
 }
 
 
+#: Sections of recipes that a built-in command also reads when that recipe is installed:
+#: ``automodel evaluate`` scores a sequence classifier with ``classify``'s columns, label set and
+#: pad token (a classify run's saved values are its defaults).
+COMMAND_RECIPE_SECTIONS: dict[str, tuple[str, ...]] = {"evaluate": ("classify",)}
+
 #: The sections of built-in commands that are not recipes: each exists only in its command's
 #: schema (``compose.command_schema``), as a recipe's own section does.
 COMMAND_SECTIONS: dict[str, dict[str, dict[str, Key]]] = {
@@ -371,7 +376,10 @@ class Schema:
             items = [(dotted, key) for dotted, key in _leaves(body, section) if not self.table_of(dotted)]
             recipe = self.recipe_sections.get(section)
             reader = f"`automodel {recipe}`" if recipe in COMMAND_SECTIONS else f"the `{recipe}` recipe"
-            table(f"`{section}`", items, f"Read by {reader} only." if recipe else "")
+            also = [f"`automodel {command}`" for command, sections in COMMAND_RECIPE_SECTIONS.items()
+                    if section in sections and command != recipe]
+            note = f"Read by {' and '.join([reader, *also])}" + ("." if also else " only.")
+            table(f"`{section}`", items, note if recipe else "")
         for path, info in self.tables.items():
             items = list(_leaves(self.node(path) or {}, path))
             chooser = f" when `{info.selected_by}` names `{info.name}`" if info.selected_by else ""

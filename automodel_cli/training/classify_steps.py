@@ -135,38 +135,47 @@ def classify_validation(run: Any, model: Any, data: Any) -> Callable[[], dict[st
     (classes) or ``eval_margin`` (reward), over the validation samples (``train.eval_batches``
     batches of 4 micro-batches' size at most); None without validation data. Every rank
     evaluates the same batches (sharded forwards are collective)."""
+
+    def validate() -> dict[str, float] | None:
+        if not data.eval:
+            return None
+        cfg = run.cfg
+        batches = data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches)
+        result = score_batches(model, batches, lambda batch: _scores(run, model, batch), data)
+        return {f"eval_{name}": value for name, value in result.items()}
+
+    return validate
+
+
+def score_batches(model: Any, batches: Any, scores: Callable[[dict[str, Any]], Any], data: Any) -> dict[str, float]:
+    """``loss`` and ``accuracy``, then ``f1`` (classes: macro F1) or ``margin`` (reward), means
+    over the samples of ``batches`` (collated by ``data``), and ``samples``; ``scores(batch)`` is
+    the head's float32 output. Without gradients, the model in eval mode meanwhile. Shared by
+    validation and ``automodel evaluate``, so both compute the same numbers."""
     import torch
 
     from automodel_cli.components.training.classification import macro_f1
     from automodel_cli.training.classify_data import REWARD
 
     reward = data.task == REWARD
-
-    def validate() -> dict[str, float] | None:
-        if not data.eval:
-            return None
-        cfg = run.cfg
-        totals = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "samples": 0}
-        counts = torch.zeros((len(data.labels), 3), dtype=torch.float64)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            for batch in data.eval_batches(cfg.train.micro_batch_size * 4, cfg.train.eval_batches):
-                terms = batch_terms(_scores(run, model, batch), batch, reward, len(data.labels))
-                for key in ("loss", "correct", "margin"):
-                    totals[key] += float(terms.get(key, 0.0))
-                totals["samples"] += batch["input_ids"].shape[0] // (2 if reward else 1)
-                if not reward:
-                    counts += terms["counts"].cpu()
-        if was_training:
-            model.train()
-        n = max(1, totals["samples"])
-        result = {"eval_loss": totals["loss"] / n, "eval_accuracy": totals["correct"] / n,
-                  "eval_samples": totals["samples"]}
-        if reward:
-            result["eval_margin"] = totals["margin"] / n
-        else:
-            result["eval_f1"] = macro_f1(counts)
-        return result
-
-    return validate
+    totals = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "samples": 0}
+    counts = torch.zeros((len(data.labels), 3), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            terms = batch_terms(scores(batch), batch, reward, len(data.labels))
+            for key in ("loss", "correct", "margin"):
+                totals[key] += float(terms.get(key, 0.0))
+            totals["samples"] += batch["input_ids"].shape[0] // (2 if reward else 1)
+            if not reward:
+                counts += terms["counts"].cpu()
+    if was_training:
+        model.train()
+    n = max(1, totals["samples"])
+    result = {"loss": totals["loss"] / n, "accuracy": totals["correct"] / n, "samples": totals["samples"]}
+    if reward:
+        result["margin"] = totals["margin"] / n
+    else:
+        result["f1"] = macro_f1(counts)
+    return result

@@ -37,7 +37,7 @@ COMMAND = "evaluate"
 #: What a run's saved config lends the evaluation (the rest is the run's own business).
 RUN_KEYS = ("model.chat_template", "model.trust_remote_code", "model.attn_implementation", "model.revision",
             "train.seed")
-RUN_SECTIONS = ("data",)
+RUN_SECTIONS = ("data", "classify")  # classify: a classifier's columns, pad token
 #: Where the run's data came from: dropped when the command line names other data.
 DATA_SOURCE_KEYS = ("name", "path", "split", "eval_path", "eval_split", "eval_size", "options")
 WHAT_HINT = ("Pass a run directory (with final/), a Hugging Face model directory (config.json + weights), a peft "
@@ -88,7 +88,15 @@ def resolve_target(text: str, base: str | None = None) -> EvaluationTarget:
     if is_adapter_dir(path):
         from automodel_cli.components.models.adapters import read_adapter_config, resolve_adapter_base
 
-        base_path = resolve_adapter_base(path, read_adapter_config(path), base)
+        adapter_config = read_adapter_config(path)
+        if adapter_config.get("task_type") == "SEQ_CLS":  # a classifier's adapter: its base is a causal LM
+            merged = path / "merged"
+            if (merged / "config.json").is_file() and base is None:
+                return resolve_target(str(merged))
+            raise UserError(f"{path} is a sequence-classification adapter without its merged model (merged/).",
+                            "Evaluate the classifier `automodel classify` writes next to its adapter (RUN/final/merged), "
+                            "or merge it with `automodel convert merge-lora` first.")
+        base_path = resolve_adapter_base(path, adapter_config, base)
         return EvaluationTarget("adapter", base_path, str(path) if _has_tokenizer(path) else base_path, adapter=path)
     if base is not None:
         raise UserError(f"--base is for an adapter directory, and {path} is not one (no adapter_config.json).",
@@ -176,35 +184,35 @@ def evaluate_model(cfg: Any, target: EvaluationTarget, registries: Any, say: Cal
 
     from automodel_cli.components.models.loading import load_config, load_tokenizer, torch_dtype
     from automodel_cli.components.models.vlm import is_vision_language
+    from automodel_cli.training.classifier_evaluation import classifier_metrics, is_classifier
 
     settings = dict(cfg.tree[COMMAND])
+    model_config = load_config(cfg.model)
+    classifier = is_classifier(model_config)
     if not has_data(cfg) and not tasks:
+        what = ("text/label rows, or chosen/rejected pairs for a reward model" if classifier
+                else "prompt/completion, messages or text columns")
         raise UserError(f"Nothing to evaluate {target.describe()} on: no data and no --tasks.",
-                        "Set data.path=FILE (jsonl/json/parquet/csv with prompt/completion, messages or text "
-                        "columns), or pass --tasks NAME,... (lm-evaluation-harness tasks).")
+                        f"Set data.path=FILE (jsonl/json/parquet/csv with {what}), or pass --tasks NAME,... "
+                        "(lm-evaluation-harness tasks, for a language model).")
+    if classifier and tasks:
+        raise UserError(f"--tasks runs lm-evaluation-harness tasks on a language model; {cfg.model.path} is a "
+                        "sequence classifier (it has no language-model head).",
+                        "Leave out --tasks: a classifier is scored on data.path (accuracy, F1, pairwise accuracy).")
     task_manager = None
     if tasks:  # unknown tasks fail before anything loads
         from automodel_cli.components.training import lm_eval_bridge
 
         task_manager = lm_eval_bridge.task_manager(include_path)
         lm_eval_bridge.check_tasks(task_manager, tasks, include_path)
-    model_config = load_config(cfg.model)
     if is_vision_language(model_config):
         raise UserError(f"`automodel evaluate` evaluates causal language models; {cfg.model.path} is a "
                         "vision-language model.", "Evaluate a text-only model.")
-    classifier = [name for name in getattr(model_config, "architectures", None) or []
-                  if name.endswith("ForSequenceClassification")]
-    if classifier:
-        raise UserError(
-            f"`automodel evaluate` evaluates causal language models; {cfg.model.path} is a sequence classifier "
-            f"({classifier[0]}, from `automodel classify`).",
-            "Its validation loss, accuracy and F1 (pairwise accuracy for a reward model) are in its run's "
-            "metrics.jsonl (`eval_*`) and printed after training; to score other data, load final/ with "
-            "AutoModelForSequenceClassification.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch_dtype(cfg.model.dtype, device.type)
     tokenizer = load_tokenizer(cfg.model)
-    samples, mode = _eval_samples(cfg, tokenizer, registries, say) if has_data(cfg) else ([], None)
+    samples, mode = (_eval_samples(cfg, tokenizer, registries, say) if has_data(cfg) and not classifier
+                     else ([], None))
     model = _load(cfg, target, dtype).to(device).eval()
     say(f"model: {target.describe()} ({device.type}, {str(dtype).removeprefix('torch.')})")
     report = EvaluationReport(settings={**settings, "model": target.model_path, "kind": target.kind,
@@ -212,6 +220,8 @@ def evaluate_model(cfg: Any, target: EvaluationTarget, registries: Any, say: Cal
                                         "run": str(target.run) if target.run else None,
                                         "data": cfg.data.path or cfg.data.name, "max_length": cfg.data.max_length,
                                         "device": device.type, "dtype": str(dtype).removeprefix("torch.")})
+    if classifier:
+        report.metrics.update(classifier_metrics(cfg, model, tokenizer, registries, say, device))
     if samples:
         report.metrics.update(_loss(cfg, model, samples, tokenizer, device))
         if settings["generate"] and mode != "text":

@@ -208,6 +208,7 @@ def test_bad_inputs_exit_2_with_one_paragraph(cli, tmp_path):
     classifier = tmp_path / "classifier"  # what `automodel classify` saves: a score head, no LM head
     transformers.LlamaForSequenceClassification(transformers.AutoConfig.from_pretrained(
         model_dir, num_labels=3, pad_token_id=0)).save_pretrained(classifier)
+    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(classifier)
     cases = {
         (str(tmp_path / "missing"),): "does not exist",
         (str(nothing),): "is neither a run directory, a model directory nor a peft adapter directory",
@@ -217,7 +218,8 @@ def test_bad_inputs_exit_2_with_one_paragraph(cli, tmp_path):
         (str(model_dir), "evaluate.batch_size=0"): "`evaluate.batch_size` must be >= 1",
         (str(model_dir), "evaluate.max_new_token=3"): "Did you mean `evaluate.max_new_tokens`?",
         (str(model_dir), "--base", str(model_dir)): "--base is for an adapter directory",
-        (str(classifier), f"data.path={columns}"): "is a sequence classifier (LlamaForSequenceClassification",
+        (str(classifier), f"data.path={columns}"): "is a classifier of 3 labels, and the data does not fit it",
+        (str(classifier), f"data.path={columns}", "--tasks", "arc_easy"): "is a sequence classifier",
     }
     for args, expected in cases.items():
         result = cli("evaluate", *args)

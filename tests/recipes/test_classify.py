@@ -96,6 +96,29 @@ def test_demo_accuracy_rises_and_final_reloads_with_the_same_loss(demo_run):
 
 
 @pytest.mark.slow  # shares the demo run
+def test_evaluate_on_the_run_gives_its_last_validation(demo_run, cli):
+    """`automodel evaluate RUN` on a classifier: the run's validation split and columns, the
+    model's labels; the numbers of the run's last validation (other batches: float32 rounding)."""
+    after = json.loads((demo_run / "summary.json").read_text())["after"]
+    result = cli("evaluate", str(demo_run), "--json")
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["task"] == CLASSES and metrics["labels"] == ["a-c", "d-g", "h-j"]
+    assert metrics["samples"] == after["eval_samples"] == 150
+    assert metrics["loss"] == pytest.approx(after["eval_loss"], rel=1e-5)
+    assert metrics["accuracy"] == after["eval_accuracy"] and metrics["f1"] == pytest.approx(after["eval_f1"])
+    text = cli("evaluate", str(demo_run), "evaluate.max_samples=30")
+    assert text.exit_code == 0 and "30 samples" in text.stdout and "macro F1" in text.stdout
+    renamed = jsonl(demo_run.parent / "renamed.jsonl", [{"sentence": r["text"], "label": r["label"]} for r in eval_rows()])
+    other = cli("evaluate", str(demo_run / "final"), f"data.path={renamed}", "classify.text_column=sentence", "--json")
+    assert other.exit_code == 0, other.stderr
+    assert json.loads(other.stdout)["metrics"]["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+    unknown = jsonl(demo_run.parent / "unknown.jsonl", [{"text": "abc", "label": "k-z"}])
+    expect_user_error(cli("evaluate", str(demo_run), f"data.path={unknown}"), "`k-z`", "the model's labels")
+    expect_user_error(cli("evaluate", str(demo_run), "--tasks", "x"), "sequence classifier")
+
+
+@pytest.mark.slow  # shares the demo run
 def test_the_last_checkpoint_consolidates_into_the_same_classifier(demo_run, tmp_path):
     """The checkpoint holds every trained weight, the score head's too."""
     from transformers import AutoModelForSequenceClassification
@@ -136,6 +159,12 @@ def test_lora_on_a_causal_lm_reloads_merged_and_as_adapter(causal_base, tmp_path
     for model in (merged, on_base):  # merging folds B @ A into the weights: float32 rounding only
         loss, _ = eval_loss_of(model, tokenizer, eval_rows(), summary["labels"])
         assert loss == pytest.approx(expected, rel=1e-4)
+    # `automodel evaluate RUN` scores the merged classifier written next to the adapter
+    result = cli("evaluate", str(run), "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["settings"]["model"] == str(run / "final" / "merged")
+    assert report["metrics"]["loss"] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.slow  # a real training run, ~20 s on a CPU
@@ -166,6 +195,13 @@ def test_reward_model_pairwise_accuracy_rises(causal_base, tmp_path, cli):
 
     model = AutoModelForSequenceClassification.from_pretrained(run / "final")
     assert model.config.num_labels == 1
+    result = cli("evaluate", str(run), "--json")  # the run's 64 held-out pairs, scored as its validation
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["task"] == REWARD and metrics["samples"] == 64
+    assert metrics["loss"] == pytest.approx(after["eval_loss"], rel=1e-5)
+    assert metrics["accuracy"] == after["eval_accuracy"]
+    assert metrics["margin"] == pytest.approx(after["eval_margin"], rel=1e-5, abs=1e-6)
 
 
 # --------------------------------------------------------------------- units: loss, pooling
