@@ -222,12 +222,13 @@ def check_settings(cfg: Any) -> None:
     its loss and reference."""
     from pathlib import Path
 
+    from automodel_cli.components.loss.preference import REFERENCE_FREE
     from automodel_cli.components.models.loading import load_config
     from automodel_cli.components.models.vlm import is_vision_language
     from automodel_cli.errors import UserError
     from automodel_cli.training.teacher import check_same_distillation
 
-    if cfg.dpo.reference_path and cfg.dpo.loss in ("simpo", "orpo"):
+    if cfg.dpo.reference_path and cfg.dpo.loss in REFERENCE_FREE:
         raise UserError(f"dpo.loss={cfg.dpo.loss} is reference-free, but dpo.reference_path is set.",
                         "Remove dpo.reference_path, or choose dpo.loss=sigmoid, ipo or hinge.")
     if cfg.model.path and is_vision_language(load_config(cfg.model)):
@@ -278,7 +279,7 @@ def describe_loss(cfg: Any, reference: Any, from_data: bool = False) -> str:
               "orpo": f"alpha {settings.orpo_alpha:g}"}[settings.loss]
     if reference is not None:
         source = f"reference: {reference.describe()}"
-    elif from_data and settings.loss not in ("simpo", "orpo"):
+    elif from_data:  # the data's columns are used only by the losses that need a reference
         source = "reference: log-probabilities from the data's ref_chosen_logps/ref_rejected_logps (no model loaded)"
     else:
         source = "no reference model (reference-free)"

@@ -22,13 +22,6 @@ from typing import Any
 from automodel_cli.errors import UserError
 
 
-def is_classifier(model_config: Any) -> bool:
-    from automodel_cli.components.models.heads import declared_head
-
-    declared = declared_head(model_config)
-    return declared is not None and declared.__name__ == "AutoModelForSequenceClassification"
-
-
 def classifier_labels(model_config: Any) -> list[str]:
     """The model's label names in id order (``["reward"]`` for a one-output reward model)."""
     count = int(getattr(model_config, "num_labels", 0) or 0)
@@ -46,17 +39,14 @@ def classifier_metrics(cfg: Any, model: Any, tokenizer: Any, registries: Any, sa
     from automodel_cli.training.classify_data import (CLASSES, REWARD, ClassifyData, _fixed, detect_task,
                                                       encode_classes, encode_pairs)
     from automodel_cli.training.classify_steps import score_batches, set_pad_token
-    from automodel_cli.training.sft_data import load_tables
+    from automodel_cli.training.sft_data import evaluation_table
 
     tokenizer = set_pad_token(tokenizer, cfg, say)
     if model.config.pad_token_id is None:  # the head finds each row's last real token by it
         model.config.pad_token_id = tokenizer.pad_token_id
     labels = classifier_labels(model.config)
     task = REWARD if labels == ["reward"] else CLASSES
-    train_table, eval_table = load_tables(cfg, registries)
-    table = eval_table if eval_table is not None else train_table
-    source = (cfg.data.eval_path or cfg.data.path or cfg.data.name) if eval_table is not None \
-        else (cfg.data.path or cfg.data.name)
+    table, source = evaluation_table(cfg, registries, cfg.evaluate.max_samples)
     options = cfg.classify
     try:
         detect_task(list(table.column_names), _fixed(options, task), source)
@@ -64,9 +54,6 @@ def classifier_metrics(cfg: Any, model: Any, tokenizer: Any, registries: Any, sa
         what = "a reward model (chosen/rejected pairs)" if task == REWARD else f"a classifier of {len(labels)} labels"
         raise UserError(f"{cfg.model.path} is {what}, and the data does not fit it: {error.message}",
                         error.hint) from None
-    limit = cfg.evaluate.max_samples
-    if limit and limit < len(table):
-        table = table.select(range(limit))
     if task == REWARD:
         samples, cut = encode_pairs(table, tokenizer, options, cfg.data.max_length, cfg.model.chat_template, source)
     else:

@@ -176,10 +176,12 @@ def setup_from_config(cfg: Any, recipe: str, shape: Any, target: Target, registr
         teacher_config = offline_config(cfg, "distill.teacher_path", None)
         teacher = Architecture.from_config(teacher_config) if teacher_config is not None else None
     if recipe == "dpo":  # k pairs are 2k sequences; a frozen reference copy unless LoRA, reference-free or precomputed
+        from automodel_cli.components.loss.preference import REFERENCE_FREE
+
         micro = 2 * int(micro)
         teacher_dtype, frozen_role = cfg.get("model.dtype") or "auto", "dpo: the reference model"
         reference_key = "dpo.reference_path" if cfg.get("dpo.reference_path") else "model.path"
-        copy = (cfg.get("dpo.loss") not in ("simpo", "orpo") and not cfg.get("dpo.precompute_reference")
+        copy = (cfg.get("dpo.loss") not in REFERENCE_FREE and not cfg.get("dpo.precompute_reference")
                 and (reference_key == "dpo.reference_path" or (cfg.get("peft.method") or "none") == "none"))
         reference_config = offline_config(cfg, reference_key, None) if copy else None
         teacher = Architecture.from_config(reference_config) if reference_config is not None else None

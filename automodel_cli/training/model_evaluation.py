@@ -184,11 +184,12 @@ def evaluate_model(cfg: Any, target: EvaluationTarget, registries: Any, say: Cal
 
     from automodel_cli.components.models.loading import load_config, load_tokenizer, torch_dtype
     from automodel_cli.components.models.vlm import is_vision_language
-    from automodel_cli.training.classifier_evaluation import classifier_metrics, is_classifier
+    from automodel_cli.components.models.heads import declares_sequence_classifier
+    from automodel_cli.training.classifier_evaluation import classifier_metrics
 
     settings = dict(cfg.tree[COMMAND])
     model_config = load_config(cfg.model)
-    classifier = is_classifier(model_config)
+    classifier = declares_sequence_classifier(model_config)
     if not has_data(cfg) and not tasks:
         what = ("text/label rows, or chosen/rejected pairs for a reward model" if classifier
                 else "prompt/completion, messages or text columns")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from automodel_cli.components.data.chat import opens_conversation, row_label
+from automodel_cli.components.loss.preference import REFERENCE_FREE
 from automodel_cli.errors import UserError
 from automodel_cli.training.sft_data import SFTData
 
@@ -117,9 +118,10 @@ def encode_pairs(table: Any, tokenizer: Any, cfg: Any, say: Callable[[str], None
                         f"`{next(c for c in REFERENCE_COLUMNS if c not in present)}`.",
                         "Give both reference log-probability columns, or neither (the reference model then "
                         "computes them).")
-    with_reference = len(present) == 2 and cfg.dpo.loss not in ("simpo", "orpo") and not cfg.dpo.reference_path
+    reference_free = cfg.dpo.loss in REFERENCE_FREE
+    with_reference = len(present) == 2 and not reference_free and not cfg.dpo.reference_path
     if len(present) == 2 and not with_reference:
-        why = (f"dpo.loss={cfg.dpo.loss} is reference-free" if cfg.dpo.loss in ("simpo", "orpo")
+        why = (f"dpo.loss={cfg.dpo.loss} is reference-free" if reference_free
                else f"dpo.reference_path={cfg.dpo.reference_path} computes them")
         say(f"note ({what} data): the columns {list(REFERENCE_COLUMNS)} are not used: {why}")
     encoder = PairEncoder(tokenizer, cfg.model.chat_template)

@@ -133,10 +133,7 @@ def prepare_eval_samples(cfg: Any, tokenizer: Any, registries: Any, say: Callabl
     training held it out), else all of data.path; the first ``limit`` rows only when given.
     Plain text (``data.text_column``) counts every token. ``as_chat``: prompt/completion rows
     become a user turn and an assistant turn, rendered with the chat template."""
-    train_table, eval_table = load_tables(cfg, registries)
-    table = eval_table if eval_table is not None else train_table
-    if limit is not None and limit < len(table):
-        table = table.select(range(limit))
+    table, _ = evaluation_table(cfg, registries, limit)
     columns = set(table.column_names)
     data = cfg.data
     mode = ("chat" if data.messages_column in columns else
@@ -144,6 +141,20 @@ def prepare_eval_samples(cfg: Any, tokenizer: Any, registries: Any, say: Callabl
     if as_chat and mode == "prompt/completion":
         table, mode = _as_conversations(table, data.prompt_column, data.completion_column, data.messages_column), "chat"
     return _samples(_tokenize(table, tokenizer, cfg, say, "eval", text_column=data.text_column)), mode
+
+
+def evaluation_table(cfg: Any, registries: Any, limit: int | None = None) -> tuple[Any, str]:
+    """The table ``automodel evaluate`` scores and where it comes from: the validation data the
+    config names (data.eval_path, data.eval_split, or the data.eval_size part of data.path held
+    out with train.seed), else all of data.path; the first ``limit`` rows only when given."""
+    train_table, eval_table = load_tables(cfg, registries)
+    source = cfg.data.path or cfg.data.name
+    table = train_table
+    if eval_table is not None:
+        table, source = eval_table, cfg.data.eval_path or source
+    if limit is not None and limit < len(table):
+        table = table.select(range(limit))
+    return table, source
 
 
 def _as_conversations(table: Any, prompt: str, completion: str, messages: str) -> Any:

@@ -52,6 +52,7 @@ def kill_then_resume(start: Callable[..., subprocess.Popen], run: Path, step: in
     wait_for_step(run, step, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL
     assert not (run / "final").exists()
     resumed = start(run, "checkpoint.resume=auto")
     out, err = resumed.communicate(timeout=timeout)

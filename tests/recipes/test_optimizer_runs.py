@@ -6,7 +6,6 @@ state); the state saved by two processes (FSDP2, sharded parameters) resumes on 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,22 +36,14 @@ def killable(run: Path, name: str, *extra: str) -> subprocess.Popen:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_sigkill_then_resume_repeats_the_steps_exactly(tmp_path, name):
-    from test_finetune_resume import wait_for_step
+    from test_finetune_resume import kill_then_resume
 
     if name == "adamw8bit":
         pytest.importorskip("bitsandbytes")
     reference, run = tmp_path / "reference", tmp_path / "killed"
     whole = killable(reference, name)
     assert whole.wait(timeout=600) == 0, whole.stderr.read()
-    killed = killable(run, name)
-    wait_for_step(run, 5, killed)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL and not (run / "final").exists()
-    resumed = killable(run, name, "checkpoint.resume=auto")
-    out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
-    assert "resumed from" in out
+    kill_then_resume(lambda path, *extra: killable(path, name, *extra), run, 5)
     assert losses(run) == losses(reference) and len(losses(run)) == 10
     assert tree_digest(run / "final") == tree_digest(reference / "final")
 

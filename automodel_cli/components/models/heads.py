@@ -38,11 +38,16 @@ def declared_head(config: Any) -> Any | None:
     return None
 
 
-def is_sequence_classifier(model: Any) -> bool:
-    """Whether ``model`` (possibly wrapped) is a sequence-classification model."""
+def declares_sequence_classifier(config: Any) -> bool:
+    """Whether ``config`` (a config object or dict) is a sequence-classification model's."""
     from transformers import AutoModelForSequenceClassification
 
-    return declared_head(getattr(model, "config", None) or {}) is AutoModelForSequenceClassification
+    return declared_head(config) is AutoModelForSequenceClassification
+
+
+def is_sequence_classifier(model: Any) -> bool:
+    """Whether ``model`` (possibly wrapped) is a sequence-classification model."""
+    return declares_sequence_classifier(getattr(model, "config", None) or {})
 
 
 def sequence_classification_class(config: Any, model_path: str) -> str:
